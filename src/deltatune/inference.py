@@ -1,0 +1,75 @@
+"""Load a finished run (base + delta) and use it: evaluate on new data, label texts, generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, load_config
+from .data import prompt_text
+from .data.examples import prepare_eval_file
+from .eval.evaluate import evaluate
+from .methods import registry
+from .models import load_model, load_tokenizer
+from .rundir import RunDir
+
+
+@dataclass
+class LoadedRun:
+    run: RunDir
+    cfg: Config
+    model: nn.Module
+    tokenizer: object
+    labels: list[str] | None
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    run = RunDir(Path(path))
+    run.require_complete()
+    cfg = load_config(run.config, check_paths=False)
+    labels = run.read_json("labels.json")["labels"] if cfg.task == "classification" else None
+    tokenizer = load_tokenizer(run.tokenizer)
+    base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id)
+    model = registry.get(cfg.method.name).load_delta(base, run.delta, cfg.method.options, cfg.task)
+    model.eval()
+    return LoadedRun(run, cfg, model, tokenizer, labels)
+
+
+def evaluate_file(loaded: LoadedRun, data_path: str) -> dict:
+    """Metrics of the tuned model on another file (read with the run's columns and label set)."""
+    cfg = loaded.cfg
+    examples = prepare_eval_file(cfg, loaded.tokenizer, data_path, loaded.labels)
+    examples = registry.get(cfg.method.name).prepare_examples(loaded.model, examples)
+    return evaluate(loaded.model, examples, cfg.task, cfg.train.eval_batch_size,
+                    loaded.tokenizer.pad_token_id, loaded.labels)
+
+
+@torch.no_grad()
+def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
+    enc = loaded.tokenizer(texts, truncation=True, max_length=loaded.cfg.train.max_length,
+                           padding=True, return_tensors="pt")
+    probs = torch.softmax(loaded.model(input_ids=enc["input_ids"],
+                                       attention_mask=enc["attention_mask"]).logits.float(), -1)
+    out = []
+    for text, p in zip(texts, probs):
+        out.append({"text": text, "label": loaded.labels[int(p.argmax())],
+                    "probabilities": {name: round(float(v), 6) for name, v in zip(loaded.labels, p)}})
+    return out
+
+
+@torch.no_grad()
+def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
+    tok, cfg = loaded.tokenizer, loaded.cfg
+    out = []
+    for prompt in prompts:  # one at a time: no padding side effects on short CPU runs
+        text = prompt_text(tok, prompt, cfg.data.chat_template)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if not (cfg.data.chat_template and tok.chat_template) and tok.bos_token_id is not None:
+            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        gen = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        out.append({"prompt": prompt, "response": tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+    return out

@@ -1,0 +1,25 @@
+"""Losses as pure functions of tensors. Each returns (sum of per-item losses, number of items)
+so callers can average over exactly the items that count, across micro-batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Cross-entropy over classes: ``-log softmax(z)_y`` summed over the batch."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 labels are skipped."""
+    shifted = labels[:, 1:]
+    logits = logits[:, :-1]
+    count = int((shifted != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, count

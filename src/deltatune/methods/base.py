@@ -1,0 +1,78 @@
+"""The method protocol: what every way of adapting a model provides.
+
+A tuned model is the base plus a delta. A method decides which tensors form that delta
+(``apply``), saves and reloads only those (``save_delta`` / ``load_delta``), and, where the
+algebra allows, folds them into the base weights (``merge``) so serving costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import CannotMerge, RunError
+
+DELTA_FILE = "delta.safetensors"
+
+
+@dataclass
+class NoOptions:
+    """This method has no options."""
+
+
+class Method:
+    name: str = ""
+    tasks: tuple[str, ...] = ("classification", "causal_lm")
+    can_merge: bool = False
+    summary: str = ""
+    Options: type = NoOptions
+
+    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
+        """Freeze or wrap ``model`` so that exactly the delta is trainable."""
+        raise NotImplementedError
+
+    def delta_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """Only what was trained."""
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.delta_state_dict(model).items()}, path / DELTA_FILE)
+        (path / "method.json").write_text(json.dumps({"method": self.name, "options": asdict(options)}))
+
+    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+        """Apply the method to a fresh base ``model`` and load the saved delta into it."""
+        model = self.apply(model, options, task)
+        file = Path(path) / DELTA_FILE
+        if not file.is_file():
+            raise RunError(f"{path}: no {DELTA_FILE}; this run did not finish saving its delta")
+        state = load_file(file)
+        expected = set(self.delta_state_dict(model))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise RunError(f"{file}: the saved delta does not fit this model (missing {missing}, "
+                           f"unexpected {extra}); was it trained on another base model?")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return a plain model whose weights include the delta."""
+        raise CannotMerge(f"{self.name} cannot be merged into the base weights")
+
+    def prepare_examples(self, model: nn.Module, examples: list[dict]) -> list[dict]:
+        """A hook for methods that precompute something per example (feature extraction)."""
+        return examples
+
+
+def set_trainable(model: nn.Module, keep) -> None:
+    """Freeze every parameter, then unfreeze those whose name satisfies ``keep(name)``."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(keep(name)))

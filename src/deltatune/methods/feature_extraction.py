@@ -1,0 +1,113 @@
+"""Feature extraction (the feature-based approach of Devlin et al., 2019): a frozen encoder, a trained head.
+
+Each text is encoded once: ``h = mean_t(H_t)`` over the last hidden states of its real tokens
+(or ``H_[CLS]``). The vectors are cached on disk, keyed by the model and the token ids, so the
+next run or the next task on the same texts skips the encoder entirely. Only the classifier
+``softmax(W h + b)`` trains, on the cached vectors: epochs cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..assets import cache_dir
+from ..config import doc
+from .base import Method, set_trainable
+from .registry import register
+
+
+@dataclass
+class FeatureOptions:
+    pooling: str = doc("mean", "How a text becomes one vector: mean (of token states) or cls (first token).")
+
+    def problems(self) -> list[str]:
+        return [] if self.pooling in ("mean", "cls") else [f"pooling: use mean or cls, got {self.pooling!r}"]
+
+
+class FeatureClassifier(nn.Module):
+    """Frozen backbone + linear head; reads precomputed ``features`` when the batch has them."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, config):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.config = config
+        self.head = nn.Linear(config.hidden_size, num_labels)
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids=None, attention_mask=None, features=None, **_):
+        if features is None:
+            features = self.encode(input_ids, attention_mask)
+        return SimpleNamespace(logits=self.head(features))
+
+
+@register
+class FeatureExtraction(Method):
+    name = "feature_extraction"
+    tasks = ("classification",)
+    can_merge = False
+    summary = "frozen encoder, cached features, trained classifier"
+    Options = FeatureOptions
+
+    def apply(self, model: nn.Module, options: FeatureOptions, task: str) -> nn.Module:
+        wrapped = FeatureClassifier(model.base_model, model.config.num_labels, options.pooling, model.config)
+        set_trainable(wrapped, lambda name: name.startswith("head."))
+        return wrapped
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        from ..errors import CannotMerge
+
+        raise CannotMerge("feature_extraction: the head reads pooled features that the base model's own "
+                          "head does not compute; ship the run directory (base + delta) instead")
+
+    def prepare_examples(self, model: FeatureClassifier, examples: list[dict]) -> list[dict]:
+        features = cached_features(model, [e["input_ids"] for e in examples])
+        return [{"features": f, "label": e["label"], "input_ids": e["input_ids"]}
+                for f, e in zip(features, examples)]
+
+
+def _model_key(model: FeatureClassifier) -> str:
+    h = hashlib.sha256(model.config.to_json_string().encode() + model.pooling.encode())
+    h.update(model.backbone.get_input_embeddings().weight.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_features(model: FeatureClassifier, ids: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """Pooled vectors for token-id lists, from the on-disk cache when this model saw them before."""
+    key = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+    path = cache_dir() / "features" / f"{_model_key(model)}-{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["features"]
+    pad = model.config.pad_token_id or 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: less padding
+    out = torch.empty(len(ids), model.config.hidden_size)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        out[chunk] = model.encode(input_ids, mask)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"features": out.contiguous()}, tmp)
+    tmp.replace(path)
+    return out

@@ -1,0 +1,30 @@
+"""Full fine-tuning: every weight trains; the delta is the whole model (saved in HF format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .base import Method, set_trainable
+from .registry import register
+
+
+@register
+class Full(Method):
+    name = "full"
+    can_merge = True  # nothing to merge: the tuned weights are the model
+    summary = "every parameter trains"
+
+    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
+        set_trainable(model, lambda name: True)
+        return model
+
+    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+        return type(model).from_pretrained(path, use_safetensors=True, dtype=model.dtype)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model

@@ -1,0 +1,65 @@
+"""LoRA (Hu et al., 2021) via peft: ``W x + (alpha / r) * B A x`` with rank-r ``A``, ``B``; ``B = 0`` at init.
+
+Saved in peft's own format, so ``peft.PeftModel.from_pretrained(base, run_dir / "delta")``
+loads our adapters; ``merge`` folds ``(alpha / r) * B A`` into ``W`` (no added latency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+
+from ..config import doc
+from ..models import head_module_names
+from .base import Method
+from .registry import register
+
+
+@dataclass
+class LoraOptions:
+    r: int = doc(8, "Rank of the update B A.")
+    alpha: float = doc(16.0, "Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = doc(0.05, "Dropout on the LoRA branch's input.")
+    target_modules: list[str] | None = doc(None, "Linear layers to adapt by name (e.g. [q_proj, v_proj]); "
+                                                 "default: peft's choice for the architecture.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"r: must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        return out
+
+
+def peft_config(options: LoraOptions, task: str, model: nn.Module) -> LoraConfig:
+    classification = task == "classification"
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
+        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        modules_to_save=head_module_names(model) if classification else None,
+    )
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    can_merge = True
+    summary = "low-rank updates B A on chosen linear layers (peft)"
+    Options = LoraOptions
+
+    def apply(self, model: nn.Module, options: LoraOptions, task: str) -> nn.Module:
+        return get_peft_model(model, peft_config(options, task, model))
+
+    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+        return PeftModel.from_pretrained(model, path, is_trainable=False)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()

@@ -1,0 +1,82 @@
+"""Base model and tokenizer for a task, plus the few structural facts methods need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
+from transformers.utils import logging as hf_logging
+
+from .assets import resolve_model
+
+
+def load_tokenizer(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(model_ref: str | Path, task: str, labels: list[str] | None = None,
+               pad_token_id: int | None = None) -> PreTrainedModel:
+    """The untouched base model with the task's head (fp32, safetensors only, no remote code)."""
+    path = resolve_model(str(model_ref))
+    kwargs = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, **kwargs)
+            if model.config.pad_token_id is None:  # decoders need it to find the last real token
+                model.config.pad_token_id = pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList of identical blocks."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: cannot find its transformer layers")
+    return best
+
+
+def head_parameter_names(model: PreTrainedModel) -> list[str]:
+    """Parameters outside the backbone (e.g. ``classifier.*``, ``score.*``, an untied ``lm_head``)."""
+    prefix = model.base_model_prefix + "."
+    tied = _tied_to_input_embeddings(model)
+    return [n for n, p in model.named_parameters() if not n.startswith(prefix) and id(p) not in tied]
+
+
+def head_module_names(model: PreTrainedModel) -> list[str]:
+    """Top-level modules that make up the head (what peft's ``modules_to_save`` should hold)."""
+    return sorted({n.split(".")[0] for n in head_parameter_names(model)})
+
+
+def _tied_to_input_embeddings(model: PreTrainedModel) -> set[int]:
+    emb = model.get_input_embeddings()
+    return {id(p) for p in emb.parameters()} if emb is not None else set()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting shared tensors once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,72 @@
+"""A run directory: everything one training run leaves behind, written so a crash is visible.
+
+``status.json`` says running / interrupted / failed / completed; ``metrics.json`` and ``delta/``
+appear only when the run completes (each written atomically), so a directory never looks
+complete when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .assets import atomic_write_text
+from .errors import RunError
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    config = property(lambda self: self.path / "config.yaml")
+    delta = property(lambda self: self.path / "delta")
+    best = property(lambda self: self.path / "best")
+    checkpoint = property(lambda self: self.path / "checkpoint")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    log = property(lambda self: self.path / "log.jsonl")
+
+    def write_json(self, name: str, data: dict) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+
+    def read_json(self, name: str) -> dict:
+        file = self.path / name
+        if not file.is_file():
+            raise RunError(f"{self.path}: no {name}; is this a deltatune run directory?")
+        return json.loads(file.read_text(encoding="utf-8"))
+
+    def set_status(self, status: str, **extra) -> None:
+        self.write_json("status.json", {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
+
+    def status(self) -> str:
+        return self.read_json("status.json")["status"] if (self.path / "status.json").is_file() else "missing"
+
+    def append_log(self, record: dict) -> None:
+        with open(self.log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, after_step: int) -> None:
+        """On resume: drop log lines of steps that the checkpoint does not include."""
+        if self.log.is_file():
+            lines = [line for line in self.log.read_text().splitlines()
+                     if json.loads(line).get("step", 0) <= after_step]
+            atomic_write_text(self.log, "".join(line + "\n" for line in lines))
+
+    def require_complete(self) -> None:
+        status = self.status()
+        if status != "completed":
+            hint = (f"resume it with: deltatune train --resume {self.path}" if status in ("interrupted", "failed")
+                    else "is this a deltatune run directory?")
+            raise RunError(f"{self.path}: run is {status}, not completed; {hint}")
+
+
+def new_run_dir(output_dir: str | None, name: str) -> RunDir:
+    if output_dir:
+        path = Path(output_dir)
+        if path.exists() and any(path.iterdir()):
+            raise RunError(f"output_dir {path} exists and is not empty; choose another or remove it")
+    else:
+        path = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return RunDir(path)

@@ -1,0 +1,76 @@
+"""Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG and loop position.
+
+Stored as safetensors plus JSON (nothing is unpickled on load), written to a temporary folder
+and renamed into place, so a crash while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..assets import atomic_dir
+from ..errors import RunError
+
+
+@dataclass
+class LoopState:
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # current epoch
+    batches_done: int = 0    # micro-batches consumed in the current epoch
+    best: float | None = None  # best evaluation score so far (higher is better)
+    tokens: int = 0          # real tokens trained on so far
+    seconds: float = 0.0     # training time so far (excludes evaluation)
+    loss: float | None = None  # training loss of the last optimizer step
+    group_loss: float = 0.0  # loss accumulated over the current accumulation group
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    state: LoopState) -> None:
+    params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for index, slots in opt["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                meta[f"{index}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+
+    def write(tmp: Path) -> None:
+        save_file(params, tmp / "trainable.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({
+            "loop": asdict(state), "param_groups": opt["param_groups"], "optimizer_scalars": meta,
+            "scheduler": scheduler.state_dict()}, indent=1))
+
+    atomic_dir(path, write)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
+    if not (path / "state.json").is_file():
+        raise RunError(f"{path.parent}: no checkpoint to resume from (the run stopped before its first "
+                       "checkpoint); start it again with deltatune train")
+    params = load_file(path / "trainable.safetensors")
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(own):
+        raise RunError(f"{path}: checkpoint tensors do not match the model's trainable parameters")
+    with torch.no_grad():
+        for name, value in params.items():
+            own[name].copy_(value)
+    info = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    slots: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(info["optimizer_scalars"].items()):
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": info["param_groups"]})
+    scheduler.load_state_dict(info["scheduler"])
+    return LoopState(**info["loop"])

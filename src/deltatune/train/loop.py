@@ -1,0 +1,163 @@
+"""The one training loop, for every task and method.
+
+AdamW with linear warm-up and decay, gradient accumulation and clipping on accelerate,
+periodic evaluation, keeping the best delta, and checkpoints from which a resumed run
+reproduces an uninterrupted one exactly (same data order, RNG, optimizer and schedule state).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from functools import partial
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..assets import atomic_dir
+from ..config import TrainConfig
+from ..data.collate import collate
+from ..eval.evaluate import evaluate, loss_fn
+from ..methods.base import Method
+from ..rundir import RunDir
+from .checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .progress import Progress
+
+Callback = Callable[[LoopState], None]
+
+
+@dataclass
+class Job:
+    """Everything the loop needs, already built and checked."""
+    model: nn.Module
+    method: Method
+    options: object
+    task: str
+    train_examples: list[dict]
+    eval_examples: list[dict]
+    labels: list[str] | None
+    pad_id: int
+    run: RunDir
+    train: TrainConfig
+
+
+def score(task: str, metrics: dict) -> float:
+    """Higher is better: accuracy for classification, minus loss for language models."""
+    return metrics["accuracy"] if task == "classification" else -metrics["loss"]
+
+
+def schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> tuple[dict, LoopState]:
+    """Train; returns the evaluation metrics of the best delta (saved in ``run.best``) and the final state."""
+    t = job.train
+    accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # no decay on biases, norms
+        lr=t.lr)
+    batches_per_epoch = math.ceil(len(job.train_examples) / t.batch_size)
+    per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    total = t.max_steps or per_epoch * t.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(int(t.warmup_ratio * total), total))
+    model, optimizer = accelerator.prepare(job.model, optimizer)
+    state = LoopState()
+    best_metrics = None
+    if resume:
+        state = load_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        job.run.truncate_log(state.step)
+        best_metrics = job.run.read_json("best_metrics.json") if state.best is not None else None
+    eval_every = t.eval_every or per_epoch
+    save_every = t.save_every or eval_every
+    model.train()
+    with Progress(total, enabled=t.progress) as bar:
+        bar.update(state)
+        while state.step < total:
+            loader = _epoch_loader(job, state.epoch, accelerator)
+            n_batches = len(loader)
+            if state.batches_done:
+                loader = accelerator.skip_first_batches(loader, state.batches_done)
+            for batch in loader:
+                if not _micro_step(job, model, optimizer, scheduler, accelerator, batch, state, n_batches):
+                    continue
+                bar.update(state)
+                if state.step % eval_every == 0 or state.step == total:
+                    best_metrics = _evaluate(job, accelerator.unwrap_model(model), state, best_metrics)
+                if state.step % save_every == 0 and state.step < total:
+                    save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer,
+                                    scheduler, state)
+                for callback in callbacks:
+                    callback(state)
+                if state.step >= total:
+                    break
+            else:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+    return best_metrics, state
+
+
+def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
+    # The order depends only on (seed, epoch): a resumed run sees exactly the same batches.
+    generator = torch.Generator().manual_seed(job.train.seed + epoch)
+    loader = DataLoader(job.train_examples, batch_size=job.train.batch_size, shuffle=True,
+                        generator=generator, collate_fn=partial(collate, pad_id=job.pad_id))
+    return accelerator.prepare_data_loader(loader)
+
+
+def _micro_step(job, model, optimizer, scheduler, accelerator, batch, state: LoopState, n_batches: int) -> bool:
+    """One forward/backward; returns True when it completed an optimizer step.
+
+    Micro-batches are grouped ``grad_accum`` at a time within an epoch (the last group may be
+    smaller); each group's gradient is the mean of its micro-batch losses.
+    """
+    accum = job.train.grad_accum
+    group_start = state.batches_done - state.batches_done % accum
+    group_size = min(accum, n_batches - group_start)
+    sync = state.batches_done + 1 == group_start + group_size
+    start = time.perf_counter()
+    with nullcontext() if sync else accelerator.no_sync(model):
+        logits = model(**batch["inputs"]).logits
+        loss_sum, count = loss_fn(job.task)(logits, batch["targets"])
+        loss = loss_sum / max(count, 1)
+        accelerator.backward(loss / group_size)
+    state.batches_done += 1
+    state.tokens += batch["tokens"]
+    state.group_loss += loss.item() / group_size
+    if sync:
+        if job.train.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+    state.seconds += time.perf_counter() - start
+    if not sync:
+        return False
+    state.loss, state.group_loss = state.group_loss, 0.0
+    job.run.append_log({"step": state.step, "epoch": state.epoch, "loss": state.loss,
+                        "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
+                        "tokens_per_s": state.tokens / max(state.seconds, 1e-9)})
+    return True
+
+
+def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
+    metrics = evaluate(model, job.eval_examples, job.task, job.train.eval_batch_size, job.pad_id, job.labels)
+    job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
+                                                     if not isinstance(v, (dict, list))}})
+    value = score(job.task, metrics)
+    if state.best is None or value > state.best:
+        state.best, best_metrics = value, metrics
+        atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))
+        job.run.write_json("best_metrics.json", metrics)
+    return best_metrics

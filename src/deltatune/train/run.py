@@ -1,0 +1,136 @@
+"""`deltatune train`: config -> data -> model -> method -> loop -> metrics, in a run directory.
+
+Everything that can be checked (config, files, columns, labels) is checked before the run
+directory is created, so bad input never leaves a directory behind. Once training starts,
+``status.json`` tracks it; ``metrics.json`` and ``delta/`` appear only on success.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from .. import __version__
+from ..assets import resolve_data, resolve_model
+from ..config import Config, dump_yaml, load_config
+from ..data import PreparedData, prepare
+from ..errors import RunError
+from ..eval.evaluate import evaluate
+from ..methods import registry
+from ..models import count_parameters, load_model, load_tokenizer
+from ..rundir import RunDir, new_run_dir
+from .checkpoint import LoopState
+from .loop import Callback, Job, run_loop
+
+
+def absolute_refs(cfg: Config) -> Config:
+    """Local paths made absolute, so the saved config works from any directory."""
+    def fix(ref: str | None) -> str | None:
+        return str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
+
+    data = dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval))
+    return dataclasses.replace(cfg, model=fix(cfg.model), data=data)
+
+
+def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, object]:
+    """Load and check data, model and method. Raises a DeltatuneError on bad input."""
+    torch.set_flush_denormal(True)  # denormals make CPU steps erratic and slow
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    eval_path = str(resolve_data(cfg.data.eval)) if cfg.data.eval else None
+    data = prepare(cfg, tokenizer, str(resolve_data(cfg.data.train)), eval_path)
+    set_seed(cfg.train.seed)
+    model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id)
+    method = registry.get(cfg.method.name)
+    model = method.apply(model, cfg.method.options, cfg.task)
+    job = Job(model=model, method=method, options=cfg.method.options, task=cfg.task,
+              train_examples=method.prepare_examples(model, data.train.examples),
+              eval_examples=method.prepare_examples(model, data.eval.examples),
+              labels=data.labels, pad_id=tokenizer.pad_token_id, run=run, train=cfg.train)
+    return job, data, tokenizer
+
+
+def train(cfg: Config, callbacks: tuple[Callback, ...] = ()) -> RunDir:
+    cfg = absolute_refs(cfg)
+    job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
+    run = new_run_dir(cfg.output_dir, cfg.run_name)
+    job.run = run
+    run.set_status("running")
+    run.config.write_text(dump_yaml(cfg), encoding="utf-8")
+    tokenizer.save_pretrained(run.tokenizer)
+    if data.labels:
+        run.write_json("labels.json", {"labels": data.labels})
+    run.write_json("data.json", {"fingerprint": data.fingerprint, "mode": data.mode,
+                                 "train_rows": len(data.train.rows), "eval_rows": len(data.eval.rows),
+                                 "train": cfg.data.train, "eval": cfg.data.eval})
+    run.write_json("env.json", _versions())
+    return _execute(job, data, run, resume=False, callbacks=callbacks)
+
+
+def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
+    run = RunDir(Path(path))
+    if run.status() == "completed":
+        raise RunError(f"{run.path}: this run already completed; nothing to resume")
+    cfg = load_config(run.config)
+    job, data, _ = build_job(cfg, run)
+    if run.read_json("data.json")["fingerprint"] != data.fingerprint:
+        raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
+                       "resuming would mix two data sets. Start a new run instead")
+    run.set_status("running")
+    return _execute(job, data, run, resume=True, callbacks=callbacks)
+
+
+def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks) -> RunDir:
+    try:
+        if not resume:
+            baseline = evaluate(job.model, job.eval_examples, job.task, job.train.eval_batch_size,
+                                job.pad_id, job.labels)
+            run.write_json("baseline.json", baseline)
+        best, state = run_loop(job, resume=resume, callbacks=callbacks)
+        _finish(job, run, best, state)
+    except KeyboardInterrupt:
+        run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
+        raise
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return run
+
+
+def _finish(job: Job, run: RunDir, best: dict, state: LoopState) -> None:
+    if run.delta.exists():
+        shutil.rmtree(run.delta)
+    os.replace(run.best, run.delta)
+    trainable, total = count_parameters(job.model)
+    run.write_json("metrics.json", {
+        "eval": best,
+        "baseline": run.read_json("baseline.json"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(state.seconds, 3),
+        "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),
+        "steps": state.step,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "data_fingerprint": run.read_json("data.json")["fingerprint"],
+    })
+    shutil.rmtree(run.checkpoint, ignore_errors=True)
+    (run.path / "best_metrics.json").unlink(missing_ok=True)
+    run.set_status("completed")
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "machine": platform.machine(),
+            "threads": torch.get_num_threads()}

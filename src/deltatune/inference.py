@@ -71,5 +71,7 @@ def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) ->
             ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
         gen = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-        out.append({"prompt": prompt, "response": tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+        new = gen[0, ids.shape[1]:]
+        out.append({"prompt": prompt, "response": tok.decode(new, skip_special_tokens=True).strip(),
+                    "new_tokens": len(new)})
     return out

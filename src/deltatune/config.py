@@ -306,7 +306,7 @@ def explain() -> str:
 
     lines = []
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type, prefix: str, note: str = "") -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name == "options":
@@ -315,9 +315,9 @@ def explain() -> str:
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+            lines.append(f"{prefix}{f.name}{note} = {default!r}\n    {f.metadata.get('help', '')}")
 
     walk(Config, "")
     for name in registry.names():
-        walk(registry.get(name).Options, f"method.* (name={name}) ")
+        walk(registry.get(name).Options, "method.", f"  (method.name={name})")
     return "\n".join(lines)

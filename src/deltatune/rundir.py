@@ -66,7 +66,14 @@ def new_run_dir(output_dir: str | None, name: str) -> RunDir:
         path = Path(output_dir)
         if path.exists() and any(path.iterdir()):
             raise RunError(f"output_dir {path} exists and is not empty; choose another or remove it")
-    else:
-        path = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
-    return RunDir(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return RunDir(path)
+    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):  # two runs started in the same second get -2, -3, ...
+        path = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return RunDir(path)
+        except FileExistsError:
+            continue
+    raise RunError(f"{stem}: too many runs with this name in one second")

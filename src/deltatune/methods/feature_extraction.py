@@ -94,6 +94,7 @@ def cached_features(model: FeatureClassifier, ids: list[list[int]], batch_size: 
     if path.is_file():
         return load_file(path)["features"]
     pad = model.config.pad_token_id or 0
+    device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: less padding
     out = torch.empty(len(ids), model.config.hidden_size)
     model.eval()
@@ -105,7 +106,7 @@ def cached_features(model: FeatureClassifier, ids: list[list[int]], batch_size: 
         for row, i in enumerate(chunk):
             input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
             mask[row, :len(ids[i])] = 1
-        out[chunk] = model.encode(input_ids, mask)
+        out[chunk] = model.encode(input_ids.to(device), mask.to(device)).float().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"features": out.contiguous()}, tmp)

@@ -1,0 +1,35 @@
+"""Every shipped config validates and trains one step on the real packaged model and data."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deltatune.config import load_config
+from deltatune.train.run import train
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*/*.yaml"))
+ONE_STEP = ["train.max_steps=1", "train.batch_size=2", "train.eval_batch_size=8", "data.train_limit=8",
+            "data.eval_limit=8", "train.max_length=48", "train.progress=false"]
+
+
+def test_every_model_task_method_has_a_config():
+    from deltatune.methods import registry
+
+    names = {p.relative_to(p.parents[1]).as_posix() for p in CONFIGS}
+    for method in registry.names():
+        impl = registry.get(method)
+        if "classification" in impl.tasks:
+            assert f"minilm/classification-{method}.yaml" in names
+        if "causal_lm" in impl.tasks and method != "bitfit":  # SmolLM2 has no biases
+            assert f"smollm2-135m/causal_lm-{method}.yaml" in names
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
+def test_shipped_config_trains_one_step(path, tmp_path):
+    load_config(path)
+    run = train(load_config(path, [*ONE_STEP, f"output_dir={tmp_path / 'run'}"]))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["steps"] == 1
+    assert metrics["trainable_params"] > 0

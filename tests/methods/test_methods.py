@@ -17,6 +17,7 @@ from deltatune.models import load_model
 from deltatune.rundir import RunDir
 from deltatune.train.loop import run_loop
 from deltatune.train.run import build_job
+from tests.conftest import sentiment_rows, write_csv, write_jsonl
 from tests.helpers import config
 
 
@@ -103,10 +104,29 @@ def test_feature_cache_is_reused(tiny_bert, cls_csv, tmp_path, monkeypatch):
 
     cfg = config(tiny_bert, "classification", "feature_extraction", cls_csv)
     job, _, _ = build_job(cfg, None)
-    files = list((tmp_path / "cache" / "features").glob("*.safetensors"))
-    assert len(files) == 2  # train and eval
+    shards = list((tmp_path / "cache" / "features").glob("*/*.safetensors"))
+    assert len(shards) == 2  # train and eval, each encoded once
     calls = []
     monkeypatch.setattr(fe.FeatureClassifier, "encode", lambda *a: calls.append(1))
     job2, _, _ = build_job(cfg, None)  # a second run: every vector comes from disk
     assert calls == []
     torch.testing.assert_close(job2.train_examples[0]["features"], job.train_examples[0]["features"])
+    # Another task on the same texts (different labels) reuses the same vectors.
+    relabeled = write_csv(tmp_path / "other_task.csv", [{"text": r["text"], "label": f"t{i % 3}"}
+                                                         for i, r in enumerate(sentiment_rows(64))])
+    job3, _, _ = build_job(config(tiny_bert, "classification", "feature_extraction", relabeled), None)
+    assert calls == [] and job3.labels == ["t0", "t1", "t2"]
+
+
+def test_plain_text_continuation(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": r["text"]} for r in sentiment_rows(40)])
+    cfg = config(tiny_llama, "causal_lm", "lora", data)
+    job, prepared, _ = build_job(cfg, None)
+    assert prepared.mode == "text"
+    example = job.train_examples[0]
+    assert example["labels"] == example["input_ids"]  # every token is a target
+    job.run = RunDir(tmp_path / "run")
+    job.run.path.mkdir()
+    before = evaluate(job.model, job.eval_examples, "causal_lm", 16, job.pad_id)["loss"]
+    best, _ = run_loop(job)
+    assert best["loss"] < before

@@ -1,8 +1,8 @@
 """Feature extraction (the feature-based approach of Devlin et al., 2019): a frozen encoder, a trained head.
 
 Each text is encoded once: ``h = mean_t(H_t)`` over the last hidden states of its real tokens
-(or ``H_[CLS]``). The vectors are cached on disk, keyed by the model and the token ids, so the
-next run or the next task on the same texts skips the encoder entirely. Only the classifier
+(or ``H_[CLS]``). The vectors are cached on disk per example, keyed by the model and the token
+ids, so the next run, another split or another task on the same texts skips the encoder. Only the classifier
 ``softmax(W h + b)`` trains, on the cached vectors: epochs cost almost nothing.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..assets import cache_dir
@@ -82,17 +83,46 @@ class FeatureExtraction(Method):
 
 
 def _model_key(model: FeatureClassifier) -> str:
-    h = hashlib.sha256(model.config.to_json_string().encode() + model.pooling.encode())
-    h.update(model.backbone.get_input_embeddings().weight.detach().numpy().tobytes())
+    """The backbone's weights and the pooling define the features (labels and head do not)."""
+    h = hashlib.sha256(model.pooling.encode())
+    for name, param in model.backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def cached_features(model: FeatureClassifier, ids: list[list[int]], batch_size: int = 64) -> torch.Tensor:
-    """Pooled vectors for token-id lists, from the on-disk cache when this model saw them before."""
-    key = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    path = cache_dir() / "features" / f"{_model_key(model)}-{key}.safetensors"
-    if path.is_file():
-        return load_file(path)["features"]
+def cached_features(model: FeatureClassifier, ids: list[list[int]]) -> torch.Tensor:
+    """Pooled vectors for token-id lists; each example is encoded once per model, ever.
+
+    The cache holds shards per model; each shard maps example keys (a hash of the token ids)
+    to rows, so any later run (another split, another task on the same texts) reuses them.
+    """
+    folder = cache_dir() / "features" / _model_key(model)
+    known = _read_shards(folder)
+    keys = [hashlib.sha1(json.dumps(x).encode()).hexdigest() for x in ids]
+    missing = list(dict.fromkeys(k for k in keys if k not in known))
+    if missing:
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        vectors = _encode_all(model, [ids[first[k]] for k in missing])
+        folder.mkdir(parents=True, exist_ok=True)
+        shard = folder / f"{hashlib.sha1(''.join(missing).encode()).hexdigest()[:16]}.safetensors"
+        tmp = shard.with_suffix(".tmp")
+        save_file({"features": vectors.contiguous()}, tmp, metadata={"keys": json.dumps(missing)})
+        tmp.replace(shard)
+        known.update(zip(missing, vectors))
+    return torch.stack([known[k] for k in keys])
+
+
+def _read_shards(folder: Path) -> dict[str, torch.Tensor]:
+    known: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as fh:
+            keys = json.loads(fh.metadata()["keys"])
+            known.update(zip(keys, fh.get_tensor("features")))
+    return known
+
+
+def _encode_all(model: FeatureClassifier, ids: list[list[int]], batch_size: int = 64) -> torch.Tensor:
     pad = model.config.pad_token_id or 0
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths: less padding
@@ -107,8 +137,4 @@ def cached_features(model: FeatureClassifier, ids: list[list[int]], batch_size: 
             input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
             mask[row, :len(ids[i])] = 1
         out[chunk] = model.encode(input_ids.to(device), mask.to(device)).float().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": out.contiguous()}, tmp)
-    tmp.replace(path)
     return out

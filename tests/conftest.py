@@ -44,8 +44,11 @@ def make_tiny_bert(path: Path) -> Path:
 
     tok = _tokenizer(chat=False)
     torch.manual_seed(0)
+    # initializer_range 0.2 (not 0.02): with near-zero weights every position of a 2-layer random
+    # BERT looks alike, and a head reading a soft-prompt position would get no signal to learn from.
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                     initializer_range=0.2)
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

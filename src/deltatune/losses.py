@@ -16,9 +16,13 @@ def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    """Next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 labels are skipped."""
+    """Next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 labels are skipped.
+
+    Soft-prompt methods return logits for their virtual tokens first; only the last
+    ``labels.shape[1]`` positions belong to the text.
+    """
     shifted = labels[:, 1:]
-    logits = logits[:, :-1]
+    logits = logits[:, -labels.shape[1]:-1]
     count = int((shifted != IGNORE).sum())
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")

@@ -55,9 +55,15 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 
 def head_parameter_names(model: PreTrainedModel) -> list[str]:
     """Parameters outside the backbone (e.g. ``classifier.*``, ``score.*``, an untied ``lm_head``)."""
-    prefix = model.base_model_prefix + "."
     tied = _tied_to_input_embeddings(model)
-    return [n for n, p in model.named_parameters() if not n.startswith(prefix) and id(p) not in tied]
+    prefix = model.base_model_prefix
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix + ".")]
+    else:  # the backbone sits at the top level (T5): only the output projection is a head
+        out = model.get_output_embeddings()
+        own = {id(p) for p in out.parameters()} if out is not None else set()
+        outside = [(n, p) for n, p in model.named_parameters() if id(p) in own]
+    return [n for n, p in outside if id(p) not in tied]
 
 
 def head_module_names(model: PreTrainedModel) -> list[str]:

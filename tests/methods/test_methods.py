@@ -29,13 +29,21 @@ def expected_trainable(method: str, name: str) -> bool:
         "bitfit": name.endswith("bias") or name.startswith("classifier."),
         "lora": "lora_" in name or "modules_to_save" in name,
         "feature_extraction": name.startswith("head."),
+        "houlsby": ".adapter." in name or "norm" in name.lower() or name.startswith(("classifier.", "score.")),
+        "ia3": "ia3_l" in name or "modules_to_save" in name,
+        "prefix": "prompt_encoder" in name or "modules_to_save" in name,
+        "prompt": "prompt_encoder" in name or "modules_to_save" in name,
+        "ptuning": "prompt_encoder" in name or "modules_to_save" in name,
     }[method]
 
 
+SOFT_PROMPTS = [("prefix", 2e-2), ("prompt", 5e-2), ("ptuning", 2e-2)]
 CASES = [("bert", "classification", m, lr) for m, lr in
-         [("full", 1e-3), ("freeze", 2e-3), ("bitfit", 1e-2), ("lora", 5e-3), ("feature_extraction", 5e-2)]]
-CASES += [("llama", "causal_lm", m, lr) for m, lr in [("full", 3e-3), ("freeze", 3e-3), ("lora", 1e-2)]]
-CASES += [("llama", "classification", m, lr) for m, lr in [("lora", 5e-3), ("full", 1e-3)]]
+         [("full", 1e-3), ("freeze", 2e-3), ("bitfit", 1e-2), ("lora", 5e-3), ("feature_extraction", 5e-2),
+          ("houlsby", 5e-3), ("ia3", 3e-2), *SOFT_PROMPTS]]
+CASES += [("llama", "causal_lm", m, lr) for m, lr in
+          [("full", 3e-3), ("freeze", 3e-3), ("lora", 1e-2), ("houlsby", 1e-2), ("ia3", 5e-2), *SOFT_PROMPTS]]
+CASES += [("llama", "classification", m, lr) for m, lr in [("lora", 5e-3), ("full", 1e-3), ("houlsby", 5e-3)]]
 
 
 @pytest.mark.parametrize("model_kind,task,method,lr", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])

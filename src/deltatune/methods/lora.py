@@ -7,14 +7,12 @@ loads our adapters; ``merge`` folds ``(alpha / r) * B A`` into ``W`` (no added l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig
 from torch import nn
 
 from ..config import doc
-from ..models import head_module_names
-from .base import Method
+from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
 
 
@@ -35,31 +33,14 @@ class LoraOptions:
         return out
 
 
-def peft_config(options: LoraOptions, task: str, model: nn.Module) -> LoraConfig:
-    classification = task == "classification"
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
-        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-        target_modules=options.target_modules,
-        modules_to_save=head_module_names(model) if classification else None,
-    )
-
-
 @register
-class Lora(Method):
+class Lora(PeftMethod):
     name = "lora"
     can_merge = True
     summary = "low-rank updates B A on chosen linear layers (peft)"
     Options = LoraOptions
 
-    def apply(self, model: nn.Module, options: LoraOptions, task: str) -> nn.Module:
-        return get_peft_model(model, peft_config(options, task, model))
-
-    def save_delta(self, model: nn.Module, path: Path, options) -> None:
-        model.save_pretrained(path, safe_serialization=True)
-
-    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
-        return PeftModel.from_pretrained(model, path, is_trainable=False)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
+    def peft_config(self, options: LoraOptions, task: str, model: nn.Module) -> LoraConfig:
+        return LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
+                          lora_dropout=options.dropout, target_modules=options.target_modules,
+                          modules_to_save=head_modules(task, model))

@@ -68,8 +68,8 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # no decay on biases, norms
         lr=t.lr)
-    batches_per_epoch = math.ceil(len(job.train_examples) / t.batch_size)
-    per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    # From the prepared loader: with several processes each one sees its shard of the batches.
+    per_epoch = math.ceil(len(_epoch_loader(job, 0, accelerator)) / t.grad_accum)
     total = t.max_steps or per_epoch * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(int(t.warmup_ratio * total), total))
     model, optimizer = accelerator.prepare(job.model, optimizer)

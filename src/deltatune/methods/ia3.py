@@ -1,0 +1,38 @@
+"""(IA)3 (Liu et al., 2022) via peft: learned vectors rescale activations, ``y = l * (W x)``.
+
+Keys, values and the feed-forward activations are multiplied element-wise by trained vectors
+``l`` (initialised to ones, so the model starts unchanged). The scaling folds into ``W``:
+``merge`` gives a plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import IA3Config
+from torch import nn
+
+from ..config import doc
+from .peft_common import PeftMethod, head_modules, task_type
+from .registry import register
+
+
+@dataclass
+class IA3Options:
+    target_modules: list[str] | None = doc(None, "Layers whose outputs (or, for feed-forward ones, inputs) are "
+                                                 "rescaled; default: peft's choice for the architecture.")
+    feedforward_modules: list[str] | None = doc(None, "Which of target_modules are feed-forward layers (scaled "
+                                                      "at their input); default: peft's choice.")
+
+
+@register
+class IA3(PeftMethod):
+    name = "ia3"
+    can_merge = True
+    summary = "learned vectors rescale keys, values and feed-forward activations (peft)"
+    Options = IA3Options
+
+    def peft_config(self, options: IA3Options, task: str, model: nn.Module) -> IA3Config:
+        return IA3Config(task_type=task_type(task), target_modules=options.target_modules,
+                         feedforward_modules=options.feedforward_modules,
+                         modules_to_save=head_modules(task, model))

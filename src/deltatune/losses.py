@@ -27,3 +27,14 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
     return loss, count
+
+
+def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Cross-entropy at every position with a label (token tagging; seq2seq decoder outputs,
+    which are already aligned with their targets). -100 labels are skipped; soft-prompt
+    positions at the front, if any, are dropped as in ``causal_lm_loss``."""
+    logits = logits[:, -labels.shape[1]:]
+    count = int((labels != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, count

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel)
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel)
 from transformers.utils import logging as hf_logging
 
 from .assets import resolve_model
@@ -28,14 +28,15 @@ def load_model(model_ref: str | Path, task: str, labels: list[str] | None = None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     try:
-        if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={name: i for i, name in enumerate(labels)}, **kwargs)
+        if labels is not None:  # classification or token classification: a new head
+            auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForTokenClassification
+            model = auto.from_pretrained(path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                         label2id={name: i for i, name in enumerate(labels)}, **kwargs)
             if model.config.pad_token_id is None:  # decoders need it to find the last real token
                 model.config.pad_token_id = pad_token_id
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            auto = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+            model = auto.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model

@@ -130,3 +130,30 @@ def test_methods_sizes_on_a_model(tiny_bert, tiny_llama, capsys):
     assert rows["feature_extraction"]["error"] == "does not support causal_lm"
     assert main(["methods", "--model", str(tiny_llama)]) == 0
     assert "prefix" in capsys.readouterr().out
+
+
+def test_token_classification_run(tiny_bert, tagged_jsonl, tmp_path, capsys):
+    run = tmp_path / "tags"
+    train_cli(capsys, f"model={tiny_bert}", "task=token_classification", f"data.train={tagged_jsonl}",
+              "method.name=lora", "train.epochs=4", "train.lr=1e-2", f"output_dir={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["eval"]["per_class"]) == {"NEG", "O", "POS"}
+    assert metrics["eval"]["accuracy"] > metrics["baseline"]["accuracy"]
+    support = sum(c["support"] for c in metrics["eval"]["per_class"].values())
+    assert support == 7 * json.loads((run / "data.json").read_text())["eval_rows"]  # each word once; 7 a row
+    assert main(["predict", str(run), "--text", "the great film was dull"]) == 0
+    (pred,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert pred["tokens"] == ["the", "great", "film", "was", "dull"] and len(pred["tags"]) == 5
+    assert set(pred["tags"]) <= {"NEG", "O", "POS"}
+
+
+def test_seq2seq_run(tiny_t5, qa_jsonl, tmp_path, capsys):
+    run = tmp_path / "s2s"
+    train_cli(capsys, f"model={tiny_t5}", "task=seq2seq", f"data.train={qa_jsonl}", "method.name=lora",
+              "train.epochs=3", "train.lr=1e-2", f"output_dir={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval"]["perplexity"] < metrics["baseline"]["perplexity"]
+    assert main(["predict", str(run), "--text", "what is 1 and 2", "--max-new-tokens", "4"]) == 0
+    (pred,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert pred["prompt"] == "what is 1 and 2" and 0 < pred["new_tokens"] <= 5
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0

@@ -11,7 +11,7 @@ import torch
 
 from deltatune.data.collate import collate
 from deltatune.errors import DeltatuneError
-from deltatune.eval.evaluate import evaluate
+from deltatune.eval.evaluate import evaluate, forward
 from deltatune.methods import registry
 from deltatune.models import load_model
 from deltatune.rundir import RunDir
@@ -25,11 +25,15 @@ def expected_trainable(method: str, name: str) -> bool:
     """The intended delta of each method, by parameter name (tiny models have 2 layers)."""
     return {
         "full": True,
-        "freeze": any(k in name for k in ("layer.1.", "layers.1.", "pooler.", "classifier.", "score.")) or name == "model.norm.weight",
+        # T5: the stack found is encoder.block, so its top block, the final norm and the whole decoder train.
+        "freeze": (name.startswith(("encoder.block.1.", "encoder.final", "decoder.")) if name.startswith(("encoder.", "decoder.", "shared"))
+                   else any(k in name for k in ("layer.1.", "layers.1.", "pooler.", "classifier.", "score."))
+                   or name == "model.norm.weight"),
         "bitfit": name.endswith("bias") or name.startswith("classifier."),
         "lora": "lora_" in name or "modules_to_save" in name,
         "feature_extraction": name.startswith("head."),
-        "houlsby": ".adapter." in name or "norm" in name.lower() or name.startswith(("classifier.", "score.")),
+        "houlsby": (".adapter." in name or "norm" in name.lower() or "layer_norm" in name
+                    or name.startswith(("classifier.", "score."))),
         "ia3": "ia3_l" in name or "modules_to_save" in name,
         "prefix": "prompt_encoder" in name or "modules_to_save" in name,
         "prompt": "prompt_encoder" in name or "modules_to_save" in name,
@@ -44,12 +48,19 @@ CASES = [("bert", "classification", m, lr) for m, lr in
 CASES += [("llama", "causal_lm", m, lr) for m, lr in
           [("full", 3e-3), ("freeze", 3e-3), ("lora", 1e-2), ("houlsby", 1e-2), ("ia3", 5e-2), *SOFT_PROMPTS]]
 CASES += [("llama", "classification", m, lr) for m, lr in [("lora", 5e-3), ("full", 1e-3), ("houlsby", 5e-3)]]
+CASES += [("bert", "token_classification", m, lr) for m, lr in
+          [("full", 1e-3), ("freeze", 2e-3), ("bitfit", 1e-2), ("lora", 5e-3), ("houlsby", 5e-3), ("ia3", 3e-2),
+           *SOFT_PROMPTS]]
+CASES += [("t5", "seq2seq", m, lr) for m, lr in
+          [("full", 3e-3), ("freeze", 3e-3), ("lora", 1e-2), ("houlsby", 1e-2), ("ia3", 5e-2), *SOFT_PROMPTS]]
+DATA = {"classification": "cls_csv", "causal_lm": "qa_jsonl", "token_classification": "tagged_jsonl",
+        "seq2seq": "qa_jsonl"}
 
 
 @pytest.mark.parametrize("model_kind,task,method,lr", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
 def test_method_trains_exactly_its_delta_and_reloads(model_kind, task, method, lr, request, tmp_path):
     model_path = request.getfixturevalue(f"tiny_{model_kind}")
-    data = request.getfixturevalue("cls_csv" if task == "classification" else "qa_jsonl")
+    data = request.getfixturevalue(DATA[task])
     extra = ["train.epochs=4", f"train.lr={lr}", "train.warmup_ratio=0"]
     if method == "freeze":
         extra.append("method.trainable_layers=1")
@@ -77,11 +88,12 @@ def test_method_trains_exactly_its_delta_and_reloads(model_kind, task, method, l
     impl.save_delta(model, tmp_path / "delta", cfg.method.options)
     fresh = load_model(model_path, task, prepared.labels, tokenizer.pad_token_id)
     reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, task)
-    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    batch = collate(job.eval_examples[:8], job.pad_id)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+        expected = forward(model, batch["inputs"], batch["targets"], task)
+        assert torch.equal(expected, forward(reloaded, batch["inputs"], batch["targets"], task))
 
 
 def test_lora_trainable_count_follows_the_formula(tiny_bert, cls_csv):

@@ -109,3 +109,13 @@ def test_a_run_that_fails_midway_is_marked_failed(tiny_bert, cls_csv, tmp_path, 
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "delta").exists()
     assert main(["eval", str(tmp_path / "run")]) == 2
     assert "run is failed, not completed" in capsys.readouterr().err
+
+
+def test_tags_that_do_not_match_the_words(tiny_bert, tmp_path, capsys):
+    data = tmp_path / "tags.jsonl"
+    data.write_text('{"tokens": ["good", "film"], "tags": ["POS", "O"]}\n'
+                    '{"tokens": ["bad", "film"], "tags": ["NEG"]}\n')
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, f"model={tiny_bert}", "task=token_classification", f"data.train={data}",
+                        f"output_dir={out}")
+    check_failed_cleanly(code, err, out, str(data), "row 2", "2 words but 1 tags")

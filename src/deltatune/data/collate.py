@@ -19,8 +19,9 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     for row, e in enumerate(examples):
         input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[row, : len(e["input_ids"])] = 1
-    if "labels" in examples[0]:  # causal LM: per-token targets, padding ignored
-        targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    if "labels" in examples[0]:  # per-token targets (causal LM, tagging, seq2seq), padding ignored
+        target_width = max(len(e["labels"]) for e in examples)  # seq2seq targets have their own length
+        targets = torch.full((len(examples), target_width), IGNORE, dtype=torch.long)
         for row, e in enumerate(examples):
             targets[row, : len(e["labels"])] = torch.tensor(e["labels"])
     else:

@@ -66,6 +66,8 @@ def read_splits(cfg: Config, train_path: str, eval_path: str | None) -> tuple[li
 
 def _mode(cfg: Config, rows: list[dict], path: str) -> str:
     d = cfg.data
+    if cfg.task in ("token_classification", "seq2seq"):
+        return {"token_classification": "tokens", "seq2seq": "seq2seq"}[cfg.task]
     if cfg.task == "classification":
         require_columns(rows, path, [(d.text_column, "data.text_column"), (d.label_column, "data.label_column")])
         return "classification"
@@ -79,14 +81,33 @@ def _mode(cfg: Config, rows: list[dict], path: str) -> str:
 
 def _check_rows(cfg: Config, rows: list[dict], path: str, mode: str) -> None:
     d = cfg.data
-    columns = {"classification": [(d.text_column, "text"), (d.label_column, "label")],
-               "sft": [(d.prompt_column, "prompt"), (d.response_column, "response")],
-               "text": [(d.text_column, "text")]}[mode]
+    pairs = [(d.prompt_column, "prompt"), (d.response_column, "response")]
+    columns = {"classification": [(d.text_column, "text"), (d.label_column, "label")], "sft": pairs,
+               "seq2seq": pairs, "text": [(d.text_column, "text")],
+               "tokens": [(d.tokens_column, "tokens"), (d.tags_column, "tags")]}[mode]
     require_columns(rows, path, [(c, f"data.{what}_column") for c, what in columns])
     for row in rows:
+        row["_file"] = path
+        if mode == "tokens":
+            _check_tagged(row, d.tokens_column, d.tags_column, path)
+            continue
         for column, what in columns:
             row[column] = cell(row, column, path, what)
-        row["_file"] = path
+
+
+def _check_tagged(row: dict, tokens: str, tags: str, path: str) -> None:
+    """Words and tags as equal-length lists of strings (a string is split on whitespace)."""
+    for column in (tokens, tags):
+        value = row[column]
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise DataError(f"{path}: row {row[ROW]}: column {column!r} must be a non-empty list of words "
+                            f"(or a string of words separated by spaces), got {row[column]!r}")
+        row[column] = value
+    if len(row[tokens]) != len(row[tags]):
+        raise DataError(f"{path}: row {row[ROW]}: {len(row[tokens])} words but {len(row[tags])} tags; "
+                        "give exactly one tag per word")
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int, label: str | None) -> tuple[list[dict], list[dict]]:
@@ -117,8 +138,13 @@ def take(rows: list[dict], n: int, seed: int, label: str | None) -> list[dict]:
     return kept[:n]
 
 
+def _values(row: dict, column: str) -> list[str]:
+    value = row[column]
+    return value if isinstance(value, list) else [value]  # tags are lists, labels single values
+
+
 def label_list(train_rows: list[dict], eval_rows: list[dict], column: str, train_path: str) -> list[str]:
-    labels = sorted({r[column] for r in train_rows})
+    labels = sorted({v for r in train_rows for v in _values(r, column)})
     if len(labels) < 2:
         found = labels[0] if labels else "none"
         raise DataError(f"{train_path}: column {column!r} has a single class ({found!r}) in the training "
@@ -130,10 +156,11 @@ def label_list(train_rows: list[dict], eval_rows: list[dict], column: str, train
 def check_known_labels(rows: list[dict], column: str, labels: list[str]) -> None:
     known = set(labels)
     for row in rows:
-        if row[column] not in known:
-            raise DataError(f"{row['_file']}: row {row[ROW]}: label {row[column]!r} is not one the model "
-                            f"was trained on ({', '.join(labels)}); fix the label or add training "
-                            "examples of it")
+        for value in _values(row, column):
+            if value not in known:
+                raise DataError(f"{row['_file']}: row {row[ROW]}: label {value!r} is not one the model "
+                                f"was trained on ({', '.join(labels)}); fix the label or add training "
+                                "examples of it")
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -195,6 +222,30 @@ def encode_text(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     return out
 
 
+def encode_tagged(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -> list[dict]:
+    """Word-level tags onto sub-word tokens: each word's first token carries its tag, the rest -100."""
+    index = {name: i for i, name in enumerate(labels)}
+    d = cfg.data
+    enc = tokenizer([r[d.tokens_column] for r in rows], is_split_into_words=True, truncation=True,
+                    max_length=cfg.train.max_length)
+    out = []
+    for i, row in enumerate(rows):
+        tags, previous, targets = row[d.tags_column], None, []
+        for word in enc.word_ids(i):
+            targets.append(IGNORE if word is None or word == previous else index[tags[word]])
+            previous = word
+        out.append({"input_ids": enc["input_ids"][i], "labels": targets})
+    return out
+
+
+def encode_seq2seq(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    d, max_len = cfg.data, cfg.train.max_length
+    sources = tokenizer([r[d.prompt_column] for r in rows], truncation=True, max_length=max_len)["input_ids"]
+    targets = tokenizer(text_target=[r[d.response_column] for r in rows], truncation=True,
+                        max_length=max_len)["input_ids"]
+    return [{"input_ids": s, "labels": t} for s, t in zip(sources, targets)]
+
+
 def fingerprint(train: list[dict], eval_: list[dict], columns: list[str]) -> str:
     """sha256 over exactly the fields used, in order: equal data gives an equal fingerprint."""
     h = hashlib.sha256()
@@ -210,6 +261,10 @@ def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
     d = cfg.data
     if mode == "classification":
         return (lambda rows: encode_classification(rows, tokenizer, cfg, labels)), [d.text_column, d.label_column]
+    if mode == "tokens":
+        return (lambda rows: encode_tagged(rows, tokenizer, cfg, labels)), [d.tokens_column, d.tags_column]
+    if mode == "seq2seq":
+        return (lambda rows: encode_seq2seq(rows, tokenizer, cfg)), [d.prompt_column, d.response_column]
     if mode == "sft":
         return (lambda rows: encode_sft(rows, tokenizer, cfg)), [d.prompt_column, d.response_column]
     return (lambda rows: encode_text(rows, tokenizer, cfg)), [d.text_column]
@@ -217,7 +272,13 @@ def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
 
 def prepare(cfg: Config, tokenizer, train_path: str, eval_path: str | None) -> PreparedData:
     train_rows, eval_rows, mode = read_splits(cfg, train_path, eval_path)
-    labels = label_list(train_rows, eval_rows, cfg.data.label_column, train_path) if mode == "classification" else None
+    labels = None
+    if mode == "classification":
+        labels = label_list(train_rows, eval_rows, cfg.data.label_column, train_path)
+    elif mode == "tokens":
+        # Tag sets are large and some tags are rare: one seen only in evaluation is still a tag the
+        # head should have (it simply scores 0 recall), not a typo as an unknown class label would be.
+        labels = label_list(train_rows + eval_rows, [], cfg.data.tags_column, train_path)
     encode, columns = encoder(cfg, tokenizer, mode, labels)
     train, eval_ = Split(train_rows, encode(train_rows)), Split(eval_rows, encode(eval_rows))
     if not train.examples:
@@ -228,7 +289,7 @@ def prepare(cfg: Config, tokenizer, train_path: str, eval_path: str | None) -> P
 def prepare_eval_file(cfg: Config, tokenizer, path: str, labels: list[str] | None) -> list[dict]:
     """Examples from one more file, checked against a finished run's columns and labels."""
     rows, mode = load_rows(cfg, path)
-    if mode == "classification":
-        check_known_labels(rows, cfg.data.label_column, labels)
+    if labels:
+        check_known_labels(rows, cfg.data.label_column if mode == "classification" else cfg.data.tags_column, labels)
     encode, _ = encoder(cfg, tokenizer, mode, labels)
     return encode(rows)

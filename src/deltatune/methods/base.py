@@ -27,7 +27,7 @@ class NoOptions:
 
 class Method:
     name: str = ""
-    tasks: tuple[str, ...] = ("classification", "causal_lm")
+    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq")
     can_merge: bool = False
     summary: str = ""
     Options: type = NoOptions

@@ -18,12 +18,13 @@ from .base import Method
 
 
 def task_type(task: str) -> TaskType:
-    return {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}[task]
+    return {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM,
+            "token_classification": TaskType.TOKEN_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}[task]
 
 
 def head_modules(task: str, model: nn.Module) -> list[str] | None:
     """The freshly initialised classification head trains alongside the adapter."""
-    return head_module_names(model) if task == "classification" else None
+    return head_module_names(model) if task in ("classification", "token_classification") else None
 
 
 class PeftMethod(Method):

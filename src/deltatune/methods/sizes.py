@@ -15,6 +15,8 @@ from . import registry
 
 def default_task(model_ref: str) -> str:
     archs = AutoConfig.from_pretrained(resolve_model(model_ref)).architectures or []
+    if any(a.endswith("ForConditionalGeneration") for a in archs):
+        return "seq2seq"
     return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
 
 
@@ -22,7 +24,7 @@ def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -
     """Trainable parameters of every method (default options) on this model and task."""
     task = task or default_task(model_ref)
     path = resolve_model(model_ref)
-    labels = [f"label_{i}" for i in range(num_labels)] if task == "classification" else None
+    labels = [f"label_{i}" for i in range(num_labels)] if "classification" in task else None
     base = load_model(path, task, labels, load_tokenizer(path).pad_token_id)
     rows = []
     for name in registry.names():

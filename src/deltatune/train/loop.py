@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ..assets import atomic_dir
 from ..config import TrainConfig
 from ..data.collate import collate
-from ..eval.evaluate import evaluate, loss_fn
+from ..eval.evaluate import evaluate, forward, loss_fn
 from ..methods.base import Method
 from ..rundir import RunDir
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
@@ -47,8 +47,8 @@ class Job:
 
 
 def score(task: str, metrics: dict) -> float:
-    """Higher is better: accuracy for classification, minus loss for language models."""
-    return metrics["accuracy"] if task == "classification" else -metrics["loss"]
+    """Higher is better: accuracy for (token) classification, minus loss for generative tasks."""
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
 
 
 def schedule(warmup: int, total: int):
@@ -127,7 +127,7 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, batch, state: Loo
     sync = state.batches_done + 1 == group_start + group_size
     start = time.perf_counter()
     with nullcontext() if sync else accelerator.no_sync(model):
-        logits = model(**batch["inputs"]).logits
+        logits = forward(model, batch["inputs"], batch["targets"], job.task)
         loss_sum, count = loss_fn(job.task)(logits, batch["targets"])
         loss = loss_sum / max(count, 1)
         accelerator.backward(loss / group_size)

@@ -1,0 +1,126 @@
+"""Every method on the same data and budget: metric, trainable parameters, delta size, time, memory.
+
+    python benchmarks/methods.py --model minilm      # Pang & Lee polarity, classification
+    python benchmarks/methods.py --model smollm2     # chatterbot SFT
+    python benchmarks/methods.py --render            # rewrite docs/methods.md from the results
+
+Each method runs `deltatune train configs/<model>/<task>-<method>.yaml` with the shared budget
+below, in its own process (so peak RSS is that run's own), one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+SUITES = {
+    "minilm": {
+        "configs": "minilm/classification-{}.yaml",
+        "metric": "accuracy",
+        "budget": ["data.train_limit=1024", "data.eval_limit=400", "train.epochs=2", "train.batch_size=32",
+                   "train.eval_every=0"],
+        "methods": ["full", "freeze", "feature_extraction", "bitfit", "houlsby", "lora", "ia3", "prefix",
+                    "prompt", "ptuning"],
+    },
+    "smollm2": {
+        "configs": "smollm2-135m/causal_lm-{}.yaml",
+        "metric": "perplexity",
+        "budget": ["data.train_limit=320", "data.eval_limit=100", "train.epochs=1", "train.batch_size=8",
+                   "train.eval_every=0"],
+        "methods": ["full", "freeze", "houlsby", "lora", "ia3", "prefix", "prompt", "ptuning"],
+    },
+}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_one(suite: dict, method: str, workdir: Path) -> dict:
+    config = ROOT / "configs" / suite["configs"].format(method)
+    out = workdir / method
+    cmd = [sys.executable, "-m", "deltatune.cli", "train", str(config), *suite["budget"],
+           "train.progress=false", f"output_dir={out}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"method": method, "error": proc.stderr.strip().splitlines()[-1]}
+    m = json.loads((out / "metrics.json").read_text())
+    key = suite["metric"]
+    return {"method": method, "metric": key, "before": m["baseline"][key], "after": m["eval"][key],
+            "macro_f1": m["eval"].get("macro_f1"), "trainable_params": m["trainable_params"],
+            "total_params": m["total_params"], "delta_bytes": dir_bytes(out / "delta"),
+            "train_seconds": m["train_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mb": m["peak_rss_mb"],
+            "steps": m["steps"], "command": " ".join(["deltatune", *cmd[3:-2]])}
+
+
+def render() -> str:
+    lines = ["# Methods compared", "",
+             "Every method trained on the same data with the same budget, each in its own process, one after",
+             "another on one machine. Produced by `python benchmarks/methods.py --model minilm` and",
+             "`--model smollm2`; the raw results are in `benchmarks/results/`. Figures are as measured,",
+             "on a 2-core CPU machine whose timings vary 10-38% from run to run.", ""]
+    for name, suite in SUITES.items():
+        path = RESULTS / f"methods-{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        lines += [f"## {data['title']}", "", f"Budget: `{' '.join(suite['budget'])}`; measured {data['date']} "
+                  f"({data['machine']}).", ""]
+        key = suite["metric"]
+        extra = " | macro-F1" if key == "accuracy" else ""
+        lines += [f"| method | {key} before | {key} after{extra} | trainable params | % | delta on disk | "
+                  "train time | peak RSS |", "|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
+        for r in data["results"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | failed: {r['error']} |")
+                continue
+            f1 = f" | {r['macro_f1']:.3f}" if extra else ""
+            lines.append(f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f}{f1} | {r['trainable_params']:,} | "
+                         f"{100 * r['trainable_params'] / r['total_params']:.3f} | "
+                         f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s | {r['peak_rss_mb']:,.0f} MB |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=list(SUITES))
+    parser.add_argument("--methods", help="comma-separated subset")
+    parser.add_argument("--render", action="store_true", help="only rewrite docs/methods.md")
+    args = parser.parse_args()
+    if args.model:
+        suite = SUITES[args.model]
+        methods = args.methods.split(",") if args.methods else suite["methods"]
+        title = {"minilm": "MiniLM (22.7M) on Pang & Lee sentence polarity",
+                 "smollm2": "SmolLM2-135M on chatterbot question/answer SFT"}[args.model]
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in methods:
+                results.append(run_one(suite, method, Path(tmp)))
+                print(json.dumps(results[-1]), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"methods-{args.model}.json"
+        if args.methods and path.is_file():  # a re-run of some methods replaces just their rows
+            fresh = {r["method"]: r for r in results}
+            old = json.loads(path.read_text())["results"]
+            results = [fresh.pop(r["method"], r) for r in old] + list(fresh.values())
+        path.write_text(json.dumps(
+            {"title": title, "date": time.strftime("%Y-%m-%d"), "results": results,
+             "machine": f"{platform.machine()}, {platform.python_version()}"}, indent=1))
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "methods.md").write_text(render())
+
+
+if __name__ == "__main__":
+    main()

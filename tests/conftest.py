@@ -150,3 +150,21 @@ def tagged_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def tagged_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "tagged.jsonl", tagged_rows(48))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64(tmp_path_factory) -> Path:
+    """A tiny Llama wide enough for bitsandbytes' CPU 4-bit kernels (blocks of 64 inputs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama64")
+    tok = _tokenizer(chat=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

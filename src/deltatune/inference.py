@@ -37,8 +37,9 @@ def load_run(path: str | Path) -> LoadedRun:
     cfg = load_config(run.config, check_paths=False)
     labels = run.read_json("labels.json")["labels"] if (run.path / "labels.json").is_file() else None
     tokenizer = load_tokenizer(run.tokenizer)
-    base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id)
-    model = registry.get(cfg.method.name).load_delta(base, run.delta, cfg.method.options, cfg.task)
+    method = registry.get(cfg.method.name)
+    base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id, **method.load_kwargs(cfg.method.options))
+    model = method.load_delta(base, run.delta, cfg.method.options, cfg.task)
     model.to(PartialState().device).eval()  # the GPU when there is one, as in training
     return LoadedRun(run, cfg, model, tokenizer, labels)
 

@@ -21,10 +21,12 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(model_ref: str | Path, task: str, labels: list[str] | None = None,
-               pad_token_id: int | None = None) -> PreTrainedModel:
-    """The untouched base model with the task's head (fp32, safetensors only, no remote code)."""
+               pad_token_id: int | None = None, **extra) -> PreTrainedModel:
+    """The untouched base model with the task's head (fp32, safetensors only, no remote code).
+
+    ``extra`` comes from the method (e.g. QLoRA's quantization_config)."""
     path = resolve_model(str(model_ref))
-    kwargs = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    kwargs = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=False, **extra)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     try:
@@ -84,6 +86,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        quant = getattr(p, "quant_state", None)  # a 4-bit weight stores two values per byte
+        n = quant.shape.numel() if quant is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total

@@ -32,6 +32,10 @@ class Method:
     summary: str = ""
     Options: type = NoOptions
 
+    def load_kwargs(self, options) -> dict:
+        """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
+        return {}
+
     def apply(self, model: nn.Module, options, task: str) -> nn.Module:
         """Freeze or wrap ``model`` so that exactly the delta is trainable."""
         raise NotImplementedError

@@ -34,9 +34,12 @@ def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -
             rows.append({**row, "error": f"does not support {task}"})
             continue
         try:
+            options = method.Options()
+            extra = method.load_kwargs(options)  # e.g. QLoRA needs its own quantized copy
+            own = load_model(path, task, labels, base.config.pad_token_id, **extra) if extra else copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = method.apply(copy.deepcopy(base), method.Options(), task)
+                model = method.apply(own, options, task)
         except DeltatuneError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue

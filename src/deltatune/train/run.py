@@ -47,8 +47,9 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     eval_path = str(resolve_data(cfg.data.eval)) if cfg.data.eval else None
     data = prepare(cfg, tokenizer, str(resolve_data(cfg.data.train)), eval_path)
     set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id)
     method = registry.get(cfg.method.name)
+    model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id,
+                       **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, cfg.task)
     job = Job(model=model, method=method, options=cfg.method.options, task=cfg.task,
               train_examples=method.prepare_examples(model, data.train.examples),

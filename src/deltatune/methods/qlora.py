@@ -1,0 +1,130 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on a base whose linear weights are stored in 4 bits (NF4).
+
+The frozen base is quantized by bitsandbytes as it loads (``W`` -> 4-bit codes + per-block
+scales); each forward dequantizes block by block, so the frozen weights take about a quarter
+of the memory. The trained delta is an ordinary LoRA adapter in peft's format.
+
+``merge`` first dequantizes every 4-bit weight to fp32 exactly (``dequantize_4bit``), then folds
+``(alpha / r) B A`` in, in fp32. (Merging into the 4-bit weights would re-quantize the sum and
+lose most of the update's precision.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import doc
+from .lora import Lora, LoraOptions
+from .registry import register
+
+# Heads stay in full precision: they are new (classification) or tied to the embeddings (LM).
+KEEP_FULL_PRECISION = ["classifier", "score", "lm_head"]
+
+
+@dataclass
+class QLoraOptions(LoraOptions):
+    quant_type: str = doc("nf4", "4-bit data type of the frozen base: nf4 (normal float) or fp4.")
+    double_quant: bool = doc(True, "Also quantize the per-block scales (saves ~0.4 bit per weight).")
+
+    def problems(self) -> list[str]:
+        bad = [] if self.quant_type in ("nf4", "fp4") else [f"quant_type: use nf4 or fp4, got {self.quant_type!r}"]
+        return super().problems() + bad
+
+
+@register
+class QLora(Lora):
+    name = "qlora"
+    can_merge = True
+    summary = "LoRA on a 4-bit NF4 base (bitsandbytes + peft)"
+    Options = QLoraOptions
+
+    def load_kwargs(self, options: QLoraOptions) -> dict:
+        from transformers import BitsAndBytesConfig
+
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant, bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=KEEP_FULL_PRECISION)}
+
+    def apply(self, model: nn.Module, options: QLoraOptions, task: str) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return super().apply(_exact_cpu_path(model), options, task)
+
+    def load_delta(self, model: nn.Module, path, options, task: str) -> nn.Module:
+        return super().load_delta(_exact_cpu_path(model), path, options, task)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        base = model.get_base_model()
+        for name, module in list(base.named_modules()):
+            if isinstance(module, LoraLayer):  # W = dequantize(W_4bit) + (alpha / r) B A, in fp32
+                layer = module.get_base_layer()
+                weight = _dequantized(layer)
+                for adapter in module.active_adapters:
+                    weight = weight + module.get_delta_weight(adapter).float()
+                _replace(base, name, _linear(weight, layer.bias))
+            elif isinstance(module, ModulesToSaveWrapper):  # the trained copy of a head
+                _replace(base, name, module.modules_to_save[module.active_adapter])
+        dequantize_4bit_layers(base)
+        return base
+
+
+def _exact_cpu_path(model: nn.Module) -> nn.Module:
+    """On AVX512-BF16 CPUs bitsandbytes switches eval-mode 4-bit layers to a packed bf16 kernel, so
+    evaluation would compute differently from training (and from the merged fp32 model). Keep the
+    exact dequantize-then-fp32 path everywhere."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        data, state = layer.weight.data, layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # undo bitsandbytes' CPU inference layout
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+        return dequantize_4bit(data, state).float()
+    return layer.weight.detach().float()
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias.float())
+    return plain
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def dequantize_4bit_layers(model: nn.Module) -> None:
+    """Replace every bitsandbytes ``Linear4bit`` by an fp32 ``nn.Linear`` with identical outputs."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            _replace(model, name, _linear(_dequantized(module), module.bias))
+    if hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config  # the saved model is plain fp32
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+        model.hf_quantizer = None

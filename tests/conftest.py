@@ -56,14 +56,14 @@ def make_tiny_bert(path: Path) -> Path:
     return path
 
 
-def make_tiny_llama(path: Path) -> Path:
+def make_tiny_llama(path: Path, hidden: int = 32) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer(chat=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -77,7 +77,8 @@ def make_tiny_t5(path: Path) -> Path:
 
     tok = _tokenizer(chat=False, append_eos=True)
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    # d_model 64: bitsandbytes' CPU 4-bit kernels (QLoRA) need input widths in blocks of 64.
+    cfg = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                    decoder_start_token_id=tok.pad_token_id)
     T5ForConditionalGeneration(cfg).save_pretrained(path)
@@ -155,16 +156,4 @@ def tagged_jsonl(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama64(tmp_path_factory) -> Path:
     """A tiny Llama wide enough for bitsandbytes' CPU 4-bit kernels (blocks of 64 inputs)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama64")
-    tok = _tokenizer(chat=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama64"), hidden=64)

@@ -121,7 +121,14 @@ def test_methods_sizes_on_a_model(tiny_bert, tiny_llama, capsys):
     hidden, layers, labels = 32, 2, 2
     assert rows["lora"]["trainable_params"] == layers * 2 * 8 * (hidden + hidden) + hidden * labels + labels
     assert rows["feature_extraction"]["trainable_params"] == hidden * labels + labels
-    assert 0 < rows["ia3"]["trainable_params"] < rows["lora"]["trainable_params"]
+    head, ffn, virtual = hidden * labels + labels, 2 * hidden, 20  # the tiny BERT's feed-forward is 64 wide
+    # IA3 on BERT (peft's defaults): vectors on key and value outputs, and on the inputs of both
+    # output.dense layers (attention output: hidden wide; feed-forward output: ffn wide).
+    assert rows["ia3"]["trainable_params"] == layers * (hidden + hidden + hidden + ffn) + head
+    assert rows["prompt"]["trainable_params"] == virtual * hidden + head  # one embedding per virtual token
+    assert rows["prefix"]["trainable_params"] == virtual * layers * 2 * hidden + head  # a key and a value each
+    mlp = (hidden * 128 + 128) + (128 * 128 + 128) + (128 * hidden + hidden)  # P-tuning's encoder
+    assert rows["ptuning"]["trainable_params"] == virtual * hidden + mlp + head
 
     assert main(["methods", "--model", str(tiny_llama), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}

@@ -31,6 +31,7 @@ def expected_trainable(method: str, name: str) -> bool:
                    or name == "model.norm.weight"),
         "bitfit": name.endswith("bias") or name.startswith("classifier."),
         "lora": "lora_" in name or "modules_to_save" in name,
+        "qlora": "lora_" in name or "modules_to_save" in name,
         "feature_extraction": name.startswith("head."),
         "houlsby": (".adapter." in name or "norm" in name.lower() or "layer_norm" in name
                     or name.startswith(("classifier.", "score."))),
@@ -53,6 +54,8 @@ CASES += [("bert", "token_classification", m, lr) for m, lr in
            *SOFT_PROMPTS]]
 CASES += [("t5", "seq2seq", m, lr) for m, lr in
           [("full", 3e-3), ("freeze", 3e-3), ("lora", 1e-2), ("houlsby", 1e-2), ("ia3", 5e-2), *SOFT_PROMPTS]]
+CASES += [("llama64", "causal_lm", "qlora", 1e-2), ("llama64", "classification", "qlora", 5e-3),
+          ("t5", "seq2seq", "qlora", 1e-2)]
 DATA = {"classification": "cls_csv", "causal_lm": "qa_jsonl", "token_classification": "tagged_jsonl",
         "seq2seq": "qa_jsonl"}
 
@@ -86,7 +89,8 @@ def test_method_trains_exactly_its_delta_and_reloads(model_kind, task, method, l
     # Save the delta, load it into a fresh base, and get bit-identical outputs.
     impl = registry.get(method)
     impl.save_delta(model, tmp_path / "delta", cfg.method.options)
-    fresh = load_model(model_path, task, prepared.labels, tokenizer.pad_token_id)
+    fresh = load_model(model_path, task, prepared.labels, tokenizer.pad_token_id,
+                       **impl.load_kwargs(cfg.method.options))
     reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, task)
     batch = collate(job.eval_examples[:8], job.pad_id)
     model.eval()

@@ -40,7 +40,7 @@ class PreparedData:
 def load_rows(cfg: Config, path: str) -> tuple[list[dict], str]:
     """Load a file and check every row for the task; returns (rows, mode)."""
     rows = load_table(path)
-    mode = _mode(cfg, rows, path)
+    mode = _mode(cfg, rows)
     _check_rows(cfg, rows, path, mode)
     return rows, mode
 
@@ -64,19 +64,13 @@ def read_splits(cfg: Config, train_path: str, eval_path: str | None) -> tuple[li
     return train_rows, eval_rows, mode
 
 
-def _mode(cfg: Config, rows: list[dict], path: str) -> str:
+def _mode(cfg: Config, rows: list[dict]) -> str:
+    """How rows become examples. A causal LM trains SFT when the file has prompt/response columns."""
+    fixed = {"classification": "classification", "token_classification": "tokens", "seq2seq": "seq2seq"}
+    if cfg.task in fixed:
+        return fixed[cfg.task]
     d = cfg.data
-    if cfg.task in ("token_classification", "seq2seq"):
-        return {"token_classification": "tokens", "seq2seq": "seq2seq"}[cfg.task]
-    if cfg.task == "classification":
-        require_columns(rows, path, [(d.text_column, "data.text_column"), (d.label_column, "data.label_column")])
-        return "classification"
-    if d.prompt_column in rows[0] or d.response_column in rows[0]:
-        require_columns(rows, path, [(d.prompt_column, "data.prompt_column"),
-                                     (d.response_column, "data.response_column")])
-        return "sft"
-    require_columns(rows, path, [(d.text_column, "data.text_column")])
-    return "text"
+    return "sft" if d.prompt_column in rows[0] or d.response_column in rows[0] else "text"
 
 
 def _check_rows(cfg: Config, rows: list[dict], path: str, mode: str) -> None:

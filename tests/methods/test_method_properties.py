@@ -140,3 +140,17 @@ def test_method_variants_train_and_reload(method, options, tiny_bert, cls_csv, t
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning", "lora", "ia3", "houlsby"])
+def test_baseline_is_the_untouched_base_model(method, tiny_llama, qa_jsonl, tmp_path):
+    """Soft prompts change outputs from the start; the baseline must still be the base model's."""
+    from deltatune.train.run import train
+
+    reference = train(config(tiny_llama, "causal_lm", "full", qa_jsonl, tmp_path / "full", "train.max_steps=1"))
+    run = train(config(tiny_llama, "causal_lm", method, qa_jsonl, tmp_path / method, "train.max_steps=1"))
+    import json
+
+    base = json.loads((reference.path / "baseline.json").read_text())
+    ours = json.loads((run.path / "baseline.json").read_text())
+    assert ours["loss"] == pytest.approx(base["loss"], abs=1e-6)

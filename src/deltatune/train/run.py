@@ -91,8 +91,9 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
 def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks) -> RunDir:
     try:
         if not resume:
-            baseline = evaluate(job.model, job.eval_examples, job.task, job.train.eval_batch_size,
-                                job.pad_id, job.labels)
+            with job.method.untouched(job.model):  # the base model, before any delta
+                baseline = evaluate(job.model, job.eval_examples, job.task, job.train.eval_batch_size,
+                                    job.pad_id, job.labels)
             run.write_json("baseline.json", baseline)
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
         _finish(job, run, best, state)

@@ -143,12 +143,14 @@ def test_method_variants_train_and_reload(method, options, tiny_bert, cls_csv, t
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning", "lora", "ia3", "houlsby"])
-def test_baseline_is_the_untouched_base_model(method, tiny_llama, qa_jsonl, tmp_path):
+@pytest.mark.parametrize("kind,task,data", [("llama", "causal_lm", "qa_jsonl"), ("bert", "classification", "cls_csv")])
+def test_baseline_is_the_untouched_base_model(method, kind, task, data, request, tmp_path):
     """Soft prompts change outputs from the start; the baseline must still be the base model's."""
     from deltatune.train.run import train
 
-    reference = train(config(tiny_llama, "causal_lm", "full", qa_jsonl, tmp_path / "full", "train.max_steps=1"))
-    run = train(config(tiny_llama, "causal_lm", method, qa_jsonl, tmp_path / method, "train.max_steps=1"))
+    model, data = request.getfixturevalue(f"tiny_{kind}"), request.getfixturevalue(data)
+    reference = train(config(model, task, "full", data, tmp_path / "full", "train.max_steps=1"))
+    run = train(config(model, task, method, data, tmp_path / method, "train.max_steps=1"))
     import json
 
     base = json.loads((reference.path / "baseline.json").read_text())

@@ -8,7 +8,6 @@ algebra allows, folds them into the base weights (``merge``) so serving costs no
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,12 +71,12 @@ class Method:
         """Return a plain model whose weights include the delta."""
         raise CannotMerge(f"{self.name} cannot be merged into the base weights")
 
-    def untouched(self, model: nn.Module):
-        """A context in which ``model`` computes what the base computes (for the baseline metrics).
+    def untouched(self, model: nn.Module) -> nn.Module:
+        """A module that computes what the base model computes, for the baseline metrics.
 
-        Most methods are the identity at initialisation; soft prompts are not, so peft methods
-        switch their adapters off here."""
-        return nullcontext()
+        Most methods are the identity at initialisation, so this is ``model`` itself; soft
+        prompts are not, and override it."""
+        return model
 
     def prepare_examples(self, model: nn.Module, examples: list[dict]) -> list[dict]:
         """A hook for methods that precompute something per example (feature extraction)."""

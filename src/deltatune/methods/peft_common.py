@@ -36,9 +36,6 @@ class PeftMethod(Method):
             warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
             return get_peft_model(model, self.peft_config(options, task, model))
 
-    def untouched(self, model: nn.Module):
-        return model.disable_adapter()
-
     def save_delta(self, model: nn.Module, path: Path, options) -> None:
         model.save_pretrained(path, safe_serialization=True)
 

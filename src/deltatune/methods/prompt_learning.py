@@ -25,6 +25,15 @@ WHY = ("the trained virtual tokens are inputs, not weight changes, so there is n
        "the base; serve the run directory (base + delta), or train lora or ia3 for a merged model")
 
 
+class SoftPromptMethod(PeftMethod):
+    why_no_merge = WHY
+
+    def untouched(self, model: nn.Module) -> nn.Module:
+        # The virtual tokens live outside the wrapped model: it alone is the base. (peft's
+        # disable_adapter() fails for prompt learning on models that do not generate, e.g. BERT.)
+        return model.get_base_model()
+
+
 def _tokens_problem(n: int) -> list[str]:
     return [] if n >= 1 else [f"num_virtual_tokens: must be at least 1, got {n}"]
 
@@ -60,11 +69,10 @@ class PTuningOptions:
 
 
 @register
-class Prefix(PeftMethod):
+class Prefix(SoftPromptMethod):
     name = "prefix"
     summary = "trained key/value prefixes in every layer (peft)"
     Options = PrefixOptions
-    why_no_merge = WHY
 
     def peft_config(self, options: PrefixOptions, task: str, model: nn.Module) -> PrefixTuningConfig:
         return PrefixTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
@@ -74,11 +82,10 @@ class Prefix(PeftMethod):
 
 
 @register
-class Prompt(PeftMethod):
+class Prompt(SoftPromptMethod):
     name = "prompt"
     summary = "trained input embeddings prepended to the text (peft)"
     Options = PromptOptions
-    why_no_merge = WHY
 
     def peft_config(self, options: PromptOptions, task: str, model: nn.Module) -> PromptTuningConfig:
         text = options.init_text
@@ -90,11 +97,10 @@ class Prompt(PeftMethod):
 
 
 @register
-class PTuning(PeftMethod):
+class PTuning(SoftPromptMethod):
     name = "ptuning"
     summary = "virtual tokens from an MLP/LSTM prompt encoder (peft)"
     Options = PTuningOptions
-    why_no_merge = WHY
 
     def peft_config(self, options: PTuningOptions, task: str, model: nn.Module) -> PromptEncoderConfig:
         kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}

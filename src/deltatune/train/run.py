@@ -91,9 +91,8 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
 def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks) -> RunDir:
     try:
         if not resume:
-            with job.method.untouched(job.model):  # the base model, before any delta
-                baseline = evaluate(job.model, job.eval_examples, job.task, job.train.eval_batch_size,
-                                    job.pad_id, job.labels)
+            baseline = evaluate(job.method.untouched(job.model), job.eval_examples, job.task,
+                                job.train.eval_batch_size, job.pad_id, job.labels)
             run.write_json("baseline.json", baseline)
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
         _finish(job, run, best, state)

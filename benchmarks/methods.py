@@ -90,7 +90,29 @@ def render() -> str:
                          f"{100 * r['trainable_params'] / r['total_params']:.3f} | "
                          f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s | {r['peak_rss_mb']:,.0f} MB |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + NOTES)
+
+
+NOTES = """## Reading the numbers
+
+- "before" is the untouched base model on the same evaluation rows (for a classifier: with its new,
+  untrained head; feature_extraction's head reads mean-pooled features, hence its own starting point).
+- The budget is deliberately small (64 steps for MiniLM, 40 for SmolLM2) so every method runs here;
+  the ranking can change with longer training, and learning rates are each config's, not tuned.
+- Soft prompts (prefix, prompt, ptuning) learn slowly at this budget, as their papers lead one to
+  expect for small models. Prefix tuning on SmolLM2 starts from random key/value prefixes in every
+  layer, which break the model (perplexity about 33,600 with the fresh prefix, before any training);
+  40 steps bring it to 186, still far worse than the base. Try `method.projection=true`, more steps
+  or a lower learning rate before using it on a decoder.
+- The MiniLM rows were measured in one uninterrupted run on an idle machine. There LoRA (r=8 on
+  query, key, value and every dense layer) trains slower than full fine-tuning: on a 22.7M-parameter
+  encoder the extra small matmuls and LoRA dropout cost more than the weight gradients they save.
+  Parameter-efficient methods win on delta size and memory here, not on CPU time.
+- SmolLM2 rows were measured while other work shared the two cores at times (full, freeze and
+  ptuning especially), so their train times are only indicative; compare quality and size columns
+  freely, times with care. Peak RSS on SmolLM2 is dominated by fp32 logits over its 49,152-word
+  vocabulary (planned work: chunked loss, bf16).
+""".splitlines()
 
 
 def main() -> None:

@@ -91,3 +91,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the dotted ``name`` points inside ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

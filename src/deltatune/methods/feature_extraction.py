@@ -42,6 +42,18 @@ class FeatureClassifier(nn.Module):
         self.pooling = pooling
         self.config = config
         self.head = nn.Linear(config.hidden_size, num_labels)
+        self._cache_key: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """Identifies the features: the frozen backbone's weights and the pooling (hashed once)."""
+        if self._cache_key is None:
+            h = hashlib.sha256(self.pooling.encode())
+            for name, param in self.backbone.state_dict().items():
+                h.update(name.encode())
+                h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._cache_key = h.hexdigest()[:16]
+        return self._cache_key
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,22 +94,13 @@ class FeatureExtraction(Method):
                 for f, e in zip(features, examples)]
 
 
-def _model_key(model: FeatureClassifier) -> str:
-    """The backbone's weights and the pooling define the features (labels and head do not)."""
-    h = hashlib.sha256(model.pooling.encode())
-    for name, param in model.backbone.state_dict().items():
-        h.update(name.encode())
-        h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def cached_features(model: FeatureClassifier, ids: list[list[int]]) -> torch.Tensor:
     """Pooled vectors for token-id lists; each example is encoded once per model, ever.
 
     The cache holds shards per model; each shard maps example keys (a hash of the token ids)
     to rows, so any later run (another split, another task on the same texts) reuses them.
     """
-    folder = cache_dir() / "features" / _model_key(model)
+    folder = cache_dir() / "features" / model.cache_key
     known = _read_shards(folder)
     keys = [hashlib.sha1(json.dumps(x).encode()).hexdigest() for x in ids]
     missing = list(dict.fromkeys(k for k in keys if k not in known))

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import doc
 from ..errors import CannotMerge, DeltatuneError
-from ..models import head_parameter_names
+from ..models import head_parameter_names, replace_module
 from .base import Method, set_trainable
 from .registry import register
 
@@ -109,12 +109,10 @@ class Houlsby(Method):
     def apply(self, model: nn.Module, options: AdapterOptions, task: str) -> nn.Module:
         head = set(head_parameter_names(model))
         for name in adapter_sites(model, options.placement):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
+            base = model.get_submodule(name)
             width = options.bottleneck or max(1, base.out_features // options.reduction_factor)
             adapter = Adapter(base.out_features, width, options.non_linearity).to(base.weight.device)
-            setattr(parent, child, WithAdapter(base, adapter))
+            replace_module(model, name, WithAdapter(base, adapter))
         norms = {f"{n}." for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
 
         def trains(name: str) -> bool:

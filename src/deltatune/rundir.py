@@ -28,7 +28,10 @@ class RunDir:
     log = property(lambda self: self.path / "log.jsonl")
 
     def write_json(self, name: str, data: dict) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(self.path / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def write_jsonl(self, name: str, records: list[dict]) -> None:
+        atomic_write_text(self.path / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def read_json(self, name: str) -> dict:
         file = self.path / name

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deltatune.data.examples import IGNORE, encode_sft, prompt_text, split_rows, take
+from deltatune.data.examples import IGNORE, encode_sft, prompt_text
+from deltatune.data.split import split_rows, take
 from deltatune.data.load import load_table
 from deltatune.models import load_tokenizer
 from tests.conftest import qa_rows, sentiment_rows, write_csv, write_jsonl
@@ -24,7 +25,7 @@ def test_every_format_loads_with_source_row_numbers(tmp_path):
     for suffix in ("jsonl", "json", "parquet"):
         loaded = load_table(tmp_path / f"a.{suffix}")
         assert [r["_row"] for r in loaded] == [1, 2, 3, 4]
-        assert [{k: v for k, v in r.items() if k != "_row"} for r in loaded] == rows
+        assert [{k: v for k, v in r.items() if k not in ("_row", "_file")} for r in loaded] == rows
 
 
 def test_split_is_stratified_seeded_and_disjoint():

@@ -26,5 +26,19 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             targets[row, : len(e["labels"])] = torch.tensor(e["labels"])
     else:
         targets = torch.tensor([e["label"] for e in examples])
-    return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
-            "tokens": int(mask.sum())}
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if "position_ids" in examples[0]:  # packed rows (data/pack.py)
+        # transformers builds the block-diagonal mask only when attention_mask is None. Right padding
+        # needs no mask anyway: under a causal mask no real token attends to a later position.
+        inputs = {"input_ids": input_ids, "position_ids": packed_positions(examples, width)}
+    return {"inputs": inputs, "targets": targets, "tokens": int(mask.sum())}
+
+
+def packed_positions(examples: list[dict], width: int) -> torch.Tensor:
+    """The rows' position ids; the padding after a row restarts at 0, so it is a segment of its own."""
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["position_ids"])
+        positions[row, :n] = torch.tensor(e["position_ids"])
+        positions[row, n:] = torch.arange(width - n)
+    return positions

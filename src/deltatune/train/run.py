@@ -26,6 +26,7 @@ from ..errors import ConfigError, RunError
 from ..eval.evaluate import evaluate
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
+from ..registry_db import Recording
 from ..rundir import RunDir, new_run_dir
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
@@ -63,12 +64,14 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     return job, data, tokenizer
 
 
-def train(cfg: Config, callbacks: tuple[Callback, ...] = ()) -> RunDir:
+def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train", parent: str | None = None) -> RunDir:
+    """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
     run = new_run_dir(cfg.output_dir, cfg.run_name)
     job.run = run
     run.set_status("running")
+    record = Recording(run.path, cfg, kind, parent)  # the run registry; a registry error only warns
     run.config.write_text(dump_yaml(cfg), encoding="utf-8")
     tokenizer.save_pretrained(run.tokenizer)
     if data.labels:
@@ -81,7 +84,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if data.rejects:
         run.write_jsonl("rejects.jsonl", data.rejects)
     run.write_json("env.json", _versions())
-    return _execute(job, data, run, resume=False, callbacks=callbacks)
+    return _execute(job, data, run, resume=False, callbacks=callbacks, record=record)
 
 
 def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
@@ -94,10 +97,10 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
                        "resuming would mix two data sets. Start a new run instead")
     run.set_status("running")
-    return _execute(job, data, run, resume=True, callbacks=callbacks)
+    return _execute(job, data, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg))
 
 
-def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks) -> RunDir:
+def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording) -> RunDir:
     try:
         if not resume:
             baseline = evaluate(job.method.untouched(job.model), job.eval_examples, job.task,
@@ -107,10 +110,14 @@ def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks)
         _finish(job, run, best, state)
     except KeyboardInterrupt:
         run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
+        record.end("interrupted")
         raise
     except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        run.set_status("failed", error=error)
+        record.end("failed", error=error)
         raise
+    record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
     return run
 
 

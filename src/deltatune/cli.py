@@ -21,6 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
 
+    tu = sub.add_parser("tune", help="an Optuna study over training and method settings; writes the best config")
+    tu.add_argument("config", nargs="?", help="YAML config file (the base every trial starts from)")
+    tu.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
+    tu.add_argument("--trials", type=int, default=20, help="finished trials to reach (a resumed study counts old ones)")
+    tu.add_argument("--space", help="YAML search space (default: lr, weight decay, warm-up, the method's own options)")
+    tu.add_argument("--storage", help="Optuna storage URL (default: sqlite in the study folder)")
+    tu.add_argument("--workers", type=int, default=1, help="processes working on the study at once")
+    tu.add_argument("--objectives", help="comma-separated metrics, e.g. macro_f1,trainable_params (Pareto front)")
+    tu.add_argument("--name", help="study name (default tune-<run name>); the folder is output_dir or runs/<name>")
+
     v = sub.add_parser("validate", help="check a config without training")
     v.add_argument("config", nargs="?")
     v.add_argument("overrides", nargs="*")
@@ -124,6 +134,21 @@ def cmd_train(args) -> int:
 
     summary_table(metrics, run.path)
     print(run.path)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .config import load_config
+    from .hpo import default_study, parse_objectives, print_summary, read_space, run_study
+
+    path, overrides = _config_args(args)
+    cfg = load_config(path, overrides)
+    if args.trials < 1 or args.workers < 1:
+        from .errors import ConfigError
+        raise ConfigError(["--trials and --workers must be at least 1"])
+    study = default_study(cfg, args.name, args.storage, args.trials, parse_objectives(args.objectives, cfg.task))
+    overrides = [o for o in overrides if not o.startswith("output_dir=")]
+    print_summary(run_study(study, path, overrides, read_space(args.space), args.workers))
     return 0
 
 
@@ -383,7 +408,7 @@ def _compare_table(runs: list[dict]):
     return table
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
             "runs": cmd_runs}
 

@@ -123,7 +123,7 @@ def objective_for(study: Study, base: str | None, overrides: list[str], space: d
         trial.set_user_attr("run_dir", str(out))
         callbacks = (_pruning_callback(trial),) if len(study.objectives) == 1 else ()
         try:
-            run = train(cfg, callbacks=callbacks)
+            run = train(cfg, callbacks=callbacks, kind="trial")
         except optuna.TrialPruned:
             raise
         metrics = run.read_json("metrics.json")
@@ -233,7 +233,7 @@ def summarize(study: Study, base: str | None, overrides: list[str]) -> dict:
 
 def default_study(cfg: Config, name: str | None, storage: str | None, trials: int, objectives) -> Study:
     study_name = name or f"tune-{cfg.run_name}"
-    folder = Path("runs") / study_name
+    folder = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / study_name
     return Study(study_name, folder, storage or f"sqlite:///{(folder / 'study.db').resolve()}", objectives, trials)
 
 

@@ -105,3 +105,20 @@ def test_suggest_and_space_errors(tmp_path):
         read_space(str(bad))
     with pytest.raises(ConfigError, match="unknown metric 'acc'"):
         parse_objectives("acc", "classification")
+
+
+def test_cli_tune_records_trials_and_writes_best_yaml(tiny_bert, cls_csv, tmp_path, capsys):
+    from deltatune import registry_db
+    from deltatune.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": [1e-3, 3e-3], "lora.r": [2, 4]}))
+    out = tmp_path / "study"
+    assert main(["tune", *_base(tiny_bert, cls_csv), f"output_dir={out}", "--trials", "2",
+                 "--space", str(space)]) == 0
+    summary = yaml.safe_load(capsys.readouterr().out)
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 2
+    assert load_config(out / "best.yaml").method.name == "lora"
+    trials = registry_db.list_runs(kind="trial")
+    assert len(trials) == 2 and all(str(out) in t["path"] for t in trials)
+    assert main(["tune", *_base(tiny_bert, cls_csv), "--trials", "0"]) == 2

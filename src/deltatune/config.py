@@ -129,6 +129,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    forgetting: bool = doc(True, "Causal LM: perplexity on general English text (OANC sentences) before and after "
+                                 "tuning, to see catastrophic forgetting.")
+    forgetting_rows: int = doc(200, "Sentences of general text the forgetting meter scores.")
+    icl_shots: list[int] = doc([], "Classification with a decoder base model: zero/k-shot in-context baselines "
+                                   "scored next to the tuned model, e.g. [0, 4].")
+    icl_limit: int = doc(200, "Evaluation rows the in-context baselines score (each costs one forward per label).")
+
+
+@dataclass
 class MethodConfig:
     name: str = doc("lora", "Adaptation method (see `deltatune methods`).")
     options: Any = None  # the method's own Options dataclass, filled in by load_config
@@ -143,6 +153,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_name(self) -> str:
@@ -351,6 +362,11 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
     problems += [f"{k}: must be 0 or more, got {v}" for k, v in non_negative.items() if v < 0]
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    e = cfg.eval
+    if e.forgetting_rows < 1 or e.icl_limit < 1 or any(k < 0 for k in e.icl_shots):
+        problems.append("eval: forgetting_rows and icl_limit must be at least 1, icl_shots 0 or more")
+    if e.icl_shots and cfg.task != "classification":
+        problems.append(f"eval.icl_shots: in-context baselines are for classification, not {cfg.task!r}")
     if cfg.data.pack and cfg.task != "causal_lm":
         problems.append(f"data.pack: packing is for causal-LM training; task {cfg.task!r} does not use it")
     if cfg.method.options is not None and hasattr(cfg.method.options, "problems"):

@@ -83,3 +83,22 @@ def test_general_text_perplexity_equals_token_by_token(llama):
 def test_detokenize():
     assert detokenize(["I", "do", "n't", "know", ",", "she", "said", "(", "twice", ")", "."]) == \
         "I don't know, she said (twice)."
+
+
+def test_runs_report_forgetting_and_prompting(tiny_llama, qa_jsonl, cls_csv, tmp_path):
+    import json
+
+    from deltatune.train.run import train
+    from tests.helpers import config
+
+    run = train(config(tiny_llama, "causal_lm", "lora", qa_jsonl, tmp_path / "lm", "eval.forgetting_rows=20",
+                       "train.max_steps=2"))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    f = metrics["forgetting"]
+    assert f["rows"] == 20 and f["ratio"] == pytest.approx(f["perplexity_after"] / f["perplexity_before"])
+    assert metrics["baseline"]["general_text"]["perplexity"] == pytest.approx(f["perplexity_before"])
+    run = train(config(tiny_llama, "classification", "lora", cls_csv, tmp_path / "cls", "eval.icl_shots=[0, 2]",
+                       "eval.icl_limit=5", "train.max_steps=1"))
+    prompting = json.loads((run.path / "metrics.json").read_text())["prompting"]
+    assert prompting["rows"] == 5 and [r["shots"] for r in prompting["results"]] == [0, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and len(r["confusion_matrix"]) == 2 for r in prompting["results"])

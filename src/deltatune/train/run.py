@@ -24,6 +24,7 @@ from ..data import PreparedData, prepare
 from ..data.report import render_html
 from ..errors import ConfigError, RunError
 from ..eval.evaluate import evaluate
+from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
 from ..registry_db import Recording
@@ -68,6 +69,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
+    extras = build_extras(cfg, tokenizer)
     run = new_run_dir(cfg.output_dir, cfg.run_name)
     job.run = run
     run.set_status("running")
@@ -84,7 +86,10 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     if data.rejects:
         run.write_jsonl("rejects.jsonl", data.rejects)
     run.write_json("env.json", _versions())
-    return _execute(job, data, run, resume=False, callbacks=callbacks, record=record)
+    if data.labels and cfg.task == "classification" and cfg.eval.icl_shots:
+        extras.prompting = lambda: prompting_baselines(cfg, resolve_model(cfg.model), tokenizer, data.train.rows,
+                                                       data.eval.rows, data.labels)
+    return _execute(job, data, run, resume=False, callbacks=callbacks, record=record, extras=extras)
 
 
 def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
@@ -92,22 +97,30 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if run.status() == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
     cfg = load_config(run.config)
-    job, data, _ = build_job(cfg, run)
+    job, data, tokenizer = build_job(cfg, run)
+    extras = build_extras(cfg, tokenizer)
+    extras.before = run.read_json("baseline.json").get("general_text")
     if run.read_json("data.json")["fingerprint"] != data.fingerprint:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
                        "resuming would mix two data sets. Start a new run instead")
     run.set_status("running")
-    return _execute(job, data, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg))
+    return _execute(job, data, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg),
+                    extras=extras)
 
 
-def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording) -> RunDir:
+def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording,
+             extras: Extras) -> RunDir:
+    batch, pad = job.train.eval_batch_size, job.pad_id
     try:
         if not resume:
-            baseline = evaluate(job.method.untouched(job.model), job.eval_examples, job.task,
-                                job.train.eval_batch_size, job.pad_id, job.labels)
-            run.write_json("baseline.json", baseline)
+            base = job.method.untouched(job.model)
+            baseline = evaluate(base, job.eval_examples, job.task, batch, pad, job.labels)
+            extras.measure_before(base, batch, pad)
+            if extras.prompting:
+                run.write_json("prompting.json", extras.prompting())
+            run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
-        _finish(job, run, best, state)
+        _finish(job, run, best, state, extras.report(job.model, batch, pad))
     except KeyboardInterrupt:
         run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
         record.end("interrupted")
@@ -121,7 +134,7 @@ def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks,
     return run
 
 
-def _finish(job: Job, run: RunDir, best: dict, state: LoopState) -> None:
+def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) -> None:
     if run.delta.exists():
         shutil.rmtree(run.delta)
     os.replace(run.best, run.delta)
@@ -136,6 +149,8 @@ def _finish(job: Job, run: RunDir, best: dict, state: LoopState) -> None:
         "steps": state.step,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_fingerprint": run.read_json("data.json")["fingerprint"],
+        **extra,
+        **(run.read_json("prompting.json") if (run.path / "prompting.json").is_file() else {}),
     })
     shutil.rmtree(run.checkpoint, ignore_errors=True)
     (run.path / "best_metrics.json").unlink(missing_ok=True)

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--objectives", help="comma-separated metrics, e.g. macro_f1,trainable_params (Pareto front)")
     tu.add_argument("--name", help="study name (default tune-<run name>); the folder is output_dir or runs/<name>")
 
+    c = sub.add_parser("compare", help="train several methods on the same data and budget; one HTML report")
+    c.add_argument("config", nargs="?", help="YAML config file (the base every method starts from)")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
+    c.add_argument("--methods", required=True, help="comma-separated, e.g. lora,ia3,bitfit,houlsby")
+    c.add_argument("--out", help="folder for the runs and report.html (default runs/compare-<run name>)")
+
     v = sub.add_parser("validate", help="check a config without training")
     v.add_argument("config", nargs="?")
     v.add_argument("overrides", nargs="*")
@@ -149,6 +155,18 @@ def cmd_tune(args) -> int:
     study = default_study(cfg, args.name, args.storage, args.trials, parse_objectives(args.objectives, cfg.task))
     overrides = [o for o in overrides if not o.startswith("output_dir=")]
     print_summary(run_study(study, path, overrides, read_space(args.space), args.workers))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+    from .config import load_config
+
+    path, overrides = _config_args(args)
+    cfg = load_config(path, overrides)  # a bad base fails here, before anything trains
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    folder = Path(args.out or Path("runs") / f"compare-{cfg.run_name}")
+    print(run_compare(path, [o for o in overrides if not o.startswith("output_dir=")], methods, folder))
     return 0
 
 
@@ -408,7 +426,7 @@ def _compare_table(runs: list[dict]):
     return table
 
 
-COMMANDS = {"train": cmd_train, "tune": cmd_tune, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
             "runs": cmd_runs}
 

@@ -1,0 +1,52 @@
+"""`deltatune compare`: every method trains, the report is valid HTML with its plots embedded."""
+
+import json
+from html.parser import HTMLParser
+
+from deltatune import registry_db
+from deltatune.cli import main
+from deltatune.compare import pareto
+
+
+class _Page(HTMLParser):
+    VOID = {"meta", "br", "img"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.counts, self.external = [], {}, []
+
+    def handle_starttag(self, tag, attrs):
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+        self.external += [v for k, v in attrs if k in ("src", "href")]
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack.pop() == tag, f"</{tag}> closes nothing open"
+
+
+def test_compare_report(tiny_bert, cls_csv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", f"model={tiny_bert}", f"data.train={cls_csv}", "train.batch_size=8", "train.max_steps=4",
+                 "--methods", "lora,bitfit,houlsby,nosuch", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "bitfit", "houlsby", "nosuch"]
+    assert "unknown method 'nosuch'" in results[3]["error"]
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert page.stack == [] and not page.external  # well-formed and self-contained
+    assert page.counts["svg"] == 2 and page.counts["circle"] == 3 and page.counts["polyline"] >= 3
+    assert page.counts["table"] == 1 + 3  # the results and one confusion matrix per finished method
+    recorded = registry_db.list_runs(kind="compare")
+    assert sorted(r["method"] for r in recorded) == ["bitfit", "houlsby", "lora"]
+
+
+def test_pareto_front():
+    # (params, accuracy): c is dominated by a (fewer params, better); d ties b on both -> both stay
+    points = [(10, 0.8), (100, 0.9), (50, 0.7), (100, 0.9), (1000, 0.95)]
+    assert pareto(points, higher_better=True) == [0, 1, 3, 4]
+    assert pareto([(10, 5.0), (20, 4.0), (30, 6.0)], higher_better=False) == [0, 1]

@@ -14,9 +14,9 @@ there with its file, row and reason and skipped. A file that cannot be read at a
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError
 
@@ -25,14 +25,14 @@ FILE = "_file"
 
 
 class _Rows:
-    """Collects good rows; routes malformed ones to ``rejects`` (skip) or raises (fail)."""
+    """Stamps good rows with their source; routes malformed ones to ``rejects`` (skip) or raises (fail)."""
 
     def __init__(self, path: Path, rejects: list[dict] | None):
-        self.path, self.rejects, self.rows = path, rejects, []
+        self.path, self.rejects = path, rejects
 
-    def add(self, row: dict, number: int) -> None:
+    def make(self, row: dict, number: int) -> dict:
         row[ROW], row[FILE] = number, str(self.path)
-        self.rows.append(row)
+        return row
 
     def bad(self, number: int, reason: str) -> None:
         if self.rejects is None:
@@ -40,10 +40,13 @@ class _Rows:
         self.rejects.append({"file": str(self.path), "row": number, "reason": reason})
 
 
-def load_table(path: str | Path, rejects: list[dict] | None = None) -> list[dict]:
+def iter_table(path: str | Path, rejects: list[dict] | None = None) -> Iterator[dict]:
+    """Rows one at a time. CSV, TSV, JSONL, Parquet and `datasets` folders are read incrementally, so
+    a file larger than memory streams; a JSON array is parsed whole (JSONL is the streaming form)."""
     path = Path(path)
     if path.is_dir():
-        return _read_datasets_folder(path)
+        yield from _read_datasets_folder(path)
+        return
     if not path.is_file():
         raise DataError(f"{path}: file does not exist; check data.train / data.eval in your config")
     suffix = path.suffix.lower()
@@ -51,14 +54,18 @@ def load_table(path: str | Path, rejects: list[dict] | None = None) -> list[dict
                ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(readers)}")
-    out = _Rows(path, rejects)
     try:
-        readers[suffix](path, out)
+        yield from readers[suffix](path, _Rows(path, rejects))
     except RecursionError as exc:  # json nesting thousands deep
         raise DataError(f"{path}: nested too deeply to read; records must be flat objects") from exc
-    if not out.rows and not (rejects and any(r["file"] == str(path) for r in rejects)):
+
+
+def load_table(path: str | Path, rejects: list[dict] | None = None) -> list[dict]:
+    before = len(rejects) if rejects is not None else 0
+    rows = list(iter_table(path, rejects))
+    if not rows and not (rejects and len(rejects) > before):
         raise DataError(f"{path}: the file has no data rows; a data set needs at least one example")
-    return out.rows
+    return rows
 
 
 def _decode(path: Path) -> str:
@@ -66,16 +73,30 @@ def _decode(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r} "
-                        f"at byte {exc.start}); re-save the file as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8)") from exc
+        _not_utf8(path, raw, exc)
 
 
-def _read_csv(path: Path, out: _Rows) -> None:
-    text = _decode(path)
+def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError, first_line: int = 1):
+    line = raw[: exc.start].count(b"\n") + first_line
+    raise DataError(f"{path}: line {line}: bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r} "
+                    f"at byte {exc.start}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from exc
+
+
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """Decoded lines (with their endings), read incrementally; bad bytes are reported by line."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _not_utf8(path, raw, exc, first_line=number)
+
+
+def _read_csv(path: Path, out: _Rows) -> Iterator[dict]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(_utf8_lines(path), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -101,11 +122,11 @@ def _read_csv(path: Path, out: _Rows) -> None:
                     f"({', '.join(header)}); quote fields that contain "
                     f"{'tabs' if delimiter == chr(9) else 'commas'}")
             continue
-        out.add(dict(zip(header, record)), reader.line_num)
+        yield out.make(dict(zip(header, record)), reader.line_num)
 
 
-def _read_jsonl(path: Path, out: _Rows) -> None:
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+def _read_jsonl(path: Path, out: _Rows) -> Iterator[dict]:
+    for number, line in enumerate(_utf8_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -113,10 +134,13 @@ def _read_jsonl(path: Path, out: _Rows) -> None:
         except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
             out.bad(number, f"not valid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object")
             continue
-        _record(out, record, number)
+        if isinstance(record, dict):
+            yield out.make(record, number)
+        else:
+            out.bad(number, f"expected a JSON object with named fields, got {type(record).__name__}")
 
 
-def _read_json(path: Path, out: _Rows) -> None:
+def _read_json(path: Path, out: _Rows) -> Iterator[dict]:
     try:
         data = json.loads(_decode(path))
     except json.JSONDecodeError as exc:
@@ -128,28 +152,28 @@ def _read_json(path: Path, out: _Rows) -> None:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects (or JSONL, one object per line)")
     for number, record in enumerate(data, start=1):
-        _record(out, record, number)
+        if isinstance(record, dict):
+            yield out.make(record, number)
+        else:
+            out.bad(number, f"expected a JSON object with named fields, got {type(record).__name__}")
 
 
-def _record(out: _Rows, record: object, number: int) -> None:
-    if not isinstance(record, dict):
-        out.bad(number, f"expected a JSON object with named fields, got {type(record).__name__}")
-    else:
-        out.add(dict(record), number)
-
-
-def _read_parquet(path: Path, out: _Rows) -> None:
+def _read_parquet(path: Path, out: _Rows) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
+    number = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield out.make(row, number)
+    except DataError:
+        raise
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise DataError(f"{path}: cannot read as Parquet: {exc}") from exc
-    for number, row in enumerate(rows, start=1):
-        out.add(row, number)
 
 
-def _read_datasets_folder(path: Path) -> list[dict]:
+def _read_datasets_folder(path: Path) -> Iterator[dict]:
     """A folder saved with ``Dataset.save_to_disk`` (memory-mapped Arrow, read row by row)."""
     import datasets
 
@@ -164,13 +188,9 @@ def _read_datasets_folder(path: Path) -> list[dict]:
         dataset = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a damaged folder
         raise DataError(f"{path}: cannot read the saved dataset: {exc}") from exc
-    rows = []
     for number, row in enumerate(dataset, start=1):
         row[ROW], row[FILE] = number, str(path)
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: the dataset has no rows; a data set needs at least one example")
-    return rows
+        yield row
 
 
 def require_columns(rows: list[dict], path: str, columns: list[tuple[str, str]]) -> None:

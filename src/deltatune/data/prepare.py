@@ -15,12 +15,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..assets import resolve_data
 from ..config import Config
 from ..errors import DataError
 from . import clean, dedup, split
-from .load import FILE, ROW, load_table, require_columns
+from .load import FILE, ROW, iter_table, require_columns
 from .template import Templates, templates_for
 
 SPLITS = ("train", "eval", "test")
@@ -99,20 +100,29 @@ class RowStage:
             self.redactor = redact
 
     def load(self, path: str) -> list[dict]:
-        before = len(self.ledger.rejects)
-        rows = load_table(path, self.ledger.rejects if self.d.on_error == "skip" else None)
-        self.ledger.rows_in += len(rows) + len(self.ledger.rejects) - before
-        if not rows:
-            return []
-        self.templates.check_columns(rows, path)
-        if self.mode is None:
-            self.mode = mode_for(self.cfg, set(rows[0]) | set(self.templates.compiled))
-        fields = fields_for(self.cfg, self.mode)
-        if self.templates.compiled:
-            rows = [r for r in rows if self._keep(r, self.templates.render(r))]
-        if rows:
-            require_columns(rows, path, [(c, f"data.{_key(self.d, c)}") for c in fields.columns])
-        return [r for r in rows if self._keep(r, self._clean(r, fields))]
+        return list(self.stream(path))
+
+    def stream(self, path: str) -> Iterator[dict]:
+        """The file's usable rows, one at a time (a file larger than memory streams through)."""
+        malformed: list[dict] | None = [] if self.d.on_error == "skip" else None
+        fields = None
+        for row in iter_table(path, malformed):
+            self.ledger.rows_in += 1
+            if fields is None:
+                self.templates.check_columns([row], path)
+                if self.mode is None:
+                    self.mode = mode_for(self.cfg, set(row) | set(self.templates.compiled))
+                fields = fields_for(self.cfg, self.mode)
+                columns = [(c, f"data.{_key(self.d, c)}") for c in fields.columns if c not in self.templates.compiled]
+                require_columns([row], path, columns)
+            if self.templates.compiled and not self._keep(row, self.templates.render(row)):
+                continue
+            if self._keep(row, self._clean(row, fields)):
+                yield row
+        self.ledger.rejects += malformed or []
+        self.ledger.rows_in += len(malformed or [])
+        if fields is None and not malformed:
+            raise DataError(f"{path}: the file has no data rows; a data set needs at least one example")
 
     def _keep(self, row: dict, outcome: str | None) -> bool:
         if outcome is None:

@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("config", nargs="?", help="YAML config file (its data: and model: sections are used)")
     dp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.dedup.near=true")
     dp.add_argument("--out", help="output folder (default prepared/<run name>)")
+    dp.add_argument("--stream", action="store_true", help="one pass for files larger than memory (hash-based "
+                                                          "splits, exact dedup and leakage only)")
     di = dsub.add_parser("inspect", help="a quick summary of a data file or prepared folder")
     di.add_argument("file")
     di.add_argument("--json", action="store_true")
@@ -300,9 +302,14 @@ def cmd_data(args) -> int:
     from .models import load_tokenizer
 
     cfg = load_config(*_config_args(args))
-    prepared = prepare_rows(cfg, load_tokenizer(resolve_model(cfg.model)))
-    out = write_prepared(prepared, Path(args.out or Path("prepared") / cfg.run_name), dump_yaml(cfg))
-    r = prepared.report
+    out = Path(args.out or Path("prepared") / cfg.run_name)
+    if args.stream:
+        from .data.stream import prepare_stream
+        r = prepare_stream(cfg, out, load_tokenizer(resolve_model(cfg.model)))
+    else:
+        prepared = prepare_rows(cfg, load_tokenizer(resolve_model(cfg.model)))
+        write_prepared(prepared, out, dump_yaml(cfg))
+        r = prepared.report
     print(f"rows in {r['rows_in']}, out {r['rows_out']} ({', '.join(f'{k} {v}' for k, v in r['rows_per_split'].items())}); "
           f"rejected {r['rejected_rows']}, duplicates {r['exact_duplicates_removed']} exact + "
           f"{r['near_duplicates_removed']} near, leakage found {r['leakage_found']}, "

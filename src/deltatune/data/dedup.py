@@ -39,9 +39,12 @@ class NearIndex:
         self.cfg = cfg
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
         self.items: dict[int, tuple[MinHash, dict]] = {}
+        # Drawing the random permutations is most of a MinHash's cost: draw them once per index.
+        template = MinHash(num_perm=cfg.num_perm, seed=1)
+        self.permutations, self.scheme = template.permutations, template.scheme
 
     def signature(self, text: str) -> MinHash:
-        m = MinHash(num_perm=self.cfg.num_perm, seed=1)
+        m = MinHash(num_perm=self.cfg.num_perm, seed=1, permutations=self.permutations, scheme=self.scheme)
         m.update_batch([s.encode("utf-8") for s in shingles(text, self.cfg.ngram)])
         return m
 

@@ -10,7 +10,7 @@ from deltatune.train.run import train
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*/*.yaml"))
 ONE_STEP = ["train.max_steps=1", "train.batch_size=2", "train.eval_batch_size=8", "data.train_limit=8",
-            "data.eval_limit=8", "train.max_length=48", "train.progress=false"]
+            "data.eval_limit=8", "train.max_length=48", "train.progress=false", "eval.forgetting_rows=8"]
 
 
 def test_every_model_task_method_has_a_config():

@@ -14,10 +14,13 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 def test_smollm2_lora_sft_on_chatterbot_lowers_perplexity_and_generates(tmp_path, capsys):
     run = tmp_path / "smol"
     args = ["train", str(CONFIGS / "smollm2-135m/causal_lm-lora.yaml"), "data.train_limit=160", "data.eval_limit=48",
-            "train.max_length=96", "train.eval_every=0", "train.progress=false", f"output_dir={run}"]
+            "train.max_length=96", "train.eval_every=0", "train.progress=false", "eval.forgetting_rows=40",
+            f"output_dir={run}"]
     assert main(args) == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval"]["perplexity"] < 0.8 * metrics["baseline"]["perplexity"], metrics
+    # general English stays modelled about as well: a few LoRA steps on chat pairs do not wreck it
+    assert metrics["forgetting"]["perplexity_before"] < 100 and 1 / 3 < metrics["forgetting"]["ratio"] < 3
     capsys.readouterr()
     assert main(["predict", str(run), "--text", "What is your name?", "--max-new-tokens", "16"]) == 0
     (pred,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

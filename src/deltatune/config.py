@@ -126,6 +126,18 @@ class TrainConfig:
     save_every: int = doc(0, "Write a resumable checkpoint every N optimizer steps; 0 means at every evaluation.")
     eval_batch_size: int = doc(64, "Examples per forward pass during evaluation.")
     progress: bool = doc(True, "Show a progress bar with loss, tokens/s and ETA.")
+    chunked_loss: bool = doc(True, "Causal LM: compute the cross-entropy from the final hidden states a chunk of "
+                                   "positions at a time, only where a token is predicted, so the (batch x length x "
+                                   "vocabulary) logits never exist at once. Same loss, less memory, and no "
+                                   "vocabulary projection for prompt and padding positions. Soft-prompt methods and "
+                                   "other tasks use the plain loss.")
+    bf16: bool | str = doc("auto", "Mixed precision: run forward and loss under bfloat16 autocast (weights and "
+                                   "optimizer stay fp32, the loss is taken in fp32; evaluation stays fp32). auto: on "
+                                   "where bf16 is faster than fp32 (CPUs with AMX, CUDA devices that support bf16; "
+                                   "not CPUs with only AVX512-BF16, where it is slower); true; false.")
+    gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
+                                              "keeping them: much less activation memory for up to a third more "
+                                              "compute per step. Same results.")
 
 
 @dataclass
@@ -362,6 +374,8 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
     problems += [f"{k}: must be 0 or more, got {v}" for k, v in non_negative.items() if v < 0]
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if not isinstance(t.bf16, bool) and t.bf16 != "auto":
+        problems.append(f"train.bf16: use auto, true or false, got {t.bf16!r}")
     e = cfg.eval
     if e.forgetting_rows < 1 or e.icl_limit < 1 or any(k < 0 for k in e.icl_shots):
         problems.append("eval: forgetting_rows and icl_limit must be at least 1, icl_shots 0 or more")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
+from peft import PeftModel
 from torch import nn
 
 from ..data.collate import collate
-from ..losses import IGNORE, causal_lm_loss, classification_loss, token_loss
+from ..losses import IGNORE, causal_lm_loss, chunked_causal_lm_loss, classification_loss, token_loss
 from .metrics import classification_metrics, perplexity
 
 
@@ -27,6 +31,69 @@ def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str) ->
     return model(**inputs).logits
 
 
+def forward_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str,
+                 chunked: bool = False) -> tuple[torch.Tensor, int]:
+    """The task's (loss sum, count) for a batch.
+
+    ``chunked``: a causal LM's cross-entropy comes from its final hidden states through
+    ``losses.chunked_causal_lm_loss``, so the logits of the whole batch never exist. Models it
+    does not fit (soft prompts, see ``decoder_parts``) take the plain path.
+    """
+    parts = decoder_parts(model) if chunked and task == "causal_lm" else None
+    if parts is None:
+        return loss_fn(task)(forward(model, inputs, targets, task), targets)
+    body, head = parts
+    hidden = body(**inputs, use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head, targets)
+
+
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder body, output projection) of a causal LM, or None where the loss must use its logits.
+
+    The body is the base transformer (its ``last_hidden_state`` is after the final norm) and the
+    projection is whatever ``get_output_embeddings()`` returns, so a LoRA-wrapped ``lm_head``
+    works. Soft prompts are refused: their virtual tokens come from peft's own forward. Checked
+    once per model on a short input: the logits must equal ``head(body(x))``, which fails for
+    models that transform their logits further (e.g. Gemma 2's soft-capping).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # its own forward syncs the gradients
+        return None
+    lm = model
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return None
+        lm = model.get_base_model()
+    body = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is None or not isinstance(body, nn.Module) or body is lm:
+        return None
+    if model not in _VERIFIED:
+        _VERIFIED[model] = _same_logits(model, body, head)
+        if not _VERIFIED[model]:
+            warnings.warn(f"chunked loss: {type(lm).__name__} does more to its logits than project the "
+                          "final hidden states; using the plain loss")
+    return (body, head) if _VERIFIED[model] else None
+
+
+def _same_logits(model: nn.Module, body: nn.Module, head: nn.Module) -> bool:
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(1, 9, device=device) * 7919 % vocab).unsqueeze(0)  # any few tokens will do
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout: both paths must be deterministic
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            plain = model(input_ids=ids, use_cache=False).logits.float()
+            chunked = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return plain.shape == chunked.shape and torch.allclose(plain, chunked, rtol=1e-4, atol=1e-5)
+
+
 def tagged_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list[int], list[int]]:
     """(true, predicted) tag indices at the positions that carry a label."""
     logits = logits[:, -targets.shape[1]:]
@@ -43,7 +110,8 @@ def batches(examples: list[dict], batch_size: int, pad_id: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int, pad_id: int,
-             labels: list[str] | None = None) -> dict:
+             labels: list[str] | None = None, chunked_loss: bool = True) -> dict:
+    """Loss and metrics; ``chunked_loss`` as in ``forward_loss`` (it only saves memory here)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -52,13 +120,17 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int,
     for batch, _ in batches(examples, batch_size, pad_id):
         inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
         targets = batch["targets"].to(device)
+        if task not in ("classification", "token_classification"):  # only the loss is needed
+            loss, n = forward_loss(model, inputs, targets, task, chunked_loss)
+            total, count = total + float(loss), count + n
+            continue
         logits = forward(model, inputs, targets, task)
         loss, n = loss_fn(task)(logits, targets)
         total, count = total + float(loss), count + n
         if task == "classification":
             y_true += targets.tolist()
             y_pred += logits.argmax(-1).tolist()
-        elif task == "token_classification":
+        else:
             true, pred = tagged_predictions(logits, targets)
             y_true, y_pred = y_true + true, y_pred + pred
     model.train(was_training)

@@ -3,12 +3,15 @@
 AdamW with linear warm-up and decay, gradient accumulation and clipping on accelerate,
 periodic evaluation, keeping the best delta, and checkpoints from which a resumed run
 reproduces an uninterrupted one exactly (same data order, RNG, optimizer and schedule state).
+Memory and speed options (``train.chunked_loss``, ``train.bf16``, ``train.gradient_checkpointing``)
+change how a step is computed, not what it computes (bf16 up to rounding).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
@@ -22,7 +25,8 @@ from torch.utils.data import DataLoader
 from ..assets import atomic_dir
 from ..config import TrainConfig
 from ..data.collate import collate
-from ..eval.evaluate import evaluate, forward, loss_fn
+from ..errors import DeltatuneError
+from ..eval.evaluate import evaluate, forward_loss
 from ..methods.base import Method
 from ..rundir import RunDir
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
@@ -59,9 +63,44 @@ def schedule(warmup: int, total: int):
     return factor
 
 
+def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``train.bf16`` for this device: ``auto`` turns autocast on only where bf16 matrix products are
+    faster than fp32. On CPUs that means AMX: with AVX512-BF16 alone, bf16 products measured half
+    the speed of fp32 ones (Xeon, torch 2.13, oneDNN 3.12), so autocast would only slow training down."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and "amx_bf16" in _cpu_flags()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:  # not Linux
+        return set()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute every transformer layer in backward. Non-reentrant checkpointing lets gradients reach
+    adapters inside a layer even when its input needs none (a frozen base under LoRA)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # peft models pass it to their base
+    if enable is None:
+        warnings.warn(f"train.gradient_checkpointing: {type(model).__name__} runs no transformer layers in "
+                      "training (nothing to recompute); ignored")
+        return
+    try:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as exc:
+        raise DeltatuneError(f"train.gradient_checkpointing: {exc}; set train.gradient_checkpointing=false") from exc
+
+
 def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> tuple[dict, LoopState]:
     """Train; returns the evaluation metrics of the best delta (saved in ``run.best``) and the final state."""
     t = job.train
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(job.model)
     accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
     params = [p for p in job.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -73,6 +112,8 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
     total = t.max_steps or per_epoch * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(int(t.warmup_ratio * total), total))
     model, optimizer = accelerator.prepare(job.model, optimizer)
+    bf16 = bf16_enabled(t.bf16, accelerator.device)
+    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     state = LoopState()
     best_metrics = None
     if resume:
@@ -90,7 +131,8 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
             if state.batches_done:
                 loader = accelerator.skip_first_batches(loader, state.batches_done)
             for batch in loader:
-                if not _micro_step(job, model, optimizer, scheduler, accelerator, batch, state, n_batches):
+                if not _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, state,
+                                   n_batches):
                     continue
                 bar.update(state)
                 if state.step % eval_every == 0 or state.step == total:
@@ -115,11 +157,13 @@ def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
     return accelerator.prepare_data_loader(loader)
 
 
-def _micro_step(job, model, optimizer, scheduler, accelerator, batch, state: LoopState, n_batches: int) -> bool:
+def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, state: LoopState,
+                n_batches: int) -> bool:
     """One forward/backward; returns True when it completed an optimizer step.
 
     Micro-batches are grouped ``grad_accum`` at a time within an epoch (the last group may be
-    smaller); each group's gradient is the mean of its micro-batch losses.
+    smaller); each group's gradient is the mean of its micro-batch losses. ``autocast`` covers
+    forward and loss only: backward runs in the precision forward chose, as torch recommends.
     """
     accum = job.train.grad_accum
     group_start = state.batches_done - state.batches_done % accum
@@ -127,9 +171,10 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, batch, state: Loo
     sync = state.batches_done + 1 == group_start + group_size
     start = time.perf_counter()
     with nullcontext() if sync else accelerator.no_sync(model):
-        logits = forward(model, batch["inputs"], batch["targets"], job.task)
-        loss_sum, count = loss_fn(job.task)(logits, batch["targets"])
-        loss = loss_sum / max(count, 1)
+        with autocast():
+            loss_sum, count = forward_loss(model, batch["inputs"], batch["targets"], job.task,
+                                           job.train.chunked_loss)
+        loss = loss_sum.float() / max(count, 1)
         accelerator.backward(loss / group_size)
     state.batches_done += 1
     state.tokens += batch["tokens"]
@@ -152,7 +197,8 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, batch, state: Loo
 
 
 def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
-    metrics = evaluate(model, job.eval_examples, job.task, job.train.eval_batch_size, job.pad_id, job.labels)
+    metrics = evaluate(model, job.eval_examples, job.task, job.train.eval_batch_size, job.pad_id, job.labels,
+                       job.train.chunked_loss)
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
     value = score(job.task, metrics)

@@ -24,14 +24,14 @@ class Extras:
     before: dict | None = None                          # their loss/perplexity under the base model
     prompting: Callable[[], dict] | None = None         # the in-context baselines, run before training
 
-    def measure_before(self, base: nn.Module, batch_size: int, pad_id: int) -> None:
+    def measure_before(self, base: nn.Module, batch_size: int, pad_id: int, chunked: bool = True) -> None:
         if self.general:
-            self.before = evaluate(base, self.general, "causal_lm", batch_size, pad_id)
+            self.before = evaluate(base, self.general, "causal_lm", batch_size, pad_id, chunked_loss=chunked)
 
-    def report(self, tuned: nn.Module, batch_size: int, pad_id: int) -> dict:
+    def report(self, tuned: nn.Module, batch_size: int, pad_id: int, chunked: bool = True) -> dict:
         if not self.general or self.before is None:
             return {}
-        after = evaluate(tuned, self.general, "causal_lm", batch_size, pad_id)
+        after = evaluate(tuned, self.general, "causal_lm", batch_size, pad_id, chunked_loss=chunked)
         return {"forgetting": {**forgetting(self.before, after), "rows": len(self.general),
                                "source": "oanc-pos sentences", "measured_on": "the final weights"}}
 

@@ -110,17 +110,17 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
 
 def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording,
              extras: Extras) -> RunDir:
-    batch, pad = job.train.eval_batch_size, job.pad_id
+    batch, pad, chunked = job.train.eval_batch_size, job.pad_id, job.train.chunked_loss
     try:
         if not resume:
             base = job.method.untouched(job.model)
-            baseline = evaluate(base, job.eval_examples, job.task, batch, pad, job.labels)
-            extras.measure_before(base, batch, pad)
+            baseline = evaluate(base, job.eval_examples, job.task, batch, pad, job.labels, chunked)
+            extras.measure_before(base, batch, pad, chunked)
             if extras.prompting:
                 run.write_json("prompting.json", extras.prompting())
             run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
-        _finish(job, run, best, state, extras.report(job.model, batch, pad))
+        _finish(job, run, best, state, extras.report(job.model, batch, pad, chunked))
     except KeyboardInterrupt:
         run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
         record.end("interrupted")

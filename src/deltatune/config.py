@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-TASKS = ("classification", "causal_lm", "token_classification", "seq2seq")
+TASKS = ("classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "ppo")
 
 
 def doc(default: Any, help: str) -> Any:
@@ -104,6 +104,9 @@ class DataConfig:
                             "restart per example, so no attention crosses an example boundary).")
     on_error: str = doc("fail", "A malformed or invalid row: 'fail' stops with an error naming it; 'skip' writes "
                                 "it to rejects.jsonl with its file, row and reason, and goes on.")
+    tasks: dict[str, dict[str, str]] = doc({}, "Multi-task classification: task name -> {train, eval, text_column, "
+                                                 "label_column} (eval and the columns optional; data.* fills them). "
+                                                 "One model learns every task; metrics are reported per task.")
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
@@ -151,6 +154,44 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    loss: str = doc("pairwise", "Task reward: 'pairwise' (Bradley-Terry, -log sigmoid(r_chosen - r_rejected), over every "
+                                "chosen/rejected pair; a ranking of k responses gives k(k-1)/2 pairs) or 'listwise' "
+                                "(Plackett-Luce over each full ranking).")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = doc(0.1, "Task dpo: strength of the implicit KL constraint to the reference (the base model).")
+    loss: str = doc("sigmoid", "'sigmoid' (DPO, Rafailov et al. 2023) or 'ipo' (Azar et al. 2023).")
+
+
+@dataclass
+class PpoConfig:
+    reward_model: str | None = doc(None, "Task ppo: run directory of a trained reward model (task reward) or classifier "
+                                         "(task classification) that scores prompt + response.")
+    reward_label: str | None = doc(None, "With a classifier as reward model: the label whose log-odds is the reward "
+                                         "(e.g. positive).")
+    reward_fn: str | None = doc(None, "Instead of a reward model: a Python callable 'module:function' or "
+                                      "'path/to/file.py:function' taking (prompts, responses) -> list of floats.")
+    rollout_batch: int = doc(16, "Prompts sampled per PPO iteration (train.max_steps iterations in all).")
+    minibatch: int = doc(4, "Rollouts per gradient step inside an iteration.")
+    ppo_epochs: int = doc(4, "Passes over each iteration's rollouts.")
+    max_new_tokens: int = doc(24, "Length of each sampled response.")
+    temperature: float = doc(1.0, "Sampling temperature of the rollouts.")
+    top_k: int = doc(0, "Sample only from the k likeliest tokens (0: the whole vocabulary).")
+    clip_range: float = doc(0.2, "Clipped surrogate: the probability ratio is clipped to [1 - c, 1 + c].")
+    value_clip: float = doc(0.2, "Value predictions move at most this far from the rollout's values per iteration.")
+    vf_coef: float = doc(0.1, "Weight of the value loss in the PPO loss.")
+    entropy_coef: float = doc(0.0, "Weight of an entropy bonus (0: none).")
+    gamma: float = doc(1.0, "Discount factor of GAE.")
+    lam: float = doc(0.95, "GAE lambda.")
+    kl_coef: float = doc(0.05, "Initial weight of the per-token KL penalty against the reference (the base model).")
+    target_kl: float | None = doc(6.0, "Adaptive KL controller's target KL per response (null: a fixed kl_coef).")
+    kl_horizon: int = doc(10000, "Adaptive KL controller's horizon (Ziegler et al. 2019).")
+
+
+@dataclass
 class MethodConfig:
     name: str = doc("lora", "Adaptation method (see `deltatune methods`).")
     options: Any = None  # the method's own Options dataclass, filled in by load_config
@@ -166,6 +207,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
 
     @property
     def run_name(self) -> str:

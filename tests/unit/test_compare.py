@@ -1,7 +1,10 @@
 """`deltatune compare`: every method trains, the report is valid HTML with its plots embedded."""
 
 import json
+from pathlib import Path
 from html.parser import HTMLParser
+
+import yaml
 
 from deltatune import registry_db
 from deltatune.cli import main
@@ -50,3 +53,17 @@ def test_pareto_front():
     points = [(10, 0.8), (100, 0.9), (50, 0.7), (100, 0.9), (1000, 0.95)]
     assert pareto(points, higher_better=True) == [0, 1, 3, 4]
     assert pareto([(10, 5.0), (20, 4.0), (30, 6.0)], higher_better=False) == [0, 1]
+
+
+def test_method_options_in_the_base_config_apply_to_their_method_only(tiny_bert, cls_csv, tmp_path):
+    base = tmp_path / "lora.yaml"
+    base.write_text(f"model: {tiny_bert}\ndata: {{train: {cls_csv}}}\nmethod: {{name: lora, r: 2, alpha: 4}}\n"
+                    "train: {batch_size: 8, max_steps: 2, progress: false}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r.get("error") for r in results] == [None, None]
+    saved = {r["method"]: yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["method"] for r in results}
+    assert saved["lora"]["r"] == 2 and saved["lora"]["alpha"] == 4
+    assert "r" not in saved["bitfit"]
+    assert yaml.safe_load((out / "configs" / "bitfit.yaml").read_text())["method"] == {"name": "bitfit"}

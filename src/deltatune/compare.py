@@ -15,9 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
-from .config import load_config, read_yaml
+from .config import load_config
 from .errors import DeltatuneError
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac",
@@ -32,8 +30,8 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     results = []
     for name in methods:
         try:
-            cfg = load_config(_method_config(base, name, folder), [*overrides, f"method.name={name}",
-                                                                  f"output_dir={folder / name}", "train.progress=false"])
+            cfg = load_config(base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
+                                     "train.progress=false"])
             run = train(cfg, kind="compare")
             results.append(_result(name, run.path))
         except DeltatuneError as exc:
@@ -43,22 +41,6 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     report = folder / "report.html"
     report.write_text(render(results), encoding="utf-8")
     return report
-
-
-def _method_config(base: str | None, method: str, folder: Path) -> Path | None:
-    """The base config for one method: its ``method:`` options apply only to the method they were written
-    for (a LoRA config's ``r`` means nothing to BitFit), so other methods start from their defaults.
-    Written to ``folder/configs/`` so every run can be repeated from its own file."""
-    if base is None:
-        return None
-    raw = read_yaml(base)
-    written = raw.get("method") or {}
-    written = {"name": written} if isinstance(written, str) else written
-    raw["method"] = written if isinstance(written, dict) and written.get("name") == method else {"name": method}
-    path = folder / "configs" / f"{method}.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def _result(method: str, path: Path) -> dict:

@@ -266,8 +266,8 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 check_paths: bool = True) -> Config:
     """Read, merge and validate a config. Raises ConfigError listing every problem."""
-    raw = read_yaml(path) if path else {}
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    raw = deep_merge(_for_method(read_yaml(path) if path else {}, extra), extra)
     source = str(path) if path else "command line"
     problems: list[str] = []
     method_raw = raw.pop("method", {}) or {}
@@ -277,6 +277,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def _for_method(raw: dict, extra: dict) -> dict:
+    """A file's ``method:`` options belong to the method it names: when an override switches to another
+    method (``method.name=bitfit`` on a LoRA config, as compare and tune do), they are dropped, since a
+    LoRA ``r`` means nothing to BitFit."""
+    def name(section: Any) -> Any:
+        return section if isinstance(section, str) else section.get("name") if isinstance(section, dict) else None
+
+    chosen, written = name(extra.get("method")), raw.get("method")
+    if chosen is None or not written or (name(written) or MethodConfig.name) == chosen:
+        return raw
+    return {**raw, "method": {"name": chosen}}
 
 
 def _build_method(raw: Any, problems: list[str]) -> MethodConfig:

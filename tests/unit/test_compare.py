@@ -66,4 +66,3 @@ def test_method_options_in_the_base_config_apply_to_their_method_only(tiny_bert,
     saved = {r["method"]: yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["method"] for r in results}
     assert saved["lora"]["r"] == 2 and saved["lora"]["alpha"] == 4
     assert "r" not in saved["bitfit"]
-    assert yaml.safe_load((out / "configs" / "bitfit.yaml").read_text())["method"] == {"name": "bitfit"}

@@ -61,3 +61,16 @@ def test_validate_command(cls_csv, tiny_bert, capsys):
     assert "train.bogus: unknown key" in capsys.readouterr().err
     assert main(["validate", "--explain"]) == 0
     assert "train.grad_accum" in capsys.readouterr().out
+
+
+def test_switching_method_drops_the_files_method_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: minilm\ndata: {train: pang-lee-sentences}\nmethod: {name: lora, r: 4}\n")
+    assert load_config(path, ["method.name=bitfit"]).method.name == "bitfit"
+    assert load_config(path, ["method.name=lora"]).method.options.r == 4
+    assert load_config(path, ["method.r=2"]).method.options.r == 2
+    path.write_text("model: minilm\ndata: {train: pang-lee-sentences}\nmethod: {r: 4}\n")  # lora by default
+    assert load_config(path, ["method.name=lora"]).method.options.r == 4
+    assert load_config(path, ["method.name=ia3"]).method.name == "ia3"
+    with pytest.raises(ConfigError, match="method.r: unknown key"):  # options given with the switch still count
+        load_config(path, ["method.name=bitfit", "method.r=2"])

@@ -17,18 +17,25 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import DeltatuneError
+from .rundir import RunDir
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac",
           "#eeca3b", "#17becf"]
 
 
 def run_compare(base: str | None, overrides: list[str], methods: list[str], folder: Path) -> Path:
-    """Train each method (a failure is reported, not fatal) and write ``folder/report.html``."""
+    """Train each method (a failure is reported, not fatal) and write ``folder/report.html``. A method whose
+    run in ``folder`` already completed is not trained again, so the same command finishes a bake-off that
+    was interrupted."""
     from .train.run import train
 
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for name in methods:
+        if RunDir(folder / name).status() == "completed":  # an interrupted bake-off reruns only what is missing
+            print(f"compare: {name}: reusing the completed run in {folder / name}", file=sys.stderr)
+            results.append(_result(name, folder / name))
+            continue
         try:
             cfg = load_config(base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
                                      "train.progress=false"])

@@ -66,3 +66,9 @@ def test_method_options_in_the_base_config_apply_to_their_method_only(tiny_bert,
     saved = {r["method"]: yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["method"] for r in results}
     assert saved["lora"]["r"] == 2 and saved["lora"]["alpha"] == 4
     assert "r" not in saved["bitfit"]
+
+    (out / "report.html").unlink()  # the same command again: both runs completed, nothing is retrained
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text()) == results
+    assert sorted(p.name for p in out.iterdir()) == sorted(before + ["report.html"])

@@ -440,6 +440,23 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
         problems.append(f"eval.icl_shots: in-context baselines are for classification, not {cfg.task!r}")
     if cfg.data.pack and cfg.task != "causal_lm":
         problems.append(f"data.pack: packing is for causal-LM training; task {cfg.task!r} does not use it")
+    for key, value, allowed in (("reward.loss", cfg.reward.loss, ("pairwise", "listwise")),
+                                ("dpo.loss", cfg.dpo.loss, ("sigmoid", "ipo"))):
+        if value not in allowed:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if cfg.dpo.beta <= 0:
+        problems.append(f"dpo.beta: must be greater than 0, got {cfg.dpo.beta}")
+    if cfg.task in ("reward", "dpo"):  # preference files: read as they are, split by prompt
+        for key in ("train", "eval"):
+            ref = getattr(cfg.data, key)
+            if ref in assets.DATASETS or (ref and (Path(ref).expanduser() / "data_report.json").is_file()):
+                problems.append(f"data.{key}: task {cfg.task} needs a preference file (rows with prompt, chosen "
+                                f"and rejected, or prompt, responses and ranking), not {ref!r}")
+        unused = [k for k in ("test", "test_fraction", "kfold", "shots_per_class", "templates", "format", "tasks",
+                              "clean", "dedup", "pii", "augment") if getattr(cfg.data, k) != getattr(DataConfig(), k)]
+        if unused:
+            problems.append(f"data: {', '.join(unused)} do not apply to task {cfg.task} (a preference file is "
+                            "used as it is); remove them")
     if cfg.method.options is not None and hasattr(cfg.method.options, "problems"):
         problems += [f"method.{p}" for p in cfg.method.options.problems()]
     return problems

@@ -28,5 +28,14 @@ class CannotMerge(DeltatuneError):
     """The method's delta cannot be folded into the base weights."""
 
 
+class Stopped(Exception):
+    """A callback ended a run early on purpose (e.g. the tuner pruned a trial): the run directory and the
+    registry record ``status`` (one of registry_db.STATUSES), not a failure."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status
+
+
 class RunError(DeltatuneError):
     """A run directory is missing, incomplete or from an incompatible version."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, dump_yaml, load_config
-from .errors import ConfigError
+from .errors import ConfigError, Stopped
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
                      "perplexity": "minimize", "trainable_params": "minimize", "train_seconds": "minimize",
@@ -124,8 +124,8 @@ def objective_for(study: Study, base: str | None, overrides: list[str], space: d
         callbacks = (_pruning_callback(trial),) if len(study.objectives) == 1 else ()
         try:
             run = train(cfg, callbacks=callbacks, kind="trial")
-        except optuna.TrialPruned:
-            raise
+        except Stopped as exc:  # the run directory and the registry say "pruned"
+            raise optuna.TrialPruned(str(exc)) from exc
         metrics = run.read_json("metrics.json")
         values = [_metric(metrics, name) for name, _ in study.objectives]
         return values[0] if len(values) == 1 else values
@@ -135,14 +135,12 @@ def objective_for(study: Study, base: str | None, overrides: list[str], space: d
 
 def _pruning_callback(trial):
     """Report the best evaluation score so far after every step; prune when the pruner says so."""
-    import optuna
-
     def callback(state):
         if state.best is None:
             return
         trial.report(state.best, state.step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {state.step} (best score {state.best:.4f})")
+            raise Stopped(f"pruned at step {state.step} (best score {state.best:.4f})", status="pruned")
     return callback
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from peft import PeftModel
 from torch import nn
 
 from .config import Config, load_config
 from .data import prompt_text
-from .data.examples import prepare_eval_file
+from .data.collate import pad
+from .data.examples import prepare_eval_file, reward_ids
+from .errors import RunError
 from .eval.evaluate import evaluate
 from .methods import registry
 from .models import load_model, load_tokenizer
@@ -45,12 +49,53 @@ def load_run(path: str | Path) -> LoadedRun:
 
 
 def evaluate_file(loaded: LoadedRun, data_path: str) -> dict:
-    """Metrics of the tuned model on another file (read with the run's columns and label set)."""
+    """Metrics of the tuned model on another file (read with the run's columns and label set;
+    for dpo, a preference file, with the base model as the reference)."""
     cfg = loaded.cfg
     examples = prepare_eval_file(cfg, loaded.tokenizer, data_path, loaded.labels)
     examples = registry.get(cfg.method.name).prepare_examples(loaded.model, examples)
-    return evaluate(loaded.model, examples, cfg.task, cfg.train.eval_batch_size,
-                    loaded.tokenizer.pad_token_id, loaded.labels)
+    batch, pad = cfg.train.eval_batch_size, loaded.tokenizer.pad_token_id
+    if cfg.task == "dpo":
+        from .rlhf.dpo import add_reference_logps
+
+        with _base_model(loaded) as reference:
+            examples = add_reference_logps(reference, examples, batch, pad, cfg.train.chunked_loss)
+    return evaluate(loaded.model, examples, cfg.task, batch, pad, loaded.labels, cfg.train.chunked_loss)
+
+
+@contextmanager
+def _base_model(loaded: LoadedRun):
+    """The base model of a loaded run: its adapter switched off, or (methods that changed the base
+    weights) a fresh copy of the base, loaded for the occasion."""
+    model = loaded.model
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        yield model.get_base_model()  # the virtual tokens live outside the wrapped model
+    elif isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        cfg = loaded.cfg
+        base = load_model(cfg.model, cfg.task, loaded.labels, loaded.tokenizer.pad_token_id,
+                          **registry.get(cfg.method.name).load_kwargs(cfg.method.options))
+        yield base.to(loaded.device).eval()
+
+
+@torch.no_grad()
+def score(loaded: LoadedRun, prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward model's score of each (prompt, response), formatted and truncated as in training."""
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    if cfg.task != "reward":
+        raise RunError(f"{loaded.run.path}: a {cfg.task} run, not a reward model (task reward); "
+                       "score needs a run trained with task: reward")
+    if len(prompts) != len(responses):
+        raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+    ids = reward_ids(tok, prompts, responses, cfg.data.chat_template, cfg.train.max_length)
+    out: list[float] = []
+    for start in range(0, len(ids), cfg.train.eval_batch_size):
+        input_ids, mask = pad(ids[start:start + cfg.train.eval_batch_size], tok.pad_token_id)
+        logits = loaded.model(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits
+        out += logits[:, 0].float().cpu().tolist()
+    return out
 
 
 @torch.no_grad()
@@ -118,6 +163,9 @@ def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) ->
 
 def predict(loaded: LoadedRun, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
     task = loaded.cfg.task
+    if task == "reward":
+        raise RunError(f"{loaded.run.path}: a reward model scores a prompt and a response together; "
+                       "use deltatune.inference.score(loaded, prompts, responses)")
     if task == "classification":
         return classify(loaded, texts)
     if task == "token_classification":

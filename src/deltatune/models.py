@@ -24,14 +24,18 @@ def load_model(model_ref: str | Path, task: str, labels: list[str] | None = None
                pad_token_id: int | None = None, **extra) -> PreTrainedModel:
     """The untouched base model with the task's head (fp32, safetensors only, no remote code).
 
-    ``extra`` comes from the method (e.g. QLoRA's quantization_config)."""
+    ``extra`` comes from the method (e.g. QLoRA's quantization_config). A reward model is a
+    sequence classifier with one output, the scalar reward."""
     path = resolve_model(str(model_ref))
+    if task == "reward":
+        labels = ["reward"]
     kwargs = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=False, **extra)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     try:
         if labels is not None:  # classification or token classification: a new head
-            auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForTokenClassification
+            sequence = task in ("classification", "reward")
+            auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
             model = auto.from_pretrained(path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                          label2id={name: i for i, name in enumerate(labels)}, **kwargs)
             if model.config.pad_token_id is None:  # decoders need it to find the last real token

@@ -28,10 +28,10 @@ from .assets import cache_dir
 from .errors import RunError
 
 KINDS = ("train", "trial", "compare", "eval")
-STATUSES = ("running", "completed", "failed", "interrupted")
+STATUSES = ("running", "completed", "failed", "interrupted", "pruned")
 OWN_DIR = ("train", "trial")  # kinds whose run directory is theirs: one row per directory, resume reuses it
 BUSY_SECONDS = 60
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the last key of MIGRATIONS
 
 _V1 = (
     """CREATE TABLE runs (
@@ -66,9 +66,19 @@ _V1 = (
     "CREATE INDEX runs_parent ON runs (parent)",
     "CREATE INDEX runs_started ON runs (started)",
 )
+# Version 2: status 'pruned' (a tuning trial the pruner stopped). SQLite cannot change a CHECK
+# constraint in place, so the table is rebuilt with the same columns and its rows copied over.
+_V2 = (
+    _V1[0].replace("CREATE TABLE runs (", "CREATE TABLE runs_v2 (")
+          .replace("'failed', 'interrupted')", "'failed', 'interrupted', 'pruned')"),
+    "INSERT INTO runs_v2 SELECT * FROM runs",
+    "DROP TABLE runs",
+    "ALTER TABLE runs_v2 RENAME TO runs",
+    *_V1[1:],
+)
 # Schema version -> the statements that bring the previous version to it. A new column is a new
-# entry, e.g. 2: ("ALTER TABLE runs ADD COLUMN seed INTEGER",); never edit a released entry.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+# entry, e.g. 3: ("ALTER TABLE runs ADD COLUMN seed INTEGER",); never edit a released entry.
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
 JSON_COLUMNS = ("config", "metrics", "versions")
 UPDATABLE = frozenset({"status", "data_fingerprint", "main_metric", "main_value", "baseline_value", "eval_loss",
                        "trainable_params", "total_params", "delta_bytes", "train_seconds", "steps",

@@ -11,9 +11,12 @@ import optuna
 import pytest
 import yaml
 
+from deltatune import registry_db
 from deltatune.config import load_config
-from deltatune.errors import ConfigError
-from deltatune.hpo import Study, parse_objectives, read_space, run_study, suggest
+from deltatune.errors import ConfigError, Stopped
+from deltatune.hpo import Study, _pruning_callback, parse_objectives, read_space, run_study, suggest
+from deltatune.rundir import RunDir
+from deltatune.train.run import train
 
 SPACE = {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}, "method.name": ["lora", "bitfit"],
          "lora.r": [2, 4], "houlsby.reduction_factor": [4, 8]}
@@ -122,3 +125,22 @@ def test_cli_tune_records_trials_and_writes_best_yaml(tiny_bert, cls_csv, tmp_pa
     trials = registry_db.list_runs(kind="trial")
     assert len(trials) == 2 and all(str(out) in t["path"] for t in trials)
     assert main(["tune", *_base(tiny_bert, cls_csv), "--trials", "0"]) == 2
+
+
+def test_a_pruned_trial_is_recorded_as_pruned_not_failed(tiny_bert, cls_csv, tmp_path):
+    class Trial:  # the two calls the pruning callback makes on an optuna trial
+        reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return len(self.reported) == 2
+
+    out = tmp_path / "trial"
+    cfg = load_config(None, [*_base(tiny_bert, cls_csv), f"output_dir={out}", "train.progress=false"])
+    with pytest.raises(Stopped, match="pruned at step 2"):
+        train(cfg, callbacks=(_pruning_callback(Trial()),), kind="trial")
+    assert [step for step, _ in Trial.reported] == [1, 2]
+    assert RunDir(out).status() == "pruned" and "pruned at step 2" in RunDir(out).read_json("status.json")["reason"]
+    assert registry_db.get(str(out))["status"] == "pruned"

@@ -230,3 +230,17 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
     assert len(runs) == 40 and len({r["id"] for r in runs}) == 40
     assert {r["path"] for r in runs} == {f"/nowhere/w{w}-{n}" for w in range(2) for n in range(20)}
     assert all(r["status"] == "completed" and r["steps"] == int(r["path"].rsplit("-", 1)[1]) for r in runs)
+
+
+def test_a_version_1_registry_migrates_keeping_its_rows_and_accepts_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 1)  # a registry written by the previous release
+    run_id = _record(tmp_path / "old")
+    with sqlite3.connect(db.registry_path()) as conn:
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("UPDATE runs SET status = 'pruned'")
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 2)
+    before = db.get(run_id)
+    trial = db.record_start(str(tmp_path / "trial"), _cfg(), kind="trial")
+    db.record_end(trial, "pruned", error="pruned at step 2")
+    assert db.get(run_id) == before and db.get(trial)["status"] == "pruned"
+    assert [r["id"] for r in db.list_runs(status="pruned")] == [trial]

@@ -3,19 +3,27 @@
 Classification examples: ``input_ids`` and ``label`` (an index into the saved label list).
 Causal-LM examples: ``input_ids`` and ``labels`` with -100 on prompt tokens, so the loss covers
 the response only (the tokenizer's chat template frames the pair when it has one).
+Preference examples (tasks reward and dpo) come from preference files (``data.preferences.load_preferences``):
+reward: ``responses``, the token ids of prompt + each response, best first; dpo: one example per
+(chosen, rejected) pair, each side a causal-LM example. Both carry the task's ``objective``.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass, field
 
+from ..assets import resolve_data
 from ..config import Config
 from ..errors import DataError
-from .load import ROW
+from . import split
+from .load import FILE, ROW
+from .preferences import Preference, load_preferences, to_pairs
 from .prepare import Ledger, RowStage, prepare_rows
 
 IGNORE = -100
+PREFERENCE_TASKS = ("reward", "dpo")
 
 
 @dataclass
@@ -89,27 +97,33 @@ def _response_text(tokenizer, prompt: str, response: str, use_chat_template: boo
     return response + (tokenizer.eos_token or "")
 
 
+def sft_example(tokenizer, prompt: str, response: str, use_chat_template: bool, max_len: int) -> dict | None:
+    """``input_ids`` of prompt + response and ``labels`` = the response tokens (-100 on the prompt);
+    None when truncation to ``max_len`` leaves no response token."""
+    head = tokenizer(prompt_text(tokenizer, prompt, use_chat_template), add_special_tokens=False)["input_ids"]
+    if not use_chat_template or not getattr(tokenizer, "chat_template", None):
+        if tokenizer.bos_token_id is not None:
+            head = [tokenizer.bos_token_id] + head
+    tail = tokenizer(_response_text(tokenizer, prompt, response, use_chat_template),
+                     add_special_tokens=False)["input_ids"]
+    labels = ([IGNORE] * len(head) + tail)[:max_len]
+    if all(x == IGNORE for x in labels):
+        return None
+    return {"input_ids": (head + tail)[:max_len], "labels": labels}
+
+
+def _note_truncated(dropped: int, max_len: int, what: str = "example(s)") -> None:
+    if dropped:
+        print(f"note: {dropped} {what} had no response tokens left after truncating to "
+              f"train.max_length={max_len} and were skipped", file=sys.stderr)
+
+
 def encode_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     d, max_len = cfg.data, cfg.train.max_length
-    out, dropped = [], 0
-    for row in rows:
-        prompt, response = row[d.prompt_column], row[d.response_column]
-        head = tokenizer(prompt_text(tokenizer, prompt, d.chat_template), add_special_tokens=False)["input_ids"]
-        if not d.chat_template or not getattr(tokenizer, "chat_template", None):
-            if tokenizer.bos_token_id is not None:
-                head = [tokenizer.bos_token_id] + head
-        tail = tokenizer(_response_text(tokenizer, prompt, response, d.chat_template),
-                         add_special_tokens=False)["input_ids"]
-        ids = (head + tail)[:max_len]
-        labels = ([IGNORE] * len(head) + tail)[:max_len]
-        if all(x == IGNORE for x in labels):
-            dropped += 1
-            continue
-        out.append({"input_ids": ids, "labels": labels})
-    if dropped:
-        print(f"note: {dropped} example(s) had no response tokens left after truncating to "
-              f"train.max_length={max_len} and were skipped", file=sys.stderr)
-    return out
+    encoded = [sft_example(tokenizer, row[d.prompt_column], row[d.response_column], d.chat_template, max_len)
+               for row in rows]
+    _note_truncated(sum(e is None for e in encoded), max_len)
+    return [e for e in encoded if e is not None]
 
 
 def encode_text(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
@@ -161,6 +175,8 @@ def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
 
 def prepare(cfg: Config, tokenizer) -> PreparedData:
     """The preparation pipeline (or a prepared folder), then labels and tokenization."""
+    if cfg.task in PREFERENCE_TASKS:
+        return prepare_preferences(cfg, tokenizer)
     rows = prepare_rows(cfg, tokenizer)
     train_rows, eval_rows, test_rows = (rows.splits[s] for s in ("train", "eval", "test"))
     where = rows.report["files"].get("train", cfg.data.train)
@@ -185,6 +201,8 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 def prepare_eval_file(cfg: Config, tokenizer, path: str, labels: list[str] | None) -> list[dict]:
     """Examples from one more file, cleaned and formatted like the run's training data and checked
     against its columns and labels (no de-duplication or splitting)."""
+    if cfg.task in PREFERENCE_TASKS:
+        return encode_preferences(load_preferences(path, cfg.data.on_error), tokenizer, cfg)
     stage = RowStage(cfg, Ledger())
     rows = stage.load(path)
     if not rows:
@@ -194,3 +212,121 @@ def prepare_eval_file(cfg: Config, tokenizer, path: str, labels: list[str] | Non
                            labels)
     encode, _ = encoder(cfg, tokenizer, stage.mode, labels)
     return encode(rows)
+
+
+# ----------------------------------------------------------------------------- preferences (reward, dpo)
+
+def objective(cfg: Config) -> dict:
+    """The loss settings of a preference task. They travel with every example into its batch:
+    the loop hands the loss a batch, not the config. (DPO examples are specific to them anyway:
+    IPO's reference log-probabilities are per-token means, the sigmoid loss's are sums.)"""
+    if cfg.task == "reward":
+        return {"loss": cfg.reward.loss}
+    return {"loss": cfg.dpo.loss, "beta": cfg.dpo.beta}
+
+
+def reward_text(tokenizer, prompt: str, response: str, use_chat_template: bool) -> str:
+    """What a reward model reads: the chat as the tokenizer's template writes it, else prompt, newline, response."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+    return prompt + "\n" + response
+
+
+def reward_ids(tokenizer, prompts: list[str], responses: list[str], use_chat_template: bool,
+               max_len: int) -> list[list[int]]:
+    """Token ids of each (prompt, response) for a reward model. A text longer than ``max_len``
+    loses the start of its prompt, never the end of the response: that is what is judged, and
+    where a decoder reads its score."""
+    chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
+    texts = [reward_text(tokenizer, p, r, use_chat_template) for p, r in zip(prompts, responses)]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:  # the template already holds the special tokens
+        return tokenizer(texts, truncation=True, max_length=max_len, add_special_tokens=not chat)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+def encode_preferences(prefs: list[Preference], tokenizer, cfg: Config) -> list[dict]:
+    d, max_len, goal = cfg.data, cfg.train.max_length, objective(cfg)
+    if cfg.task == "reward":
+        ids = reward_ids(tokenizer, [p.prompt for p in prefs for _ in p.responses],
+                         [r for p in prefs for r in p.responses], d.chat_template, max_len)
+        out, start = [], 0
+        for p in prefs:
+            out.append({"responses": ids[start:start + len(p.responses)], "objective": goal})
+            start += len(p.responses)
+        return out
+    out, dropped = [], 0
+    for prompt, chosen, rejected in to_pairs(prefs):
+        sides = [sft_example(tokenizer, prompt, r, d.chat_template, max_len) for r in (chosen, rejected)]
+        if None in sides:
+            dropped += 1
+            continue
+        out.append({"chosen": sides[0], "rejected": sides[1], "objective": goal})
+    _note_truncated(dropped, max_len, "pair(s)")
+    return out
+
+
+def split_by_prompt(prefs: list[Preference], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded share of the distinct prompts is held out with all their
+    preferences, so no prompt is compared in training and scored in evaluation."""
+    prompts = list(dict.fromkeys(p.prompt for p in prefs))
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:round(len(prompts) * fraction)])
+    return [p for p in prefs if p.prompt not in held], [p for p in prefs if p.prompt in held]
+
+
+def prepare_preferences(cfg: Config, tokenizer) -> PreparedData:
+    """Preference files -> split by prompt -> limits -> examples, with a data report."""
+    d, seed = cfg.data, cfg.train.seed
+    files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval)) if ref}
+    rejects: list[dict] = []
+    loaded = {s: load_preferences(path, d.on_error, rejects) for s, path in files.items()}
+    if "eval" in loaded:
+        splits = {"train": loaded["train"], "eval": loaded["eval"]}
+    else:
+        splits = dict(zip(("train", "eval"), split_by_prompt(loaded["train"], d.eval_fraction, seed)))
+        if not splits["train"] or not splits["eval"]:
+            prompts = len({p.prompt for p in loaded["train"]})
+            raise DataError(f"{files['train']}: {prompts} distinct prompt(s) cannot be split into training and "
+                            f"evaluation prompts with data.eval_fraction={d.eval_fraction} (a prompt's preferences "
+                            "stay together); add prompts, change data.eval_fraction or give data.eval")
+    before = sum(len(v) for v in splits.values())
+    for name, limit in (("train", d.train_limit), ("eval", d.eval_limit)):
+        if limit:
+            splits[name] = split.take(splits[name], limit, seed, None)
+    rows = {name: [{"prompt": p.prompt, "responses": p.responses, FILE: p.source[0], ROW: p.source[1]} for p in prefs]
+            for name, prefs in splits.items()}
+    report = _preference_report(cfg, files, rows, rejects, before - sum(len(v) for v in splits.values()))
+    examples = {name: encode_preferences(prefs, tokenizer, cfg) for name, prefs in splits.items()}
+    if not examples["train"] or not examples["eval"]:
+        raise DataError(f"{files['train']}: no usable preference examples after truncating to train.max_length="
+                        f"{cfg.train.max_length}; raise it")
+    return PreparedData(Split(rows["train"], examples["train"]), Split(rows["eval"], examples["eval"]), None,
+                        report["fingerprint"], "preferences", report=report, rejects=rejects)
+
+
+def _preference_report(cfg: Config, files: dict, rows: dict, rejects: list[dict], limited: int) -> dict:
+    """The data report's figures that apply to preference files (the cleaning steps do not run)."""
+    from ..config import to_dict
+    from .report import fingerprint
+
+    train_prompts = {r["prompt"] for r in rows["train"]}
+    shared = sum(r["prompt"] in train_prompts for r in rows["eval"])
+    return {
+        "task": cfg.task, "mode": "preferences", "files": files, "columns": ["prompt", "responses"],
+        "rows_in": sum(len(r) for r in rows.values()) + len(rejects) + limited,
+        "rows_out": sum(len(r) for r in rows.values()),
+        "rows_per_split": {s: len(r) for s, r in rows.items()},
+        "comparisons_per_split": {s: sum(len(x["responses"]) * (len(x["responses"]) - 1) // 2 for x in r)
+                                  for s, r in rows.items()},
+        "rejected_rows": len(rejects), "missing_handled": {}, "length_filtered": 0,
+        "exact_duplicates_removed": 0, "near_duplicates_removed": 0, "conflicting_labels": 0,
+        "leakage_found": {"eval": {"prompt_in_train": shared}} if shared else {}, "leakage_removed": 0,
+        "pii_redacted": {}, "augmented_rows": 0, "augmented_by_kind": {}, "left_out_by_limits": limited,
+        "label_counts": {}, "token_lengths": {},
+        "fingerprint": fingerprint(rows, ["prompt", "responses"]),
+        "settings": to_dict(cfg)["data"],
+    }

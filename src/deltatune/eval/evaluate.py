@@ -1,4 +1,8 @@
-"""Evaluate a model on prepared examples: loss plus the task's metrics."""
+"""Evaluate a model on prepared examples: loss plus the task's metrics.
+
+The preference tasks (reward, dpo) have their own loss and metrics in ``rlhf.reward`` and
+``rlhf.dpo``; ``forward_loss`` and ``evaluate`` hand them their batches, so the loop treats
+every task alike."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..data.collate import collate
+from ..data.collate import collate, example_length
+from ..data.examples import PREFERENCE_TASKS
 from ..losses import IGNORE, causal_lm_loss, chunked_causal_lm_loss, classification_loss, token_loss
 from .metrics import classification_metrics, perplexity
 
@@ -39,12 +44,20 @@ def forward_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, task: st
     ``losses.chunked_causal_lm_loss``, so the logits of the whole batch never exist. Models it
     does not fit (soft prompts, see ``decoder_parts``) take the plain path.
     """
+    if task in PREFERENCE_TASKS:
+        return _preference_task(task).forward_loss(model, inputs, targets, chunked)
     parts = decoder_parts(model) if chunked and task == "causal_lm" else None
     if parts is None:
         return loss_fn(task)(forward(model, inputs, targets, task), targets)
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state
     return chunked_causal_lm_loss(hidden, head, targets)
+
+
+def _preference_task(task: str):
+    from ..rlhf import dpo, reward  # imported here: they build on forward, decoder_parts and batches
+
+    return {"reward": reward, "dpo": dpo}[task]
 
 
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -103,7 +116,7 @@ def tagged_predictions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[lis
 
 def batches(examples: list[dict], batch_size: int, pad_id: int):
     # Sorted by length: evaluation order does not matter and padding costs time.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start:start + batch_size]], pad_id), order[start:start + batch_size]
 
@@ -112,6 +125,10 @@ def batches(examples: list[dict], batch_size: int, pad_id: int):
 def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int, pad_id: int,
              labels: list[str] | None = None, chunked_loss: bool = True) -> dict:
     """Loss and metrics; ``chunked_loss`` as in ``forward_loss`` (it only saves memory here)."""
+    if task == "reward":
+        return _preference_task(task).evaluate(model, examples, batch_size, pad_id)
+    if task == "dpo":
+        return _preference_task(task).evaluate(model, examples, batch_size, pad_id, chunked_loss)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -27,7 +27,8 @@ class NoOptions:
 
 class Method:
     name: str = ""
-    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq")
+    # reward trains a sequence classifier with one output; dpo and ppo a causal LM
+    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "ppo")
     can_merge: bool = False
     summary: str = ""
     Options: type = NoOptions

@@ -18,13 +18,14 @@ from .base import Method
 
 
 def task_type(task: str) -> TaskType:
-    return {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM,
+    return {"classification": TaskType.SEQ_CLS, "reward": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM,
+            "dpo": TaskType.CAUSAL_LM, "ppo": TaskType.CAUSAL_LM,
             "token_classification": TaskType.TOKEN_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}[task]
 
 
 def head_modules(task: str, model: nn.Module) -> list[str] | None:
-    """The freshly initialised classification head trains alongside the adapter."""
-    return head_module_names(model) if task in ("classification", "token_classification") else None
+    """The freshly initialised classification (or reward) head trains alongside the adapter."""
+    return head_module_names(model) if task in ("classification", "token_classification", "reward") else None
 
 
 class PeftMethod(Method):

@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ..assets import resolve_model
 from ..config import Config, dump_yaml, load_config
 from ..data import PreparedData, prepare
 from ..data.report import render_html
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, RunError, Stopped
 from ..eval.evaluate import evaluate
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry
@@ -58,15 +59,26 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id,
                        **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, cfg.task)
+    train_examples = method.prepare_examples(model, data.train.examples)
+    eval_examples = method.prepare_examples(model, data.eval.examples)
+    if cfg.task == "dpo":  # the reference runs here, once: the model is still the base
+        from ..rlhf.dpo import add_reference_logps
+
+        reference = partial(add_reference_logps, method.untouched(model), batch_size=cfg.train.eval_batch_size,
+                            pad_id=tokenizer.pad_token_id, chunked=cfg.train.chunked_loss)
+        train_examples, eval_examples = reference(train_examples), reference(eval_examples)
     job = Job(model=model, method=method, options=cfg.method.options, task=cfg.task,
-              train_examples=method.prepare_examples(model, data.train.examples),
-              eval_examples=method.prepare_examples(model, data.eval.examples),
+              train_examples=train_examples, eval_examples=eval_examples,
               labels=data.labels, pad_id=tokenizer.pad_token_id, run=run, train=cfg.train)
     return job, data, tokenizer
 
 
 def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train", parent: str | None = None) -> RunDir:
     """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
+    if cfg.task == "ppo":  # sampling, not a pass over fixed examples: its own loop
+        from ..rlhf.ppo import train_ppo
+
+        return train_ppo(cfg, callbacks, kind, parent)
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
     extras = build_extras(cfg, tokenizer)
@@ -124,6 +136,10 @@ def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks,
     except KeyboardInterrupt:
         run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
         record.end("interrupted")
+        raise
+    except Stopped as exc:
+        run.set_status(exc.status, reason=str(exc))
+        record.end(exc.status, error=str(exc))
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"

@@ -81,6 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="show packaged models and data; --install prepares them")
     a.add_argument("--install", action="store_true")
 
+    f = sub.add_parser("feedback", help="sample k responses per prompt; a person (or --judge) ranks them into "
+                                        "preference JSONL; run it again to resume")
+    f.add_argument("--prompts", required=True, help="a table with a prompt column, or .txt with one prompt per line")
+    f.add_argument("--model", required=True, help="a causal-LM run directory, a base model folder or a packaged alias")
+    f.add_argument("--out", required=True, help="preference JSONL to append to (skipped prompts: OUT.skipped.jsonl)")
+    f.add_argument("--k", type=int, default=2, help="responses per prompt")
+    f.add_argument("--prompt-column", default="prompt")
+    f.add_argument("--max-new-tokens", type=int, default=64)
+    f.add_argument("--temperature", type=float, default=0.8)
+    f.add_argument("--top-p", type=float, default=0.95)
+    f.add_argument("--seed", type=int, default=0, help="the same seed and prompt give the same responses")
+    f.add_argument("--judge", metavar="RUN_DIR", help="no person: a classification or reward-model run ranks them")
+    f.add_argument("--judge-label", help="with a classification judge: the label whose log-odds is the score")
+
     r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("list", help="recorded runs, newest first")
@@ -350,6 +364,16 @@ def cmd_assets(args) -> int:
     return 0
 
 
+def cmd_feedback(args) -> int:
+    from .rlhf.feedback import feedback
+
+    feedback(args.prompts, args.model, args.out, args.k, prompt_column=args.prompt_column,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+             judge=args.judge, judge_label=args.judge_label)
+    print(args.out)
+    return 0
+
+
 def cmd_runs(args) -> int:
     from . import registry_db as db
 
@@ -435,7 +459,7 @@ def _compare_table(runs: list[dict]):
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
-            "runs": cmd_runs}
+            "runs": cmd_runs, "feedback": cmd_feedback}
 
 if __name__ == "__main__":
     sys.exit(main())

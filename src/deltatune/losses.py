@@ -23,6 +23,13 @@ def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
 
+def masked_classification_loss(logits: Tensor, labels: Tensor, allowed: Tensor) -> tuple[Tensor, int]:
+    """Cross-entropy normalised over the classes an example may take: ``allowed[y]`` for true class y
+    (multi-task: the labels of its own task, so one task's classes never compete with another's)."""
+    logits = logits.float().masked_fill(~allowed.to(logits.device)[labels], float("-inf"))
+    return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     """Next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 labels are skipped.
 

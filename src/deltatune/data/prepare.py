@@ -211,11 +211,24 @@ def _tagged(row: dict, fields: Fields) -> str | None:
 def prepare_rows(cfg: Config, tokenizer=None) -> PreparedRows:
     """Run the whole pipeline in memory. ``tokenizer`` (optional) adds token-length figures."""
     d = cfg.data
+    if d.tasks:  # several tasks, each through the pipeline below, then one labelled set
+        from .multitask import prepare_tasks
+        return prepare_tasks(cfg, tokenizer)
     train_ref = resolve_data(d.train)
     if (Path(train_ref) / REPORT).is_file():
         return load_prepared(cfg, Path(train_ref))
     ledger = Ledger()
     stage = RowStage(cfg, ledger)
+    splits, files = run_pipeline(cfg, stage, ledger)
+    fields = fields_for(cfg, stage.mode)
+    from .report import build_report
+    report = build_report(cfg, splits, stage.mode, fields, ledger, files, tokenizer)
+    return PreparedRows(splits, stage.mode, fields, report, ledger.rejects)
+
+
+def run_pipeline(cfg: Config, stage: RowStage, ledger: Ledger) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """data.train/eval/test -> (rows per split, file per split): everything but the report."""
+    d = cfg.data
     files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval), ("test", d.test)) if ref}
     loaded = {s: stage.load(path) for s, path in files.items()}
     if not loaded["train"]:
@@ -229,9 +242,7 @@ def prepare_rows(cfg: Config, tokenizer=None) -> PreparedRows:
         raise DataError(f"{files['train']}: no rows left for evaluation; add data, raise data.eval_fraction "
                         "or give data.eval")
     _augment(cfg, splits, fields, stage.mode, ledger)
-    from .report import build_report
-    report = build_report(cfg, splits, stage.mode, fields, ledger, files, tokenizer)
-    return PreparedRows(splits, stage.mode, fields, report, ledger.rejects)
+    return splits, files
 
 
 def _deduplicate(rows, name, fields, cfg, ledger) -> list[dict]:

@@ -62,7 +62,7 @@ def build_report(cfg: Config, splits, mode, fields, ledger, files: dict, tokeniz
         "length_filtered": ledger.length_filtered,
         "exact_duplicates_removed": sum(ledger.exact.values()),
         "near_duplicates_removed": sum(ledger.near.values()),
-        "duplicates_by_split": {s: {"exact": ledger.exact[s], "near": ledger.near[s]} for s in files},
+        "duplicates_by_split": {s: {"exact": ledger.exact[s], "near": ledger.near[s]} for s in splits},
         "conflicting_labels": ledger.conflicting_labels,
         "leakage_found": leakage,
         "leakage_removed": ledger.leakage_removed,
@@ -168,6 +168,10 @@ def render_html(report: dict) -> str:
             "left_out_by_limits", "fingerprint"]
     body = [f"<h1>Data report</h1><p>{html.escape(', '.join(f'{k}: {v}' for k, v in report['files'].items()))}</p>",
             _table([(k, report[k]) for k in keys])]
+    if report.get("tasks"):  # multi-task data (data/multitask.py): each task's own figures
+        body.append("<h2>Tasks</h2>" + _table([(task, {k: t[k] for k in ("rows_per_split", "exact_duplicates_removed",
+                                                                          "leakage_found", "left_out_by_limits")})
+                                               for task, t in report["tasks"].items()]))
     for split, counts in report["label_counts"].items():
         body.append(_bars(f"Labels in {split}", counts))
     for split, lengths in report["token_lengths"].items():

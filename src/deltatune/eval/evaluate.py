@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from functools import partial
 
 import torch
 from peft import PeftModel
@@ -15,11 +16,15 @@ from torch import nn
 
 from ..data.collate import collate, example_length
 from ..data.examples import PREFERENCE_TASKS
-from ..losses import IGNORE, causal_lm_loss, chunked_causal_lm_loss, classification_loss, token_loss
-from .metrics import classification_metrics, perplexity
+from ..losses import (IGNORE, causal_lm_loss, chunked_causal_lm_loss, classification_loss,
+                      masked_classification_loss, token_loss)
+from .metrics import classification_metrics, multitask_metrics, perplexity, same_task, task_groups
 
 
-def loss_fn(task: str):
+def loss_fn(task: str, labels: list[str] | None = None):
+    """The task's loss; with multi-task labels (``<task>/<label>``, data.tasks) a softmax per task."""
+    if task == "classification" and labels and task_groups(labels):
+        return partial(masked_classification_loss, allowed=torch.from_numpy(same_task(labels)))
     return {"classification": classification_loss, "causal_lm": causal_lm_loss,
             "token_classification": token_loss, "seq2seq": token_loss}[task]
 
@@ -37,7 +42,7 @@ def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str) ->
 
 
 def forward_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str,
-                 chunked: bool = False) -> tuple[torch.Tensor, int]:
+                 chunked: bool = False, labels: list[str] | None = None) -> tuple[torch.Tensor, int]:
     """The task's (loss sum, count) for a batch.
 
     ``chunked``: a causal LM's cross-entropy comes from its final hidden states through
@@ -48,7 +53,7 @@ def forward_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, task: st
         return _preference_task(task).forward_loss(model, inputs, targets, chunked)
     parts = decoder_parts(model) if chunked and task == "causal_lm" else None
     if parts is None:
-        return loss_fn(task)(forward(model, inputs, targets, task), targets)
+        return loss_fn(task, labels)(forward(model, inputs, targets, task), targets)
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state
     return chunked_causal_lm_loss(hidden, head, targets)
@@ -133,7 +138,7 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int,
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    y_true, y_pred = [], []
+    y_true, y_pred, scores = [], [], []
     for batch, _ in batches(examples, batch_size, pad_id):
         inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
         targets = batch["targets"].to(device)
@@ -142,16 +147,19 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, batch_size: int,
             total, count = total + float(loss), count + n
             continue
         logits = forward(model, inputs, targets, task)
-        loss, n = loss_fn(task)(logits, targets)
+        loss, n = loss_fn(task, labels)(logits, targets)
         total, count = total + float(loss), count + n
         if task == "classification":
             y_true += targets.tolist()
             y_pred += logits.argmax(-1).tolist()
+            scores.append(logits.float().cpu())
         else:
             true, pred = tagged_predictions(logits, targets)
             y_true, y_pred = y_true + true, y_pred + pred
     model.train(was_training)
     mean = total / max(count, 1)
+    if task == "classification" and task_groups(labels):  # one model, several tasks (data.tasks)
+        return {"loss": mean, **multitask_metrics(y_true, torch.cat(scores).numpy(), labels)}
     if task in ("classification", "token_classification"):  # per-example or per-word (tag) metrics
         return {"loss": mean, **classification_metrics(y_true, y_pred, labels)}
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}

@@ -38,3 +38,67 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
 def perplexity(mean_loss: float) -> float:
     """exp of the mean per-token negative log-likelihood (inf past float range)."""
     return math.exp(mean_loss) if mean_loss < 700 else float("inf")
+
+
+# ----------------------------------------------------------------------------- multi-task classification
+
+TASK_SEPARATOR = "/"  # multi-task labels are "<task>/<label>" (data/multitask.py names them)
+
+
+def task_groups(labels: list[str]) -> dict[str, list[int]] | None:
+    """Label indices per task when ``labels`` are namespaced ``<task>/<label>`` for two or more
+    tasks of at least two labels each; None for ordinary (single-task) labels."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(labels):
+        task, sep, rest = name.partition(TASK_SEPARATOR)
+        if not (task and sep and rest):
+            return None
+        groups.setdefault(task, []).append(i)
+    if len(groups) < 2 or any(len(g) < 2 for g in groups.values()):
+        return None
+    return groups
+
+
+def same_task(labels: list[str]) -> np.ndarray:
+    """``m[i, j]`` is True when labels i and j belong to the same task: row ``m[y]`` is the set of
+    classes an example of true class y may be predicted as (and, for a masked loss, normalised over)."""
+    groups = task_groups(labels)
+    if groups is None:
+        raise ValueError(f"labels are not namespaced <task>/<label> for two or more tasks: {labels}")
+    task_of = np.empty(len(labels), dtype=int)
+    for t, indices in enumerate(groups.values()):
+        task_of[indices] = t
+    return task_of[:, None] == task_of[None, :]
+
+
+def multitask_metrics(y_true: list[int], logits, labels: list[str]) -> dict:
+    """Metrics of one model trained on several tasks with a shared head over namespaced labels.
+
+    Each example's task is that of its true label, and its prediction is the argmax over that
+    task's labels only (the other tasks' logits are masked out), as a model with one head per task
+    would predict. Returns ``classification_metrics`` over all labels on those predictions, plus per
+    task (``tasks``: accuracy, macro-F1, per-class P/R/F1 and the confusion matrix over the task's
+    own labels), flat ``accuracy/<task>`` and ``macro_f1/<task>`` scalars for the eval log, and the
+    unweighted means over tasks ``task_mean_accuracy`` / ``task_mean_macro_f1``.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    scores = np.asarray(logits, dtype=float).reshape(len(y_true), len(labels))
+    allowed = same_task(labels)
+    y_pred = np.where(allowed[y_true], scores, -np.inf).argmax(-1)
+    out = classification_metrics(y_true.tolist(), y_pred.tolist(), labels)
+    tasks = {}
+    for task, indices in task_groups(labels).items():
+        rows = np.isin(y_true, indices)
+        if not rows.any():
+            continue
+        local = {g: i for i, g in enumerate(indices)}
+        names = [labels[i].partition(TASK_SEPARATOR)[2] for i in indices]
+        tasks[task] = {**classification_metrics([local[y] for y in y_true[rows]], [local[y] for y in y_pred[rows]],
+                                                names),
+                       "labels": names, "support": int(rows.sum())}
+    for task, m in tasks.items():
+        out[f"accuracy/{task}"], out[f"macro_f1/{task}"] = m["accuracy"], m["macro_f1"]
+    out["task_mean_accuracy"] = float(np.mean([m["accuracy"] for m in tasks.values()]))
+    out["task_mean_macro_f1"] = float(np.mean([m["macro_f1"] for m in tasks.values()]))
+    out["tasks"] = tasks
+    return out

@@ -85,7 +85,8 @@ UPDATABLE = frozenset({"status", "data_fingerprint", "main_metric", "main_value"
                        "tokens_per_s", "peak_rss_mb", "error", "started", "ended", "metrics", "versions"})
 # The metric a task is judged by, and whether higher is better.
 MAIN_METRIC = {"classification": ("accuracy", True), "token_classification": ("accuracy", True),
-               "causal_lm": ("perplexity", False), "seq2seq": ("perplexity", False)}
+               "causal_lm": ("perplexity", False), "seq2seq": ("perplexity", False),
+               "reward": ("accuracy", True), "dpo": ("accuracy", True), "ppo": ("reward", True)}
 
 
 def registry_path() -> Path:

@@ -31,7 +31,8 @@ def test_every_model_task_method_has_a_config():
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
 def test_shipped_config_trains_one_step(path, tmp_path):
-    load_config(path)
+    if load_config(path).task == "ppo":
+        pytest.skip("needs a trained reward model: tests/unit/test_ppo.py trains one and runs this config")
     run = train(load_config(path, [*ONE_STEP, f"output_dir={tmp_path / 'run'}"]))
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["steps"] == 1

@@ -27,8 +27,9 @@ class NoOptions:
 
 class Method:
     name: str = ""
-    # reward trains a sequence classifier with one output; dpo and ppo a causal LM
-    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "ppo")
+    # reward trains a sequence classifier with one output, dpo a causal LM. PPO needs a delta that can be
+    # switched off (its reference is the base): only peft's adapters and IA3 (PeftMethod) add "ppo".
+    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo")
     can_merge: bool = False
     summary: str = ""
     Options: type = NoOptions

@@ -29,6 +29,8 @@ def head_modules(task: str, model: nn.Module) -> list[str] | None:
 
 
 class PeftMethod(Method):
+    tasks = (*Method.tasks, "ppo")
+
     def peft_config(self, options, task: str, model: nn.Module) -> PeftConfig:
         raise NotImplementedError
 

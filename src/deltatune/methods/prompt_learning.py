@@ -18,6 +18,7 @@ from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparame
 from torch import nn
 
 from ..config import doc
+from .base import Method
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
 
@@ -27,6 +28,7 @@ WHY = ("the trained virtual tokens are inputs, not weight changes, so there is n
 
 class SoftPromptMethod(PeftMethod):
     why_no_merge = WHY
+    tasks = Method.tasks  # not ppo: the virtual tokens shift every position the rollouts score
 
     def untouched(self, model: nn.Module) -> nn.Module:
         # The virtual tokens live outside the wrapped model: it alone is the base. (peft's

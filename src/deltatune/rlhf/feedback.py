@@ -41,6 +41,7 @@ from rich.text import Text
 from ..assets import DATA_SUFFIXES
 from ..errors import DataError, DeltatuneError, RunError
 from ..data.load import ROW, cell, load_table, require_columns
+from .rewards import log_odds
 
 GENERATIVE_TASKS = ("causal_lm", "dpo", "ppo")
 SAMPLING_ROUNDS = 4  # draws of k samples to find k different responses before showing fewer
@@ -213,8 +214,7 @@ def classifier_log_odds(loaded, label: str, texts: list[str]) -> list[float]:
     enc = loaded.tokenizer(texts, truncation=True, max_length=loaded.cfg.train.max_length, padding=True,
                            return_tensors="pt").to(loaded.device)
     logits = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
-    others = torch.cat([logits[:, :y], logits[:, y + 1:]], dim=1)
-    return (logits[:, y] - torch.logsumexp(others, dim=1)).cpu().tolist()
+    return log_odds(logits, y).cpu().tolist()
 
 
 def judge_decider(judge: Judge, console: Console) -> Decide:

@@ -97,7 +97,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     (run.path / "data_report.html").write_text(render_html(data.report), encoding="utf-8")
     if data.rejects:
         run.write_jsonl("rejects.jsonl", data.rejects)
-    run.write_json("env.json", _versions())
+    run.write_json("env.json", environment())
     if data.labels and cfg.task == "classification" and cfg.eval.icl_shots:
         extras.prompting = lambda: prompting_baselines(cfg, resolve_model(cfg.model), tokenizer, data.train.rows,
                                                        data.eval.rows, data.labels)
@@ -109,6 +109,8 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if run.status() == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
     cfg = load_config(run.config)
+    if cfg.task == "ppo":
+        raise RunError(f"{run.path}: PPO runs keep no checkpoints and cannot be resumed; start a new run")
     job, data, tokenizer = build_job(cfg, run)
     extras = build_extras(cfg, tokenizer)
     extras.before = run.read_json("baseline.json").get("general_text")
@@ -173,7 +175,8 @@ def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) ->
     run.set_status("completed")
 
 
-def _versions() -> dict:
+def environment() -> dict:
+    """Versions of the libraries as imported (local builds included) and the thread count: env.json."""
     import accelerate
     import peft
     import transformers

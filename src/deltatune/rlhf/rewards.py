@@ -1,0 +1,162 @@
+"""What PPO maximises: a score per (prompt, response), from exactly one of three sources.
+
+- ``ppo.reward_model`` = a finished ``task: classification`` run + ``ppo.reward_label``: the
+  label's log-odds  ``z_label - logsumexp_{j != label} z_j  = log p / (1 - p)``  of the text
+  ``prompt + " " + response``. Log-odds rather than p: it does not saturate at 0 and 1, so a
+  response that is already very positive still gets a gradient toward more.
+- ``ppo.reward_model`` = a finished ``task: reward`` run: its scalar score
+  (``inference.score(loaded, prompts, responses)``).
+- ``ppo.reward_fn`` = ``'module:function'`` or ``'path/to/file.py:function'``: a Python callable
+  ``(prompts, responses) -> list of floats``.
+
+Every check here names the config key, so ``load_reward`` can run before a run directory exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, DeltatuneError
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+def source_problems(p) -> list[str]:
+    """What is wrong with the choice of reward source in ``p`` (the PpoConfig), without loading it."""
+    if bool(p.reward_model) == bool(p.reward_fn):
+        what = "both are set" if p.reward_model else "neither is set"
+        return [f"ppo.reward_model / ppo.reward_fn: give exactly one reward source ({what}): "
+                "ppo.reward_model=RUN_DIR (a classification or reward run) or ppo.reward_fn='module:function'"]
+    if p.reward_fn and p.reward_label:
+        return ["ppo.reward_label: only used with a classifier as ppo.reward_model; unset it when using ppo.reward_fn"]
+    return []
+
+
+def load_reward(cfg: Config) -> RewardFn:
+    """The configured reward as ``(prompts, responses) -> (batch,) float tensor``. Raises ConfigError."""
+    p = cfg.ppo
+    problems = source_problems(p)
+    if problems:
+        raise ConfigError(problems)
+    if p.reward_fn:
+        return checked("ppo.reward_fn", import_callable(p.reward_fn))
+    return checked("ppo.reward_model", _model_reward(p.reward_model, p.reward_label, cfg.train.eval_batch_size))
+
+
+def checked(key: str, fn: Callable) -> RewardFn:
+    """Call ``fn`` and insist on one finite number per response, naming ``key`` when it does not."""
+    def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        try:
+            values = fn(prompts, responses)
+            scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+        except DeltatuneError:
+            raise
+        except Exception as exc:
+            raise DeltatuneError(f"{key}: the reward failed on {len(prompts)} responses: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        if scores.shape != (len(responses),):
+            raise DeltatuneError(f"{key}: returned {scores.numel()} values for {len(responses)} responses; "
+                                 "it must return one number per response")
+        if not torch.isfinite(scores).all():
+            raise DeltatuneError(f"{key}: returned a non-finite reward ({scores.tolist()}); rewards must be numbers")
+        return scores
+    return reward
+
+
+def import_callable(ref: str) -> Callable:
+    """``'package.module:function'`` or ``'path/to/file.py:function'`` -> the function."""
+    where, sep, name = ref.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError([f"ppo.reward_fn: {ref!r} is not of the form 'module:function' or 'file.py:function'"])
+    try:
+        if where.endswith(".py"):
+            module = _module_from_file(Path(where).expanduser())
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say which and why
+        raise ConfigError([f"ppo.reward_fn: cannot import {where!r}: {type(exc).__name__}: {exc}"]) from exc
+    fn = getattr(module, name, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ConfigError([f"ppo.reward_fn: {where} has no {name!r} (its functions: {', '.join(public) or 'none'})"])
+    if not callable(fn):
+        raise ConfigError([f"ppo.reward_fn: {where}:{name} is not a function but a value of type {type(fn).__name__}"])
+    return fn
+
+
+def _module_from_file(path: Path):
+    if not path.is_file():
+        raise ConfigError([f"ppo.reward_fn: file {path} does not exist"])
+    name = f"deltatune_reward_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look a module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- reward models
+
+def _model_reward(path: str, label: str | None, batch_size: int) -> Callable:
+    from .. import inference
+    from ..rundir import RunDir
+
+    run = RunDir(Path(path).expanduser())
+    try:
+        run.require_complete()
+    except DeltatuneError as exc:
+        raise ConfigError([f"ppo.reward_model: {exc}"]) from exc
+    loaded = inference.load_run(run.path)
+    task = loaded.cfg.task
+    if task == "classification":
+        return classifier_reward(loaded, label, batch_size)
+    if label:
+        raise ConfigError([f"ppo.reward_label: {run.path} is a task {task!r} run, not a classifier; "
+                           "a label only applies to a classification reward model, unset it"])
+    if task == "reward":
+        if not hasattr(inference, "score"):
+            raise ConfigError([f"ppo.reward_model: {run.path} is a task reward run, but this deltatune has no "
+                               "inference.score to run reward models yet; use a classifier run or ppo.reward_fn"])
+        return lambda prompts, responses: inference.score(loaded, prompts, responses)
+    raise ConfigError([f"ppo.reward_model: {run.path} is a task {task!r} run; a reward model must be a "
+                       "task classification or task reward run"])
+
+
+def classifier_reward(loaded, label: str | None, batch_size: int) -> Callable:
+    """Log-odds of ``label`` under a classification run, of ``prompt + " " + response``."""
+    if not label or label not in loaded.labels:
+        what = f"{label!r} is not one of its labels" if label else "ppo.reward_label is not set"
+        raise ConfigError([f"ppo.reward_label: {loaded.run.path} is a classifier; {what}. Choose one of: "
+                           f"{', '.join(loaded.labels)}"])
+    index = loaded.labels.index(label)
+    tok, max_length = loaded.tokenizer, loaded.cfg.train.max_length
+
+    @torch.no_grad()
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [f"{p} {r}".strip() for p, r in zip(prompts, responses)]
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt").to(loaded.device)
+            logits = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+            out += log_odds(logits, index).tolist()
+        return out
+
+    return reward
+
+
+def log_odds(logits: torch.Tensor, index: int) -> torch.Tensor:
+    """``z_i - logsumexp_{j != i} z_j`` per row: log p_i / (1 - p_i) under softmax(z)."""
+    others = logits.clone()
+    others[:, index] = -math.inf
+    return logits[:, index] - others.logsumexp(-1)

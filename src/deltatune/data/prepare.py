@@ -45,8 +45,10 @@ class Fields:
 
 
 def mode_for(cfg: Config, columns) -> str:
-    """How rows become examples. A causal LM trains SFT when the file has prompt/response columns."""
-    fixed = {"classification": "classification", "token_classification": "tokens", "seq2seq": "seq2seq"}
+    """How rows become examples. A causal LM trains SFT when the file has prompt/response columns;
+    PPO reads prompts only (its responses are sampled)."""
+    fixed = {"classification": "classification", "token_classification": "tokens", "seq2seq": "seq2seq",
+             "ppo": "prompts"}
     if cfg.task in fixed:
         return fixed[cfg.task]
     return "sft" if cfg.data.prompt_column in columns or cfg.data.response_column in columns else "text"
@@ -55,7 +57,7 @@ def mode_for(cfg: Config, columns) -> str:
 def fields_for(cfg: Config, mode: str) -> Fields:
     d = cfg.data
     return {"classification": Fields([d.text_column], d.label_column), "text": Fields([d.text_column]),
-            "sft": Fields([d.prompt_column, d.response_column]),
+            "sft": Fields([d.prompt_column, d.response_column]), "prompts": Fields([d.prompt_column]),
             "seq2seq": Fields([d.prompt_column, d.response_column]),
             "tokens": Fields([d.tokens_column], d.tags_column)}[mode]
 

@@ -37,10 +37,9 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from ..assets import atomic_dir, resolve_data, resolve_model
+from ..assets import atomic_dir, resolve_model
 from ..config import Config, dump_yaml
-from ..data.load import iter_table, require_columns
-from ..data.prepare import REPORT, PreparedRows, prepare_rows
+from ..data.prepare import PreparedRows, prepare_rows
 from ..data.report import render_html
 from ..errors import ConfigError, DeltatuneError
 from ..methods import registry
@@ -143,22 +142,8 @@ def build(cfg: Config) -> Setup:
 
 
 def prompt_rows(cfg: Config) -> PreparedRows:
-    """The prompt column through the usual pipeline (templates, cleaning, dedup, split, limits).
-
-    The pipeline knows two row shapes for causal LMs, plain text and prompt/response pairs; PPO's
-    prompts are the first, read from ``data.prompt_column``."""
-    d = cfg.data
-    if d.prompt_column not in d.templates:
-        for key in ("train", "eval", "test"):
-            ref = getattr(d, key)
-            path = resolve_data(ref) if ref else None
-            if path is not None and not (Path(path) / REPORT).is_file():
-                first = next(iter_table(path), None)
-                if first is not None:
-                    require_columns([first], str(path), [(d.prompt_column, "data.prompt_column")])
-    unused = "\x00"  # no file has this column, so the pipeline reads plain text
-    data = dataclasses.replace(d, text_column=d.prompt_column, prompt_column=unused, response_column=unused)
-    return prepare_rows(dataclasses.replace(cfg, data=data))
+    """The prompt column through the usual pipeline (templates, cleaning, dedup, split, limits)."""
+    return prepare_rows(cfg)
 
 
 def _absolute_reward_refs(cfg: Config) -> Config:

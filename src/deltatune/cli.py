@@ -21,6 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
 
+    pl = sub.add_parser("plan", help="predict peak memory and seconds per step before training; says what to "
+                                     "change when it will not fit")
+    pl.add_argument("config", nargs="?", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=8")
+    pl.add_argument("--memory-gb", type=float, help="memory to plan for (default: MemAvailable)")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
     tu = sub.add_parser("tune", help="an Optuna study over training and method settings; writes the best config")
     tu.add_argument("config", nargs="?", help="YAML config file (the base every trial starts from)")
     tu.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
@@ -145,18 +151,28 @@ def _config_args(args) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .rundir import is_main_process
     from .train.run import resume, train
 
     if args.resume:
         run = resume(args.resume)
     else:
         run = train(load_config(*_config_args(args)))
+    if not is_main_process():  # another process of a multi-process launch: the main one reports
+        return 0
     metrics = json.loads((run.path / "metrics.json").read_text())
     from .report import summary_table
 
     summary_table(metrics, run.path)
     print(run.path)
     return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan_command
+
+    args.config, args.overrides = _config_args(args)
+    return plan_command(args)
 
 
 def cmd_tune(args) -> int:
@@ -459,7 +475,7 @@ def _compare_table(runs: list[dict]):
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
-            "runs": cmd_runs, "feedback": cmd_feedback}
+            "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -141,6 +141,10 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")
+    group_by_length: bool = doc(False, "Batch examples of similar length together (sorted within windows of 50 "
+                                       "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
+                                       "stays exact): less padding, faster steps. Batches are no longer uniform "
+                                       "samples, which can matter for very small data sets.")
 
 
 @dataclass

@@ -8,6 +8,7 @@ complete when it is not.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,51 @@ class RunDir:
             raise RunError(f"{self.path}: run is {status}, not completed; {hint}")
 
 
+def distributed() -> bool:
+    """True in every process of a multi-process launch (``accelerate launch``, ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """False only in the other processes of a multi-process launch: they train, the main one writes."""
+    return not distributed() or _joined_state().is_main_process
+
+
+def _joined_state():
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Joins the launch's process group (gloo on the CPU, nccl on GPUs). The flag is read here as
+    # accelerate's Accelerator reads it, so both see the same device.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes == 1:  # each process would train alone, all into the same directory
+        raise RunError(f"this process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate runs it on its "
+                       "own: on a machine without GPUs set ACCELERATE_USE_CPU=1 in the launch's environment "
+                       "(docs/scale.md)")
+    return state
+
+
 def new_run_dir(output_dir: str | None, name: str) -> RunDir:
+    """A new, empty run directory. In a multi-process launch the main process creates it and the
+    others receive its path (or its error), so all of them agree on one directory."""
+    if not distributed():
+        return _create_run_dir(output_dir, name)
+    from accelerate.utils import broadcast_object_list
+
+    shared: list = [None]
+    if _joined_state().is_main_process:
+        try:
+            shared = [("path", str(_create_run_dir(output_dir, name).path))]
+        except RunError as exc:
+            shared = [("error", str(exc))]
+    broadcast_object_list(shared)
+    kind, value = shared[0]
+    if kind == "error":
+        raise RunError(value)
+    return RunDir(Path(value))
+
+
+def _create_run_dir(output_dir: str | None, name: str) -> RunDir:
     if output_dir:
         path = Path(output_dir)
         if path.exists() and any(path.iterdir()):

@@ -5,6 +5,12 @@ periodic evaluation, keeping the best delta, and checkpoints from which a resume
 reproduces an uninterrupted one exactly (same data order, RNG, optimizer and schedule state).
 Memory and speed options (``train.chunked_loss``, ``train.bf16``, ``train.gradient_checkpointing``)
 change how a step is computed, not what it computes (bf16 up to rounding).
+
+Several processes (``accelerate launch``, docs/scale.md): each trains on its shard of every
+step's batches and DDP averages the gradients; a step over P processes with batch b computes
+what one process computes with batch P * b (the loss is normalised by the item count summed
+over processes). Only the main process writes: log, evaluations (run on the whole evaluation
+set, so metrics equal a single-process run's), the best delta and checkpoints.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from ..data.collate import collate
 from ..errors import DeltatuneError
 from ..eval.evaluate import evaluate, forward_loss
 from ..methods.base import Method
-from ..rundir import RunDir
+from ..rundir import RunDir, is_main_process
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .progress import Progress
 
@@ -51,8 +57,9 @@ class Job:
 
 
 def score(task: str, metrics: dict) -> float:
-    """Higher is better: accuracy for (token) classification, minus loss for generative tasks."""
-    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+    """Higher is better: accuracy for (token) classification and reward models, minus the loss for
+    generative tasks and DPO (whose reward accuracy saturates early while the margins keep growing)."""
+    return metrics["accuracy"] if "accuracy" in metrics and task != "dpo" else -metrics["loss"]
 
 
 def schedule(warmup: int, total: int):
@@ -101,6 +108,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
     t = job.train
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(job.model)
+    main = is_main_process()  # first: refuses a multi-process launch that accelerate would not join
     accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
     params = [p for p in job.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -118,12 +126,13 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
     best_metrics = None
     if resume:
         state = load_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
-        job.run.truncate_log(state.step)
+        if main:
+            job.run.truncate_log(state.step)
         best_metrics = job.run.read_json("best_metrics.json") if state.best is not None else None
     eval_every = t.eval_every or per_epoch
     save_every = t.save_every or eval_every
     model.train()
-    with Progress(total, enabled=t.progress) as bar:
+    with Progress(total, enabled=t.progress and main) as bar:
         bar.update(state)
         while state.step < total:
             loader = _epoch_loader(job, state.epoch, accelerator)
@@ -135,9 +144,9 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                                    n_batches):
                     continue
                 bar.update(state)
-                if state.step % eval_every == 0 or state.step == total:
+                if main and (state.step % eval_every == 0 or state.step == total):
                     best_metrics = _evaluate(job, accelerator.unwrap_model(model), state, best_metrics)
-                if state.step % save_every == 0 and state.step < total:
+                if main and state.step % save_every == 0 and state.step < total:
                     save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer,
                                     scheduler, state)
                 for callback in callbacks:
@@ -146,15 +155,43 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                     break
             else:
                 state.epoch, state.batches_done = state.epoch + 1, 0
+    accelerator.wait_for_everyone()  # the others return only once main has saved its last evaluation
     return best_metrics, state
 
 
 def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
     # The order depends only on (seed, epoch): a resumed run sees exactly the same batches.
     generator = torch.Generator().manual_seed(job.train.seed + epoch)
-    loader = DataLoader(job.train_examples, batch_size=job.train.batch_size, shuffle=True,
-                        generator=generator, collate_fn=partial(collate, pad_id=job.pad_id))
+    collate_fn = partial(collate, pad_id=job.pad_id)
+    if job.train.group_by_length:
+        lengths = [len(e["input_ids"]) for e in job.train_examples]
+        # The loader draws its workers' base seed from ``generator`` too (else from the global RNG,
+        # which would shift dropout in a resumed run).
+        loader = DataLoader(job.train_examples, collate_fn=collate_fn, generator=generator,
+                            batch_sampler=length_grouped_batches(lengths, job.train.batch_size, generator))
+    else:
+        loader = DataLoader(job.train_examples, batch_size=job.train.batch_size, shuffle=True,
+                            generator=generator, collate_fn=collate_fn)
     return accelerator.prepare_data_loader(loader)
+
+
+GROUP_WINDOW = 50  # batches sorted together: homogeneous lengths, yet a different mix every epoch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Index batches of similar length, in random order (``train.group_by_length``).
+
+    The examples are shuffled, then sorted by length (longest first) within windows of
+    ``GROUP_WINDOW`` batches, cut into batches, and the batches shuffled: each example appears
+    once, each batch pads little, and the order depends only on ``generator``'s seed.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, state: LoopState,
@@ -173,12 +210,15 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
     with nullcontext() if sync else accelerator.no_sync(model):
         with autocast():
             loss_sum, count = forward_loss(model, batch["inputs"], batch["targets"], job.task,
-                                           job.train.chunked_loss)
-        loss = loss_sum.float() / max(count, 1)
+                                           job.train.chunked_loss, job.labels)
+        all_loss, all_count, tokens = _summed_over_processes(accelerator, loss_sum.detach().float(), count,
+                                                             batch["tokens"])
+        # DDP averages the processes' gradients; times P over the total count, that is the mean over all items.
+        loss = loss_sum.float() * accelerator.num_processes / max(all_count, 1)
         accelerator.backward(loss / group_size)
     state.batches_done += 1
-    state.tokens += batch["tokens"]
-    state.group_loss += loss.item() / group_size
+    state.tokens += tokens
+    state.group_loss += (all_loss / max(all_count, 1)).item() / group_size
     if sync:
         if job.train.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
@@ -190,10 +230,22 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
     if not sync:
         return False
     state.loss, state.group_loss = state.group_loss, 0.0
-    job.run.append_log({"step": state.step, "epoch": state.epoch, "loss": state.loss,
-                        "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
-                        "tokens_per_s": state.tokens / max(state.seconds, 1e-9)})
+    if accelerator.is_main_process:
+        job.run.append_log({"step": state.step, "epoch": state.epoch, "loss": state.loss,
+                            "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
+                            "tokens_per_s": state.tokens / max(state.seconds, 1e-9)})
     return True
+
+
+def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, count: int,
+                           tokens: int) -> tuple[torch.Tensor, int, int]:
+    """(loss sum, items, tokens) of this micro-step over every process: one all-reduce (none alone)."""
+    if accelerator.num_processes == 1:
+        return loss_sum, count, tokens
+    local = torch.stack([loss_sum.double(), *(torch.tensor(float(v), dtype=torch.float64, device=loss_sum.device)
+                                              for v in (count, tokens))])
+    total = accelerator.reduce(local, reduction="sum")
+    return total[0].float(), int(total[1]), int(total[2])
 
 
 def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:

@@ -29,7 +29,7 @@ from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
 from ..registry_db import Recording
-from ..rundir import RunDir, new_run_dir
+from ..rundir import RunDir, is_main_process, new_run_dir
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
 
@@ -82,8 +82,11 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
     extras = build_extras(cfg, tokenizer)
-    run = new_run_dir(cfg.output_dir, cfg.run_name)
+    run = new_run_dir(cfg.output_dir, cfg.run_name)  # in a multi-process launch: one directory for all
     job.run = run
+    if not is_main_process():  # the other processes of a launch only train; the main one writes
+        run_loop(job, callbacks=callbacks)
+        return run
     run.set_status("running")
     record = Recording(run.path, cfg, kind, parent)  # the run registry; a registry error only warns
     run.config.write_text(dump_yaml(cfg), encoding="utf-8")
@@ -117,6 +120,9 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if run.read_json("data.json")["fingerprint"] != data.fingerprint:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
                        "resuming would mix two data sets. Start a new run instead")
+    if not is_main_process():
+        run_loop(job, resume=True, callbacks=callbacks)
+        return run
     run.set_status("running")
     return _execute(job, data, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg),
                     extras=extras)

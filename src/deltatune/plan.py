@@ -1,0 +1,440 @@
+"""`deltatune plan`: peak memory and seconds per step of a config, predicted before training.
+
+Nothing is trained and no weights are read. The model is built on PyTorch's meta device (shapes
+only) and the method applied to it, so parameter and trainable counts are the real ones. The data
+is prepared as `deltatune train` would (tokenizer only), so sequence lengths are the real padded
+widths of the batches the run will see, in the run's own seeded order. Memory is a sum of terms:
+
+    peak = framework + data + weights + gradients + AdamW states
+           + max(activations + logits of the largest training batch, evaluation transients)
+
+and time per step is FLOPs over this machine's matrix-product speed, measured at plan time (about
+a second) at the torch thread count, times an efficiency calibrated per architecture family.
+Every constant below says where it comes from. Checked against real runs by
+benchmarks/plan_accuracy.py (figures in docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import Config, TrainConfig
+
+MB = 2**20
+# Floats saved for backward per token per transformer layer, in units of the hidden size, by
+# architecture family and whether the base weights train (a frozen linear keeps no input). Exact
+# counts (torch.autograd.graph.saved_tensors_hooks over one training forward, unique storages,
+# parameters excluded; benchmarks/plan_accuracy.py --saved): minilm 18.5 full and frozen;
+# smollm2-135m with a padding mask 21.0 full, 17.7 frozen.
+ACTIVATION_FLOATS = {("encoder", True): 18.5, ("encoder", False): 18.5,
+                     ("decoder", True): 21.0, ("decoder", False): 17.7}
+# With attention dropout (BERT: 0.1) torch's CPU attention takes the unfused path and keeps the
+# probabilities, the dropped probabilities and the mask: exactly 3 floats per head per key per token
+# in the same count (minilm at lengths 64 and 128).
+ATTENTION_PROB_FLOATS = 3.0
+# A LoRA branch with dropout keeps its dropped input and the mask: 1.125 floats per input feature
+# (same count: minilm lora minus full, smollm2 lora minus its frozen base).
+ADAPTER_INPUT_FLOATS = 1.125
+# Resident memory per saved byte, and per byte of fp32 weights, fitted by hand to the measured peak
+# RSS of minilm full/lora (b32, l128: 1.17 and 1.49, taken as 1.3) and smollm2 lora (b4, l512, with
+# and without checkpointing: 1.125, with the load factor) in benchmarks/plan_accuracy.py. Temporaries
+# of the forward (attention scores, dropout outputs) come on top of what backward keeps; the
+# allocator reuses the memory freed after loading (read, converted, copied: about 3x the weights).
+RSS_PER_SAVED_BYTE = {"encoder": 1.3, "decoder": 1.125}
+LOAD_FACTOR = 3.0
+# Logits of the plain causal-LM loss: the model's fp32 logits, the shifted copy that reshape makes,
+# log-softmax and its gradient (4 copies of batch x length x vocabulary); see losses.causal_lm_loss.
+LOGIT_COPIES = 4.0
+# Python lists of token ids (input_ids, labels) and the rows they came from: about 120 bytes a token
+# (a boxed int is 28 bytes plus an 8-byte pointer, two lists, plus the text).
+DATA_BYTES_PER_TOKEN = 120.0
+# Share of the micro-benchmark's matmul speed a whole training step reaches (small matrices,
+# attention, norms, Python overhead): step FLOPs / (GFLOP/s measured just before x step seconds),
+# minilm lora b32 (4 steps: 0.076-0.103) and smollm2 lora b4 l512 (0.49), measured with the two
+# cores shared by about ten other processes (benchmarks/plan_accuracy.py --efficiency). The small
+# encoder's steps are dominated by per-operation overhead under that contention; on an idle
+# machine its efficiency is expected to be several times higher: recalibrate when it is quiet.
+EFFICIENCY = {"encoder": 0.085, "decoder": 0.49}
+# AdamW (foreach, fp32) and gradient clipping: about 10 memory passes over each trainable tensor
+# at roughly 10 GB/s on this class of machine: 4 ns per trainable parameter (an estimate).
+OPTIMIZER_NS_PER_PARAM = 4.0
+QUANT_BYTES_PER_WEIGHT = 0.52  # NF4: 4 bits plus one fp32 scale per 64 weights, double-quantised
+ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet")
+
+
+@dataclass
+class Suggestion:
+    change: list[str]  # key=value overrides
+    why: str
+    peak_mb: float
+    seconds_per_step: float
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    task: str
+    total_params: int
+    trainable_params: int
+    batch_size: int
+    mean_width: float  # mean padded length of the planned micro-batches
+    max_width: int  # the longest one (it sets the memory peak)
+    memory_mb: dict[str, float]
+    peak_mb: float
+    available_mb: float
+    flops_per_step: float
+    matmul_gflops: float
+    seconds_per_step: float
+    steps: int
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_mb <= self.available_mb
+
+
+@dataclass
+class Shape:
+    """What the estimate needs from the model with its method applied."""
+    family: str
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    attention_dropout: bool
+    total_params: int
+    trainable_params: int
+    weight_bytes: float
+    layer_linear: int  # weights of the linear layers inside the transformer blocks
+    trainable_layer_linear: int
+    depth: float  # share of layers that backward reaches (from the lowest trainable one up)
+    trains_base: bool
+    adapter_floats: float  # per token per layer: inputs kept by LoRA branches with dropout
+    head_trains: bool
+    cached_features: bool  # feature extraction: the encoder never runs in a step
+
+
+@dataclass
+class Batches:
+    """The planned micro-batches: padded width and predicted positions (causal LM) of each."""
+    size: int
+    widths: list[int]
+    predicted: list[int]
+    data_tokens: int
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = None) -> Plan:
+    """Predict the peak RSS (MB) and seconds per step of training ``cfg`` on this machine."""
+    from .assets import resolve_model
+    from .data import prepare
+    from .models import load_tokenizer
+
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    data = prepare(cfg, tokenizer)
+    shape = model_shape(path, cfg.task, len(data.labels or []), cfg.method.name, cfg.method.options)
+    batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
+    speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)
+    available = memory_gb * 1024 if memory_gb else available_mb()
+    result = _estimate(cfg, shape, batches, speed, available)
+    if not result.fits:
+        result.suggestions = suggestions(cfg, path, data, shape, speed, available)
+    return result
+
+
+def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
+    memory = memory_terms(shape, batches, cfg.train, cfg.task)
+    train_part = memory["activations"] + memory["logits"]
+    peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
+    peak += max(train_part, memory["evaluation"])
+    flops = step_flops(shape, batches, cfg.train, cfg.task)
+    seconds = flops / (speed * 1e9 * EFFICIENCY[shape.family])
+    seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
+    return Plan(model=cfg.model, method=cfg.method.name, task=cfg.task, total_params=shape.total_params,
+                trainable_params=shape.trainable_params, batch_size=cfg.train.batch_size,
+                mean_width=sum(batches.widths) / len(batches.widths), max_width=max(batches.widths),
+                memory_mb={k: round(v / MB, 1) for k, v in memory.items()}, peak_mb=round(peak / MB, 1),
+                available_mb=round(available, 1), flops_per_step=flops, matmul_gflops=round(speed, 1),
+                seconds_per_step=round(seconds, 3), steps=_steps(cfg.train, len(batches.widths)))
+
+
+# ----------------------------------------------------------------------------- the model's shape
+
+def model_shape(path, task: str, num_labels: int, method_name: str, options) -> Shape:
+    """Counts from the model built on the meta device with the method applied (no weights read)."""
+    from transformers import AutoConfig
+
+    from .methods import registry
+    from .models import count_parameters, transformer_layers
+
+    config = AutoConfig.from_pretrained(path)
+    model = _meta_model(config, task, num_labels)
+    base_linear = {id(m.weight) for layer in transformer_layers(model) for m in layer.modules()
+                   if isinstance(m, nn.Linear)}  # wrappers (peft) keep these tensors; adapters add new ones
+    method = registry.get(method_name)
+    quantized = _linear_weights(model, skip=("classifier", "score", "lm_head")) if method_name == "qlora" else 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = method.apply(model, options, task)
+    trainable, total = count_parameters(model)
+    layers = transformer_layers(model)
+    lowest = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                  len(layers))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and any(p.requires_grad for p in embeddings.parameters()):
+        lowest = 0
+    linear = [p for layer in layers for p in layer.parameters() if id(p) in base_linear]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1)
+    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+    return Shape(
+        family="encoder" if config.model_type in ENCODERS else "decoder", layers=len(layers),
+        hidden=config.hidden_size, heads=heads, vocab=config.vocab_size, attention_dropout=bool(dropout),
+        total_params=total, trainable_params=trainable,
+        weight_bytes=4.0 * (total - quantized) + QUANT_BYTES_PER_WEIGHT * quantized,
+        layer_linear=sum(p.numel() for p in linear),
+        trainable_layer_linear=sum(p.numel() for layer in layers for p in layer.parameters()
+                                   if p.requires_grad and p.ndim == 2),
+        depth=(len(layers) - lowest) / max(len(layers), 1),
+        trains_base=any(p.requires_grad for p in linear),
+        adapter_floats=_adapter_inputs(layers) / max(len(layers), 1),
+        head_trains=head is not None and any(p.requires_grad for p in head.parameters()),
+        cached_features=method_name == "feature_extraction")
+
+
+def _adapter_inputs(layers: nn.ModuleList) -> float:
+    """Floats per token that LoRA branches keep (peft layers have ``lora_dropout`` and ``in_features``)."""
+    total = 0.0
+    for module in layers.modules():
+        for dropout in getattr(module, "lora_dropout", {}).values() if hasattr(module, "in_features") else ():
+            total += module.in_features * (ADAPTER_INPUT_FLOATS if getattr(dropout, "p", 0) > 0 else 1.0)
+    return total
+
+
+def _meta_model(config, task: str, num_labels: int) -> nn.Module:
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    auto = {"classification": AutoModelForSequenceClassification, "token_classification":
+            AutoModelForTokenClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(task, AutoModelForCausalLM)
+    if task in ("classification", "token_classification"):
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def _linear_weights(model: nn.Module, skip: tuple[str, ...]) -> int:
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not any(part in skip for part in name.split(".")))
+
+
+# ----------------------------------------------------------------------------- the data
+
+def planned_batches(train: list[dict], evaluation: list[dict], t: TrainConfig) -> Batches:
+    """Widths of the micro-batches the run will train on, in its own seeded order (loop._epoch_loader)."""
+    from torch.utils.data import DataLoader
+
+    from .train.loop import length_grouped_batches
+
+    lengths = [len(e["input_ids"]) for e in train]
+    predicted = [sum(1 for x in e.get("labels", [])[1:] if x != -100) for e in train]
+    wanted = t.max_steps * t.grad_accum  # max_steps wins over epochs, as in the loop
+    widths, targets, epoch = [], [], 0
+    while len(widths) < wanted if wanted else epoch < t.epochs:
+        generator = torch.Generator().manual_seed(t.seed + epoch)
+        if t.group_by_length:
+            order = length_grouped_batches(lengths, t.batch_size, generator)
+        else:
+            order = [b.tolist() for b in DataLoader(range(len(lengths)), batch_size=t.batch_size, shuffle=True,
+                                                    generator=generator)]
+        widths += [max(lengths[i] for i in b) for b in order]
+        targets += [sum(predicted[i] for i in b) for b in order]
+        epoch += 1
+    n = wanted or len(widths)  # a run stopped by max_steps ends inside an epoch
+    tokens = sum(lengths) + sum(len(e["input_ids"]) for e in evaluation)
+    return Batches(size=t.batch_size, widths=widths[:n], predicted=targets[:n], data_tokens=tokens)
+
+
+def _steps(t: TrainConfig, micro_batches: int) -> int:
+    return t.max_steps or -(-micro_batches // t.grad_accum)
+
+
+# ----------------------------------------------------------------------------- memory and FLOPs
+
+def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> dict[str, float]:
+    """Bytes of each term; ``activations``, ``logits`` and ``evaluation`` are transient."""
+    tokens = batches.size * max(batches.widths)
+    width = max(batches.widths)
+    per_token = ACTIVATION_FLOATS[(shape.family, shape.trains_base)] * shape.hidden + shape.adapter_floats
+    if shape.attention_dropout:
+        per_token += ATTENTION_PROB_FLOATS * shape.heads * width
+    layers = shape.layers * shape.depth
+    if shape.cached_features:
+        saved = 0.0
+    elif t.gradient_checkpointing:  # each layer keeps its input; one layer at a time is recomputed
+        saved = 4.0 * tokens * (shape.hidden * layers + per_token)
+    else:
+        saved = 4.0 * tokens * per_token * layers
+    activations = saved * RSS_PER_SAVED_BYTE[shape.family]
+    causal = task == "causal_lm"
+    positions = (min(max(batches.predicted), 256) if t.chunked_loss else tokens) if causal else 0
+    logits = 4.0 * LOGIT_COPIES * positions * shape.vocab
+    eval_rows = t.eval_batch_size * width
+    evaluation = 4.0 * eval_rows * (4 * shape.hidden + (2 * shape.vocab if causal and not t.chunked_loss else 0))
+    return {"framework": framework_mb() * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
+            "weights": shape.weight_bytes * LOAD_FACTOR, "gradients": 4.0 * shape.trainable_params,
+            "optimizer": 8.0 * shape.trainable_params, "activations": activations, "logits": logits,
+            "evaluation": evaluation}
+
+
+def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> float:
+    """Mean FLOPs of an optimizer step: forward 2 N T; backward 2 N T for input gradients (down to
+    the lowest trainable layer) plus 2 N T for trained weights; recomputation when checkpointing."""
+    total = 0.0
+    for width, predicted in zip(batches.widths, batches.predicted):
+        tokens = batches.size * width
+        linear = 0.0 if shape.cached_features else 2.0 * shape.layer_linear * tokens
+        attention = 0.0 if shape.cached_features else 4.0 * batches.size * width**2 * shape.hidden * shape.layers
+        backward = (linear + 2 * attention) * shape.depth + 2.0 * shape.trainable_layer_linear * tokens
+        recompute = (linear + attention) * shape.depth if t.gradient_checkpointing else 0.0
+        head = 0.0
+        if task == "causal_lm":  # forward, input gradient, the weight's if it trains, chunks recomputed
+            rows = predicted if t.chunked_loss else tokens
+            head = 2.0 * shape.hidden * shape.vocab * rows * (2 + shape.head_trains + t.chunked_loss)
+        total += linear + attention + backward + recompute + head
+    return total / len(batches.widths) * t.grad_accum
+
+
+# ----------------------------------------------------------------------------- this machine
+
+def matmul_gflops(hidden: int, rows: int, seconds: float = 1.0) -> float:
+    """fp32 matrix-product speed at the model's width, on torch's threads (about ``seconds``)."""
+    a, b = torch.randn(min(rows, 4096), hidden), torch.randn(hidden, 4 * hidden)
+    torch.mm(a, b)  # warm-up
+    start, runs = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2.0 * a.shape[0] * hidden * 4 * hidden * runs / (time.perf_counter() - start) / 1e9
+
+
+def available_mb() -> float:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere, total physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
+
+
+_FRAMEWORK: dict[str, float] = {}
+
+
+def framework_mb() -> float:
+    """Peak RSS of a process that has imported torch, transformers, peft and deltatune's trainer:
+    measured once per library versions in a fresh process, then cached."""
+    from .assets import atomic_write_text, cache_dir
+    from .registry_db import library_versions
+
+    key = json.dumps(library_versions(), sort_keys=True)
+    if key in _FRAMEWORK:
+        return _FRAMEWORK[key]
+    file = cache_dir() / "plan" / "framework_rss.json"
+    known = json.loads(file.read_text()) if file.is_file() else {}
+    if key not in known:
+        code = ("import resource, deltatune.train.run, deltatune.cli;"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        known[key] = float(out.split()[-1])
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, json.dumps(known))
+    _FRAMEWORK[key] = known[key]
+    return known[key]
+
+
+# ----------------------------------------------------------------------------- when it does not fit
+
+def suggestions(cfg: Config, path, data, shape: Shape, speed: float, available: float) -> list[Suggestion]:
+    """Changes that bring the peak under ``available`` MB, each with its predicted figures."""
+    t, out = cfg.train, []
+
+    def trial(why: str, change: list[str], train: TrainConfig, new_shape: Shape = shape,
+              method: str | None = None, options=None) -> None:
+        new_cfg = dataclasses.replace(cfg, train=train)
+        if method:
+            new_cfg = dataclasses.replace(new_cfg, method=dataclasses.replace(cfg.method, name=method,
+                                                                              options=options))
+        batches = planned_batches(_truncated(data.train.examples, train), data.eval.examples, train)
+        p = _estimate(new_cfg, new_shape, batches, speed, available)
+        out.append(Suggestion(change, why, p.peak_mb, p.seconds_per_step))
+
+    batch, accum = t.batch_size, t.grad_accum
+    while batch > 1:
+        batch, accum = batch // 2, accum * 2
+        trial("same effective batch, smaller micro-batches", [f"train.batch_size={batch}", f"train.grad_accum={accum}"],
+              dataclasses.replace(t, batch_size=batch, grad_accum=accum))
+        if out[-1].peak_mb <= available:
+            break
+    if not t.gradient_checkpointing and not shape.cached_features:
+        trial("recompute layer activations in backward", ["train.gradient_checkpointing=true"],
+              dataclasses.replace(t, gradient_checkpointing=True))
+    if cfg.task == "causal_lm" and not t.chunked_loss:
+        trial("no full-vocabulary logits", ["train.chunked_loss=true"], dataclasses.replace(t, chunked_loss=True))
+    if cfg.method.name == "lora":
+        from .methods.qlora import QLoraOptions
+
+        options = QLoraOptions(**dataclasses.asdict(cfg.method.options))
+        qshape = model_shape(path, cfg.task, len(data.labels or []), "qlora", options)
+        trial("4-bit base (slower steps on the CPU)", ["method.name=qlora"], t, qshape, "qlora", options)
+    if t.max_length > 64:
+        trial("shorter examples (truncates the data)", [f"train.max_length={t.max_length // 2}"],
+              dataclasses.replace(t, max_length=t.max_length // 2))
+    return out
+
+
+def _truncated(examples: list[dict], t: TrainConfig) -> list[dict]:
+    return [{**e, "input_ids": e["input_ids"][:t.max_length],
+             **({"labels": e["labels"][:t.max_length]} if "labels" in e else {})} for e in examples]
+
+
+# ----------------------------------------------------------------------------- output
+
+def render(p: Plan) -> str:
+    lines = [f"{p.model} / {p.method} / {p.task}: {p.trainable_params:,} of {p.total_params:,} parameters train",
+             f"batch {p.batch_size}, padded length mean {p.mean_width:.0f}, max {p.max_width} "
+             f"({p.steps} steps planned)", "", "memory (MB)"]
+    lines += [f"  {k:12} {v:>10,.0f}" for k, v in p.memory_mb.items()]
+    lines += [f"  {'peak':12} {p.peak_mb:>10,.0f}   (available {p.available_mb:,.0f})",
+              f"time: {p.seconds_per_step:.2f} s per step ({p.flops_per_step / 1e9:,.1f} GFLOP at "
+              f"{p.matmul_gflops:.0f} GFLOP/s measured), about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
+    if p.fits:
+        lines.append("fits")
+    else:
+        lines.append("does NOT fit; each change below on its own:")
+        lines += [f"  {' '.join(s.change):50} peak {s.peak_mb:>8,.0f} MB  {s.seconds_per_step:6.2f} s/step  "
+                  f"{'fits' if s.peak_mb <= p.available_mb else 'still too big'}  ({s.why})"
+                  for s in p.suggestions]
+    return "\n".join(lines)
+
+
+def plan_command(args) -> int:
+    """``deltatune plan CONFIG [key=value ...] [--memory-gb G] [--json]``; exit 1 when it will not fit."""
+    from .config import load_config
+
+    result = plan(load_config(args.config, args.overrides), memory_gb=args.memory_gb)
+    print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else render(result))
+    return 0 if result.fits else 1

@@ -1,0 +1,113 @@
+"""deltatune plan: the exact parts (counts, planned batch widths, how terms scale, suggestions).
+Timings are never asserted."""
+
+import dataclasses
+import warnings
+
+import pytest
+from accelerate import Accelerator
+
+from deltatune.methods import registry
+from deltatune.models import count_parameters, load_model, load_tokenizer
+from deltatune.plan import (Batches, memory_terms, model_shape, plan, planned_batches, render,
+                            step_flops)
+from deltatune.train.loop import _epoch_loader
+from deltatune.train.run import build_job
+from tests.helpers import config
+
+
+def _real_counts(path, task, method_name, labels):
+    method = registry.get(method_name)
+    options = method.Options()
+    model = load_model(path, task, labels, load_tokenizer(path).pad_token_id, **method.load_kwargs(options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return count_parameters(method.apply(model, options, task))
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "houlsby", "lora", "ia3", "prompt",
+                                    "feature_extraction"])
+def test_counts_equal_the_real_model_bert(tiny_bert, method):
+    shape = model_shape(tiny_bert, "classification", 2, method, registry.get(method).Options())
+    trainable, total = _real_counts(tiny_bert, "classification", method, ["a", "b"])
+    assert (shape.trainable_params, shape.total_params) == (trainable, total)
+    assert shape.trains_base == (method in ("full", "freeze"))  # adapters and biases are not base weights
+    assert (shape.adapter_floats > 0) == (method == "lora")
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "houlsby", "prefix", "freeze"])
+def test_counts_equal_the_real_model_llama(tiny_llama, method):
+    shape = model_shape(tiny_llama, "causal_lm", 0, method, registry.get(method).Options())
+    assert (shape.trainable_params, shape.total_params) == _real_counts(tiny_llama, "causal_lm", method, None)
+
+
+def test_qlora_counts_equal_the_real_quantized_model(tiny_llama64):
+    shape = model_shape(tiny_llama64, "causal_lm", 0, "qlora", registry.get("qlora").Options())
+    assert (shape.trainable_params, shape.total_params) == _real_counts(tiny_llama64, "causal_lm", "qlora", None)
+    fp32 = model_shape(tiny_llama64, "causal_lm", 0, "lora", registry.get("lora").Options())
+    assert shape.weight_bytes < 0.5 * fp32.weight_bytes  # the layers' linear weights take 4 bits
+
+
+def test_planned_widths_are_the_loops_own(tiny_bert, cls_csv, tmp_path):
+    for extra in ([], ["train.group_by_length=true"]):
+        cfg = config(tiny_bert, "classification", "lora", cls_csv, None, "train.epochs=2", *extra)
+        job, data, _ = build_job(cfg, None)
+        real = [b["inputs"]["input_ids"].shape[1] for epoch in range(2)
+                for b in _epoch_loader(job, epoch, Accelerator(cpu=True))]
+        assert planned_batches(data.train.examples, data.eval.examples, cfg.train).widths == real
+    cfg = config(tiny_bert, "classification", "lora", cls_csv, None, "train.max_steps=3", "train.grad_accum=2")
+    assert len(planned_batches(data.train.examples, [], cfg.train).widths) == 6
+
+
+def _terms(shape, train, size=4, widths=(20, 30), task="causal_lm", predicted=(40, 50)):
+    return memory_terms(shape, Batches(size, list(widths), list(predicted), 1000), train, task)
+
+
+def test_memory_terms_scale(tiny_llama, qa_jsonl):
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train
+    plain = dataclasses.replace(train, chunked_loss=False)
+    shape = model_shape(tiny_llama, "causal_lm", 0, "lora", registry.get("lora").Options())
+    base = _terms(shape, plain)
+    double = _terms(shape, plain, size=8)
+    assert double["activations"] == pytest.approx(2 * base["activations"])
+    assert double["logits"] == pytest.approx(2 * base["logits"])
+    assert base["logits"] == pytest.approx(4.0 * 4 * (4 * 30) * shape.vocab)  # 4 fp32 copies of the widest batch
+    for key in ("weights", "gradients", "optimizer", "framework", "data"):
+        assert double[key] == base[key]
+    assert base["gradients"] == 4 * shape.trainable_params and base["optimizer"] == 8 * shape.trainable_params
+    ckpt = _terms(shape, dataclasses.replace(plain, gradient_checkpointing=True))
+    assert ckpt["activations"] < base["activations"] / 1.5
+    chunked = _terms(shape, train, predicted=(40, 50))
+    assert chunked["logits"] == pytest.approx(4.0 * 4 * 50 * shape.vocab)  # only predicted positions, one batch
+    assert _terms(shape, train, size=8)["logits"] == chunked["logits"]  # does not grow with the batch
+
+
+def test_flops_count_weight_gradients_only_where_weights_train(tiny_llama, qa_jsonl):
+    train = config(tiny_llama, "causal_lm", "full", qa_jsonl, None, "train.chunked_loss=false").train
+    full = model_shape(tiny_llama, "causal_lm", 0, "full", registry.get("full").Options())
+    frozen = dataclasses.replace(full, trainable_layer_linear=0, head_trains=False)
+    batches = Batches(2, [10], [0], 0)
+    tokens = 20
+    weight_grads = 2.0 * full.layer_linear * tokens + 2.0 * full.hidden * full.vocab * tokens
+    assert step_flops(full, batches, train, "causal_lm") - step_flops(frozen, batches, train, "causal_lm") \
+        == pytest.approx(weight_grads)
+    forward = 2.0 * full.layer_linear * tokens + 4.0 * 2 * 10**2 * full.hidden * full.layers
+    ckpt = dataclasses.replace(train, gradient_checkpointing=True)
+    assert step_flops(full, batches, ckpt, "causal_lm") - step_flops(full, batches, train, "causal_lm") \
+        == pytest.approx(forward)
+
+
+def test_suggestions_when_memory_is_short(tiny_llama, qa_jsonl):
+    cfg = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.batch_size=8", "train.chunked_loss=false")
+    roomy = plan(cfg, memory_gb=1000, gflops=10.0)
+    assert roomy.fits and roomy.suggestions == []
+    tight_mb = roomy.peak_mb - 0.5 * (roomy.memory_mb["activations"] + roomy.memory_mb["logits"])
+    short = plan(cfg, memory_gb=tight_mb / 1024, gflops=10.0)
+    assert not short.fits
+    changes = {" ".join(s.change): s for s in short.suggestions}
+    assert {"train.batch_size=4 train.grad_accum=2", "train.gradient_checkpointing=true",
+            "train.chunked_loss=true", "method.name=qlora"} <= set(changes)
+    for key in ("train.batch_size=4 train.grad_accum=2", "train.gradient_checkpointing=true",
+                "train.chunked_loss=true"):
+        assert changes[key].peak_mb < short.peak_mb
+    assert "does NOT fit" in render(short) and "train.gradient_checkpointing=true" in render(short)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .config import load_config
@@ -26,9 +28,7 @@ COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff
 def run_compare(base: str | None, overrides: list[str], methods: list[str], folder: Path) -> Path:
     """Train each method (a failure is reported, not fatal) and write ``folder/report.html``. A method whose
     run in ``folder`` already completed is not trained again, so the same command finishes a bake-off that
-    was interrupted."""
-    from .train.run import train
-
+    was interrupted. Each method trains in a fresh process, so its peak memory is its own."""
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for name in methods:
@@ -36,18 +36,29 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
             print(f"compare: {name}: reusing the completed run in {folder / name}", file=sys.stderr)
             results.append(_result(name, folder / name))
             continue
-        try:
-            cfg = load_config(base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
-                                     "train.progress=false"])
-            run = train(cfg, kind="compare")
-            results.append(_result(name, run.path))
-        except DeltatuneError as exc:
-            print(f"compare: {name} failed: {exc}", file=sys.stderr)
-            results.append({"method": name, "error": str(exc)})
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
+                                                   "train.progress=false"]).result()
+        if error is None:
+            results.append(_result(name, folder / name))
+        else:
+            print(f"compare: {name} failed: {error}", file=sys.stderr)
+            results.append({"method": name, "error": error})
     (folder / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     report = folder / "report.html"
     report.write_text(render(results), encoding="utf-8")
     return report
+
+
+def _train_one(base: str | None, overrides: list[str]) -> str | None:
+    """One method's run (in its own process); the error message if it could not train."""
+    from .train.run import train
+
+    try:
+        train(load_config(base, overrides), kind="compare")
+    except DeltatuneError as exc:
+        return str(exc)
+    return None
 
 
 def _result(method: str, path: Path) -> dict:

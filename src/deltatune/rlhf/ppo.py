@@ -48,7 +48,7 @@ from ..registry_db import Recording
 from ..rundir import RunDir, distributed, new_run_dir
 from ..train.checkpoint import LoopState
 from ..train.progress import Progress
-from ..train.run import absolute_refs, environment
+from ..train.run import absolute_refs, environment, tracked
 from .losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,
                      value_loss, whiten)
 from .rewards import RewardFn, load_reward, source_problems
@@ -78,7 +78,7 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
     run.set_status("running")
     record = Recording(run.path, cfg, kind, parent)
     _write_inputs(run, setup)
-    try:
+    with tracked(run, record, error="PPO runs cannot be resumed; start a new run"):
         state = ppo_loop(setup, run, callbacks)
         after, after_samples = evaluate_policy(setup)
         run.write_jsonl("samples.jsonl", [{"prompt": b["prompt"], "before": b["response"],
@@ -86,16 +86,6 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
                                            "reward_after": a["reward"]}
                                           for b, a in zip(before_samples, after_samples)])
         _finish(run, setup, before, after, state)
-    except KeyboardInterrupt:
-        run.set_status("interrupted", error="PPO runs cannot be resumed; start a new run")
-        record.end("interrupted")
-        raise
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        run.set_status("failed", error=error)
-        record.end("failed", error=error)
-        raise
-    record.end("completed")
     return run
 
 

@@ -12,8 +12,10 @@ import os
 import platform
 import resource
 import shutil
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import set_seed
@@ -131,7 +133,7 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
 def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording,
              extras: Extras) -> RunDir:
     batch, pad, chunked = job.train.eval_batch_size, job.pad_id, job.train.chunked_loss
-    try:
+    with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
         if not resume:
             base = job.method.untouched(job.model)
             baseline = evaluate(base, job.eval_examples, job.task, batch, pad, job.labels, chunked)
@@ -141,8 +143,17 @@ def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks,
             run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
         _finish(job, run, best, state, extras.report(job.model, batch, pad, chunked))
+    return run
+
+
+@contextmanager
+def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
+    """The run's status.json and registry record follow how the block ends: completed, interrupted
+    (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed with the error."""
+    try:
+        yield
     except KeyboardInterrupt:
-        run.set_status("interrupted", resume=f"deltatune train --resume {run.path}")
+        run.set_status("interrupted", **interrupted)
         record.end("interrupted")
         raise
     except Stopped as exc:
@@ -155,7 +166,6 @@ def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks,
         record.end("failed", error=error)
         raise
     record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
-    return run
 
 
 def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) -> None:

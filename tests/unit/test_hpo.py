@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import optuna
@@ -144,3 +145,16 @@ def test_a_pruned_trial_is_recorded_as_pruned_not_failed(tiny_bert, cls_csv, tmp
     assert [step for step, _ in Trial.reported] == [1, 2]
     assert RunDir(out).status() == "pruned" and "pruned at step 2" in RunDir(out).read_json("status.json")["reason"]
     assert registry_db.get(str(out))["status"] == "pruned"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs" / "spaces").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_search_spaces_give_valid_configs(path):
+    space = read_space(str(path))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    base = Path(__file__).parents[2] / "configs" / "minilm" / "classification-lora.yaml"
+    methods = set()
+    for _ in range(12):
+        overrides = suggest(study.ask(), space, "lora")
+        methods.add(load_config(base, overrides).method.name)  # every drawn combination validates
+    assert len(methods) > 1

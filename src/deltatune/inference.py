@@ -12,9 +12,8 @@ from peft import PeftModel
 from torch import nn
 
 from .config import Config, load_config
-from .data import prompt_text
 from .data.collate import pad
-from .data.examples import prepare_eval_file, reward_ids
+from .data.examples import prepare_eval_file, prompt_ids, reward_ids
 from .errors import RunError
 from .eval.evaluate import evaluate
 from .methods import registry
@@ -148,11 +147,7 @@ def generate(loaded: LoadedRun, prompts: list[str], max_new_tokens: int = 64) ->
     tok, cfg = loaded.tokenizer, loaded.cfg
     out = []
     for prompt in prompts:  # one at a time: no padding side effects on short CPU runs
-        text = prompt_text(tok, prompt, cfg.data.chat_template)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if not (cfg.data.chat_template and tok.chat_template) and tok.bos_token_id is not None:
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-        ids = ids.to(loaded.device)
+        ids = torch.tensor([prompt_ids(tok, prompt, cfg.data.chat_template)], device=loaded.device)
         gen = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         new = gen[0, ids.shape[1]:]

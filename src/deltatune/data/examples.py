@@ -87,6 +87,14 @@ def prompt_text(tokenizer, prompt: str, use_chat_template: bool) -> str:
     return prompt + "\n"
 
 
+def prompt_ids(tokenizer, prompt: str, use_chat_template: bool) -> list[int]:
+    """Token ids of ``prompt_text``: what training puts before a response and generation continues
+    (a BOS token first when there is no chat template to hold the special tokens)."""
+    ids = tokenizer(prompt_text(tokenizer, prompt, use_chat_template), add_special_tokens=False)["input_ids"]
+    chat = use_chat_template and getattr(tokenizer, "chat_template", None)
+    return ids if chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id] + ids
+
+
 def _response_text(tokenizer, prompt: str, response: str, use_chat_template: bool) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         head = prompt_text(tokenizer, prompt, True)
@@ -100,10 +108,7 @@ def _response_text(tokenizer, prompt: str, response: str, use_chat_template: boo
 def sft_example(tokenizer, prompt: str, response: str, use_chat_template: bool, max_len: int) -> dict | None:
     """``input_ids`` of prompt + response and ``labels`` = the response tokens (-100 on the prompt);
     None when truncation to ``max_len`` leaves no response token."""
-    head = tokenizer(prompt_text(tokenizer, prompt, use_chat_template), add_special_tokens=False)["input_ids"]
-    if not use_chat_template or not getattr(tokenizer, "chat_template", None):
-        if tokenizer.bos_token_id is not None:
-            head = [tokenizer.bos_token_id] + head
+    head = prompt_ids(tokenizer, prompt, use_chat_template)
     tail = tokenizer(_response_text(tokenizer, prompt, response, use_chat_template),
                      add_special_tokens=False)["input_ids"]
     labels = ([IGNORE] * len(head) + tail)[:max_len]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from peft import PeftModel
@@ -24,9 +24,15 @@ from .metrics import classification_metrics, multitask_metrics, perplexity, same
 def loss_fn(task: str, labels: list[str] | None = None):
     """The task's loss; with multi-task labels (``<task>/<label>``, data.tasks) a softmax per task."""
     if task == "classification" and labels and task_groups(labels):
-        return partial(masked_classification_loss, allowed=torch.from_numpy(same_task(labels)))
+        return partial(masked_classification_loss, allowed=_allowed(tuple(labels)))
     return {"classification": classification_loss, "causal_lm": causal_lm_loss,
             "token_classification": token_loss, "seq2seq": token_loss}[task]
+
+
+@lru_cache(maxsize=8)
+def _allowed(labels: tuple[str, ...]) -> torch.Tensor:
+    """The multi-task mask (``same_task``), built once per label set, not at every training step."""
+    return torch.from_numpy(same_task(list(labels)))
 
 
 def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str) -> torch.Tensor:

@@ -126,14 +126,9 @@ def load_sampler(ref: str) -> Sampler:
 
 def prompt_ids(sampler: Sampler, prompt: str) -> torch.Tensor:
     """Token ids the model answers, framed as ``inference.generate`` frames them."""
-    from ..data import prompt_text
+    from ..data.examples import prompt_ids as framed
 
-    tok = sampler.tokenizer
-    ids = tok(prompt_text(tok, prompt, sampler.chat_template), add_special_tokens=False,
-              return_tensors="pt")["input_ids"]
-    if not (sampler.chat_template and tok.chat_template) and tok.bos_token_id is not None:
-        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-    return ids
+    return torch.tensor([framed(sampler.tokenizer, prompt, sampler.chat_template)])
 
 
 def prompt_seed(seed: int, prompt: str) -> int:

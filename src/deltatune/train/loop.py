@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..assets import atomic_dir
 from ..config import TrainConfig
-from ..data.collate import collate
+from ..data.collate import collate, example_length
 from ..errors import DeltatuneError
 from ..eval.evaluate import evaluate, forward_loss
 from ..methods.base import Method
@@ -164,7 +164,7 @@ def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
     generator = torch.Generator().manual_seed(job.train.seed + epoch)
     collate_fn = partial(collate, pad_id=job.pad_id)
     if job.train.group_by_length:
-        lengths = [len(e["input_ids"]) for e in job.train_examples]
+        lengths = [example_length(e) for e in job.train_examples]
         # The loader draws its workers' base seed from ``generator`` too (else from the global RNG,
         # which would shift dropout in a resumed run).
         loader = DataLoader(job.train_examples, collate_fn=collate_fn, generator=generator,

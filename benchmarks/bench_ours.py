@@ -14,7 +14,7 @@ import torch
 
 from bench_common import Step, check_budget, checksum, now, summarize, train_order
 from deltatune.rundir import RunDir
-from deltatune.train.loop import bf16_enabled, run_loop
+from deltatune.train.loop import adamw, bf16_enabled, run_loop
 from deltatune.train.run import build_job
 
 
@@ -38,6 +38,11 @@ def steps_from_log(records: list) -> list[Step]:
     return steps
 
 
+def optimizer_name(model) -> str:
+    fused = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3).defaults["fused"]
+    return f"torch.optim.AdamW ({'fused' if fused else 'default'})"
+
+
 def measure(cfg, warmup: int, workdir: Path) -> dict:
     job, _, _ = build_job(cfg, None)
     t = cfg.train
@@ -54,5 +59,5 @@ def measure(cfg, warmup: int, workdir: Path) -> dict:
     return {**summarize(steps, warmup, job.train_examples, order, t.batch_size),
             "trainable_params": sum(p.numel() for p in job.model.parameters() if p.requires_grad),
             "init_checksum": start, "bf16": bf16_enabled(t.bf16, torch.device("cpu")),
-            "optimizer": "torch.optim.AdamW (foreach)", "chunked_loss": t.chunked_loss,
+            "optimizer": optimizer_name(job.model), "chunked_loss": t.chunked_loss,
             "gradient_checkpointing": t.gradient_checkpointing, "pack": cfg.data.pack}

@@ -293,3 +293,28 @@ def test_training_runs_with_every_option_on(tiny_llama, qa_jsonl, tmp_path):
     run = train(cfg)
     assert (run.path / "metrics.json").is_file()
     assert "gradient_checkpointing: true" in run.config.read_text()
+
+
+def test_fused_adamw_where_the_device_has_it_and_it_steps_like_the_default():
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    grads = [torch.randn_like(w) for w in weights]
+
+    def trained(make) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}])
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    fused = loop.adamw([torch.nn.Parameter(w.clone()) for w in weights], lr=1e-2)
+    assert fused.defaults["fused"] is True  # CPU tensors have torch's fused kernel
+    for a, b in zip(trained(lambda g: loop.adamw(g, lr=1e-2)), trained(lambda g: torch.optim.AdamW(g, lr=1e-2))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_adamw_falls_back_where_there_is_no_fused_kernel(monkeypatch):
+    monkeypatch.setattr(loop, "_fused_kernels_devices", lambda: ["cuda"])
+    assert not loop.adamw([torch.nn.Parameter(torch.ones(2))], lr=1e-3).defaults["fused"]

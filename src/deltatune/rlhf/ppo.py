@@ -44,6 +44,7 @@ from ..data.report import render_html
 from ..errors import ConfigError, DeltatuneError
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
+from ..train.loop import adamw
 from ..registry_db import Recording
 from ..rundir import RunDir, distributed, new_run_dir
 from ..train.checkpoint import LoopState
@@ -169,7 +170,7 @@ def ppo_loop(setup: Setup, run: RunDir, callbacks=()) -> LoopState:
     prompts = setup.prompts("train")
     total = t.max_steps or math.ceil(len(prompts) * t.epochs / p.rollout_batch)
     params = [x for x in policy.model.parameters() if x.requires_grad] + list(policy.value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = adamw(params, lr=t.lr, weight_decay=t.weight_decay)
     controller = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
     generator = torch.Generator().manual_seed(t.seed)
     stream = prompt_stream(prompts, t.seed)

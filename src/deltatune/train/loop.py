@@ -89,6 +89,24 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+def adamw(param_groups, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (one pass over all tensors) where every parameter's device and dtype
+    have it: on CPUs it is ~4.5x faster than the default per-tensor loop (MiniLM's 22.7M parameters:
+    15 against 70 ms a step, BENCHMARKS.md); torch's default otherwise."""
+    groups = param_groups if isinstance(param_groups[0], dict) else [{"params": param_groups}]
+    devices = set(_fused_kernels_devices())
+    fused = all(p.device.type in devices and torch.is_floating_point(p) for g in groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, fused=fused or None, **kwargs)
+
+
+def _fused_kernels_devices() -> list[str]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without it: no fused AdamW
+        return []
+    return _get_fused_kernels_supported_devices()
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every transformer layer in backward. Non-reentrant checkpointing lets gradients reach
     adapters inside a layer even when its input needs none (a frozen base under LoRA)."""
@@ -111,7 +129,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
     main = is_main_process()  # first: refuses a multi-process launch that accelerate would not join
     accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
     params = [p for p in job.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # no decay on biases, norms
         lr=t.lr)

@@ -50,9 +50,12 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
 
     ``hidden`` are the final (normed) hidden states and ``head`` the output projection to the
     vocabulary. Only positions whose next-token label counts go through ``head`` (prompt and
-    padding never do), ``chunk_tokens`` at a time; with autograd on, each chunk is checkpointed,
-    so its logits are recomputed in backward instead of kept. Peak memory is a few copies of
-    one chunk's logits rather than of the whole (batch x length x vocabulary) tensor.
+    padding never do), ``chunk_tokens`` at a time. A plain ``nn.Linear`` head outside autocast
+    takes ``linear_cross_entropy``: each chunk's gradients are computed as soon as its logits are,
+    so backward neither keeps nor recomputes them. Any other head (a LoRA-wrapped one, bf16
+    autocast) has each chunk checkpointed: its logits are recomputed in backward instead of kept.
+    Either way peak memory is a few copies of one chunk's logits rather than of the whole
+    (batch x length x vocabulary) tensor.
     """
     shifted = labels[:, 1:]
     keep = shifted != IGNORE
@@ -61,8 +64,10 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
     count = int(targets.numel())
     if count == 0:  # keep the graph, as the plain loss does
         return hidden[:, :0].float().sum(), 0
-    chunk_loss = partial(_summed_cross_entropy, head)
     grad = torch.is_grad_enabled()
+    if grad and type(head) is torch.nn.Linear and not torch.is_autocast_enabled(rows.device.type):
+        return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_tokens), count
+    chunk_loss = partial(_summed_cross_entropy, head)
     total = None
     for start in range(0, count, chunk_tokens):
         args = (rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
@@ -73,6 +78,54 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
 
 def _summed_cross_entropy(head: Callable[[Tensor], Tensor], rows: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def linear_cross_entropy(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                         chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """``F.cross_entropy(F.linear(rows, weight, bias).float(), targets, reduction="sum")`` with its
+    gradients computed chunk by chunk in forward (as Liger's fused linear cross-entropy does).
+
+    The gradient of a summed cross-entropy with respect to its logits is ``softmax - one_hot``, so
+    forward turns each chunk's logits into that in place and multiplies it out right away into the
+    gradients of ``rows`` (and of ``weight`` and ``bias`` where they train). Backward only scales
+    them. Against checkpointed chunks this saves one projection to the vocabulary and the separate
+    log-softmax / NLL backward passes over the logits.
+    """
+    return _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk_tokens)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                chunk_tokens: int) -> Tensor:
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, rows.shape[0], chunk_tokens):
+            x, y = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = F.linear(x, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(y.numel(), device=y.device), y] -= 1.0  # minus one_hot: d loss / d logits
+            g = probs.to(x.dtype)
+            if need_rows:
+                grad_rows[start:start + chunk_tokens] = g @ weight
+            if need_weight:
+                grad_weight.addmm_(probs.t(), x.float())
+            if need_bias:
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
+        scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)  # noqa: E731
+        return (scale(grad_rows), scale(grad_weight, ctx.dtypes[0]), scale(grad_bias, ctx.dtypes[1]), None, None)
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:

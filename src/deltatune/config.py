@@ -141,10 +141,11 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")
-    group_by_length: bool = doc(False, "Batch examples of similar length together (sorted within windows of 50 "
-                                       "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
-                                       "stays exact): less padding, faster steps. Batches are no longer uniform "
-                                       "samples, which can matter for very small data sets.")
+    group_by_length: bool = doc(True, "Batch examples of similar length together (sorted within windows of 50 "
+                                      "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
+                                      "stays exact): less padding, faster steps (MiniLM on sentences: 1.7-2.3x, "
+                                      "BENCHMARKS.md). Batches are no longer uniform samples, which can matter for "
+                                      "very small data sets: false gives plain shuffled batches.")
 
 
 @dataclass

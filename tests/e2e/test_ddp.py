@@ -64,7 +64,8 @@ def _log(out: Path) -> tuple[list[dict], list[dict]]:
 def _overrides(model: Path, data: Path, method: str, out: Path, batch: int, *extra: str) -> list[str]:
     return [f"model={model}", "task=causal_lm", f"method.name={method}", f"data.train={data}", *QUICK,
             "data.train_limit=32", "train.epochs=2", "train.lr=2e-2", "train.warmup_ratio=0",
-            "eval.forgetting=false", f"train.batch_size={batch}", f"output_dir={out}", *extra]
+            "eval.forgetting=false", f"train.batch_size={batch}", f"output_dir={out}",
+            "train.group_by_length=false", *extra]  # length groups depend on the per-process batch
 
 
 @pytest.fixture

@@ -112,14 +112,14 @@ def efficiency(config: str, overrides: list[str], steps: int = 4) -> None:
     from deltatune.config import load_config
     from deltatune.eval.evaluate import forward_loss
     from deltatune.plan import Batches, matmul_gflops, model_shape, step_flops
-    from deltatune.train.loop import _epoch_loader
+    from deltatune.train.loop import _epoch_loader, adamw
     from deltatune.train.run import build_job
 
     cfg = load_config(config, overrides)
     job, data, _ = build_job(cfg, None)
     shape = model_shape(resolve_model(cfg.model), cfg.task, len(data.labels or []), cfg.method.name,
                         cfg.method.options)
-    optimizer = torch.optim.AdamW([p for p in job.model.parameters() if p.requires_grad])
+    optimizer = adamw([p for p in job.model.parameters() if p.requires_grad], lr=1e-5)  # the loop's
     job.model.train()
     for _, batch in zip(range(steps), _epoch_loader(job, 0, Accelerator())):
         speed = matmul_gflops(shape.hidden, cfg.train.batch_size * 128, 0.5)

@@ -58,12 +58,13 @@ LOGIT_COPIES = 4.0
 # (a boxed int is 28 bytes plus an 8-byte pointer, two lists, plus the text).
 DATA_BYTES_PER_TOKEN = 120.0
 # Share of the micro-benchmark's matmul speed a whole training step reaches (small matrices,
-# attention, norms, Python overhead): step FLOPs / (GFLOP/s measured just before x step seconds),
-# minilm lora b32 (4 steps: 0.076-0.103) and smollm2 lora b4 l512 (0.49), measured with the two
-# cores shared by about ten other processes (benchmarks/plan_accuracy.py --efficiency). The small
-# encoder's steps are dominated by per-operation overhead under that contention; on an idle
-# machine its efficiency is expected to be several times higher: recalibrate when it is quiet.
-EFFICIENCY = {"encoder": 0.085, "decoder": 0.49}
+# attention, norms, dropout, Python overhead), by family and whether the base weights train:
+# step FLOPs / (GFLOP/s measured just before x step seconds), benchmarks/plan_accuracy.py
+# --efficiency on an idle machine, steps after the first: minilm full b32 l128 0.51-0.55, minilm lora
+# 0.25-0.31 (its LoRA branches' dropout and small products cost time that FLOPs do not count),
+# smollm2 lora b4 l512 packed 0.53-0.57. Decoder full fine-tuning was not calibrated: taken as
+# its LoRA figure (benchmarks/plan_accuracy.py checks it on smollm2 full).
+EFFICIENCY = {("encoder", True): 0.53, ("encoder", False): 0.28, ("decoder", True): 0.55, ("decoder", False): 0.55}
 # Fused AdamW (train.loop.adamw) and gradient clipping: the fused step measured 15 ms for MiniLM's
 # 22.7M parameters (0.66 ns each, 2 threads), the clipping norm one more pass: 1 ns per parameter.
 OPTIMIZER_NS_PER_PARAM = 1.0
@@ -161,7 +162,7 @@ def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, availab
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
     flops = step_flops(shape, batches, cfg.train, cfg.task)
-    seconds = flops / (speed * 1e9 * EFFICIENCY[shape.family])
+    seconds = flops / (speed * 1e9 * EFFICIENCY[(shape.family, shape.trains_base)])
     seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
     return Plan(model=cfg.model, method=cfg.method.name, task=cfg.task, total_params=shape.total_params,
                 trainable_params=shape.trainable_params, batch_size=cfg.train.batch_size,

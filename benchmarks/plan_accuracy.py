@@ -1,6 +1,6 @@
 """How close `deltatune plan` comes to real runs: predicted vs measured peak RSS and seconds per step.
 
-    python benchmarks/plan_accuracy.py [--steps 8] [--only NAME ...] [--measure-only]
+    python benchmarks/plan_accuracy.py [--steps 8] [--only NAME ...] [--measure-only | --predict-only]
     python benchmarks/plan_accuracy.py --saved CONFIG [key=value ...]       # calibration, see plan.py
     python benchmarks/plan_accuracy.py --efficiency CONFIG [key=value ...]  # calibration, see plan.py
 
@@ -144,12 +144,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="case names (default: all)")
     parser.add_argument("--measure-only", action="store_true", help="print measurements, plan nothing")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="plan again against the measurements in the results file (after changing a constant)")
     args = parser.parse_args()
     names = args.only or list(CASES)
     results = {}
+    out = ROOT / "benchmarks" / "results" / "plan_accuracy.json"
+    earlier = json.loads(out.read_text())["cases"] if args.predict_only else {}
+    if args.predict_only:
+        args.steps = json.loads(out.read_text())["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            row = {"measured": measure(CASES[name], args.steps, Path(tmp))}
+            row = {"measured": earlier[name]["measured"] if args.predict_only else
+                   measure(CASES[name], args.steps, Path(tmp))}
             if not args.measure_only:
                 row["predicted"] = predict(CASES[name], args.steps)
                 row["ratio"] = {k: round(row["predicted"][k] / row["measured"][k], 3) for k in row["measured"]}
@@ -163,7 +170,6 @@ def main() -> None:
                   f"{p['seconds_per_step']:>8.3f} / {m['seconds_per_step']:<9.3f} {q['seconds_per_step']:>6.2f}")
         ok = all(0.75 <= v <= 1.25 for r in results.values() for v in r["ratio"].values())
         print("all within 25%" if ok else "NOT all within 25%")
-        out = ROOT / "benchmarks" / "results" / "plan_accuracy.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"steps": args.steps, "threads": _threads(), "cases": results}, indent=1) + "\n")
 

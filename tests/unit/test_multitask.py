@@ -168,7 +168,7 @@ def test_training_reports_metrics_per_task(tmp_path, tiny_bert):
     from deltatune.inference import load_run
     from deltatune.train.run import train
 
-    cfg = tasks_config(tmp_path, tiny_bert, "train.epochs=8", "train.lr=1e-2")
+    cfg = tasks_config(tmp_path, tiny_bert, "train.epochs=8", "train.lr=5e-3")
     run = train(cfg)
     metrics = json.loads((run.path / "metrics.json").read_text())["eval"]
     assert set(metrics["tasks"]) == {"sentiment", "answer"}

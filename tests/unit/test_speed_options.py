@@ -112,6 +112,26 @@ def test_chunked_loss_with_a_lora_head_and_with_tied_full_fine_tuning(tiny_llama
     assert_same(loss_and_grads(full, plain(full, batch)), loss_and_grads(full, chunked(full, batch)))
 
 
+def test_which_heads_take_the_fused_cross_entropy(tiny_llama, llama_lora, monkeypatch):
+    """A plain linear head outside autocast: fused (the tests above then check its loss and gradients);
+    a LoRA-wrapped head or bf16 autocast: checkpointed chunks."""
+    from deltatune import losses
+
+    calls = []
+    fused = losses.linear_cross_entropy
+    monkeypatch.setattr(losses, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    batch = collate(examples(), pad_id=0)
+    chunked(llama_lora, batch)()
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked(llama_lora, batch)()
+    with_head = lora(load_model(tiny_llama, "causal_lm"), target_modules=["q_proj", "v_proj", "lm_head"])
+    chunked(with_head, batch)()
+    with torch.no_grad():
+        chunked(llama_lora, batch)()
+    assert len(calls) == 1
+
+
 def test_chunked_loss_without_targets_keeps_the_graph(llama_lora):
     batch = collate(examples(2), pad_id=0)
     body, head = decoder_parts(llama_lora)

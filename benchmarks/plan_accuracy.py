@@ -150,12 +150,12 @@ def main() -> None:
     names = args.only or list(CASES)
     results = {}
     out = ROOT / "benchmarks" / "results" / "plan_accuracy.json"
-    earlier = json.loads(out.read_text())["cases"] if args.predict_only else {}
     if args.predict_only:
-        args.steps = json.loads(out.read_text())["steps"]
+        earlier = json.loads(out.read_text())
+        args.steps = earlier["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            row = {"measured": earlier[name]["measured"] if args.predict_only else
+            row = {"measured": earlier["cases"][name]["measured"] if args.predict_only else
                    measure(CASES[name], args.steps, Path(tmp))}
             if not args.measure_only:
                 row["predicted"] = predict(CASES[name], args.steps)

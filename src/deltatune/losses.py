@@ -117,15 +117,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(probs.t(), x.float())
             if need_bias:
                 grad_bias += probs.sum(0)
-        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype),
+                              None if grad_bias is None else grad_bias.to(bias.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
-        scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)  # noqa: E731
-        return (scale(grad_rows), scale(grad_weight, ctx.dtypes[0]), scale(grad_bias, ctx.dtypes[1]), None, None)
+        return (*(None if g is None else g * grad_total for g in ctx.saved_tensors), None, None)
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:

@@ -44,10 +44,10 @@ from ..data.report import render_html
 from ..errors import ConfigError, DeltatuneError
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
-from ..train.loop import adamw
 from ..registry_db import Recording
 from ..rundir import RunDir, distributed, new_run_dir
 from ..train.checkpoint import LoopState
+from ..train.loop import adamw
 from ..train.progress import Progress
 from ..train.run import absolute_refs, environment, tracked
 from .losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,

@@ -150,7 +150,7 @@ def _config_args(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .rundir import is_main_process
     from .train.run import resume, train
 
@@ -176,7 +176,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .hpo import default_study, parse_objectives, print_summary, read_space, run_study
 
     path, overrides = _config_args(args)
@@ -192,7 +192,7 @@ def cmd_tune(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import run_compare
-    from .config import load_config
+    from .configure import load_config
 
     path, overrides = _config_args(args)
     cfg = load_config(path, overrides)  # a bad base fails here, before anything trains
@@ -203,7 +203,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .config import dump_yaml, explain, load_config
+    from .config import dump_yaml
+    from .configure import explain, load_config
 
     if args.explain:
         print(explain())
@@ -224,7 +225,7 @@ def cmd_eval(args) -> int:
         with Recording(loaded.run.path, loaded.cfg, "eval", safely(import_run, loaded.run.path)) as record:
             metrics = {"eval": evaluate_file(loaded, args.data), "data": args.data}
             data = Path(args.data).resolve() if Path(args.data).exists() else args.data  # a file or an alias
-            record.metrics = {**metrics, "data": str(data)}
+            record.metrics = {**metrics, "data": str(data), "main_metric": loaded.task.main_metric.as_dict()}
     else:
         run = RunDir(Path(args.run_dir))
         run.require_complete()
@@ -260,12 +261,10 @@ def _read_inputs(path: str, loaded) -> list[str]:
     from .errors import DataError
 
     if Path(path).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
-        d = loaded.cfg.data
-        column = {"classification": d.text_column, "token_classification": d.tokens_column}.get(
-            loaded.cfg.task, d.prompt_column)
+        column = loaded.task.input_column
         rows = load_table(path)
         if column not in rows[0]:
-            column = d.text_column
+            column = loaded.cfg.data.text_column
         values = [r.get(column) for r in rows]
         return [" ".join(v) if isinstance(v, list) else cell(r, column, path, "input") for r, v in zip(rows, values)]
     if not Path(path).is_file():
@@ -327,17 +326,20 @@ def cmd_data(args) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else _inspect_text(summary))
         return 0
     from .assets import resolve_model
-    from .config import dump_yaml, load_config
-    from .data.prepare import prepare_rows, write_prepared
+    from .config import dump_yaml
+    from .configure import load_config
+    from .data.prepare import write_prepared
     from .models import load_tokenizer
+    from .tasks import registry as tasks
 
     cfg = load_config(*_config_args(args))
+    task = tasks.get(cfg.task)(cfg)
     out = Path(args.out or Path("prepared") / cfg.run_name)
     if args.stream:
         from .data.stream import prepare_stream
-        r = prepare_stream(cfg, out, load_tokenizer(resolve_model(cfg.model)))
+        r = prepare_stream(cfg, out, task.fields, load_tokenizer(resolve_model(cfg.model)))
     else:
-        prepared = prepare_rows(cfg, load_tokenizer(resolve_model(cfg.model)))
+        prepared = task.rows(load_tokenizer(resolve_model(cfg.model)))
         write_prepared(prepared, out, dump_yaml(cfg))
         r = prepared.report
     print(f"rows in {r['rows_in']}, out {r['rows_out']} ({', '.join(f'{k} {v}' for k, v in r['rows_per_split'].items())}); "

@@ -17,8 +17,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .config import load_config
+from .configure import load_config
 from .errors import DeltatuneError
+from .registry_db import main_metric
 from .rundir import RunDir
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac",
@@ -68,11 +69,6 @@ def _result(method: str, path: Path) -> dict:
     return {"method": method, "run": str(path), "metrics": metrics, "delta_bytes": delta,
             "curve": [(r["step"], r["loss"]) for r in log if "loss" in r and r["loss"] is not None],
             "eval_curve": [(r["step"], r["eval"]) for r in log if "eval" in r]}
-
-
-def main_metric(metrics: dict) -> tuple[str, bool]:
-    """(name, higher is better)."""
-    return ("accuracy", True) if "accuracy" in metrics["eval"] else ("perplexity", False)
 
 
 def pareto(points: list[tuple[float, float]], higher_better: bool) -> list[int]:

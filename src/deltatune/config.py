@@ -515,7 +515,7 @@ def _check_data(d: DataConfig, task: str | None = None, check_paths: bool = Fals
                  for o in d.augment.operations if o not in OPERATIONS]
     if d.augment.eda < 0 or d.augment.paraphrase < 0 or not 0.0 < d.augment.alpha < 1.0:
         problems.append("data.augment: eda and paraphrase must be 0 or more, alpha in (0, 1)")
-    return problems + check_tasks(d, task, check_paths)
+    return problems + check_tasks(d, check_paths)
 
 
 def to_dict(cfg: Config) -> dict:

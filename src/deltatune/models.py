@@ -20,31 +20,29 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(model_ref: str | Path, task: str, labels: list[str] | None = None,
-               pad_token_id: int | None = None, **extra) -> PreTrainedModel:
-    """The untouched base model with the task's head (fp32, safetensors only, no remote code).
+HEADS = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification,
+         "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
 
-    ``extra`` comes from the method (e.g. QLoRA's quantization_config). A reward model is a
-    sequence classifier with one output, the scalar reward."""
+
+def load_model(model_ref: str | Path, head: str, labels: list[str] | None = None,
+               pad_token_id: int | None = None, **extra) -> PreTrainedModel:
+    """The untouched base model with a head (``HEADS``: what a task's ``head`` names), in fp32,
+    safetensors only, no remote code. ``labels`` name the outputs of a sequence or token head (a new
+    head; a reward model's is one output). ``extra`` comes from the method (e.g. QLoRA's
+    quantization_config)."""
     path = resolve_model(str(model_ref))
-    if task == "reward":
-        labels = ["reward"]
     kwargs = dict(dtype=torch.float32, use_safetensors=True, trust_remote_code=False, **extra)
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     try:
-        if labels is not None:  # classification or token classification: a new head
-            sequence = task in ("classification", "reward")
-            auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
-            model = auto.from_pretrained(path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                         label2id={name: i for i, name in enumerate(labels)}, **kwargs)
-            if model.config.pad_token_id is None:  # decoders need it to find the last real token
-                model.config.pad_token_id = pad_token_id
-        else:
-            auto = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
-            model = auto.from_pretrained(path, **kwargs)
+        model = HEADS[head].from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if labels is not None and model.config.pad_token_id is None:  # decoders need it to find the last real token
+        model.config.pad_token_id = pad_token_id
     return model
 
 

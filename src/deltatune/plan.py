@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from transformers import AutoConfig
+
+from .assets import resolve_model
 from .config import Config, TrainConfig
+from .methods import registry
+from .models import HEADS, count_parameters, load_tokenizer, transformer_layers
+from .tasks import registry as tasks
+from .tasks.base import Task
 
 MB = 2**20
 # Floats saved for backward per token per transformer layer, in units of the hidden size, by
@@ -145,14 +152,11 @@ class Batches:
 
 def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = None) -> Plan:
     """Predict the peak RSS (MB) and seconds per step of training ``cfg`` on this machine."""
-    from .assets import resolve_model
-    from .data import prepare
-    from .models import load_tokenizer
-
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
-    data = prepare(cfg, tokenizer)
-    shape = model_shape(path, cfg.task, len(data.labels or []), cfg.method.name, cfg.method.options)
+    task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id)
+    data = task.prepare(tokenizer)
+    shape = model_shape(path, task, cfg.method.name, cfg.method.options)
     batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
     speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)
     available = memory_gb * 1024 if memory_gb else available_mb()
@@ -163,11 +167,12 @@ def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = Non
 
 
 def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
-    memory = memory_terms(shape, batches, cfg.train, cfg.task)
+    task = tasks.get(cfg.task)
+    memory = memory_terms(shape, batches, cfg.train, task)
     train_part = memory["activations"] + memory["logits"]
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
-    flops = step_flops(shape, batches, cfg.train, cfg.task)
+    flops = step_flops(shape, batches, cfg.train, task)
     seconds = flops / (speed * 1e9 * EFFICIENCY[(shape.family, shape.trains_base)])
     seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
     return Plan(model=cfg.model, method=cfg.method.name, task=cfg.task, total_params=shape.total_params,
@@ -180,15 +185,11 @@ def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, availab
 
 # ----------------------------------------------------------------------------- the model's shape
 
-def model_shape(path, task: str, num_labels: int, method_name: str, options) -> Shape:
-    """Counts from the model built on the meta device with the method applied (no weights read)."""
-    from transformers import AutoConfig
-
-    from .methods import registry
-    from .models import count_parameters, transformer_layers
-
+def model_shape(path, task: Task, method_name: str, options) -> Shape:
+    """Counts from the model built on the meta device with the method applied (no weights read);
+    ``task`` (with its labels) says which head the base gets."""
     config = AutoConfig.from_pretrained(path)
-    model = _meta_model(config, task, num_labels)
+    model = _meta_model(config, task)
     base_linear = {id(m.weight) for layer in transformer_layers(model) for m in layer.modules()
                    if isinstance(m, nn.Linear)}  # wrappers (peft) keep these tensors; adapters add new ones
     method = registry.get(method_name)
@@ -231,16 +232,13 @@ def _adapter_inputs(layers: nn.ModuleList) -> float:
     return total
 
 
-def _meta_model(config, task: str, num_labels: int) -> nn.Module:
-    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
-
-    auto = {"classification": AutoModelForSequenceClassification, "token_classification":
-            AutoModelForTokenClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(task, AutoModelForCausalLM)
-    if task in ("classification", "token_classification"):
-        config.num_labels = num_labels
+def _meta_model(config, task: Task) -> nn.Module:
+    """The task's model (``models.HEADS[task.head]``, as ``Task.build_model`` loads it), without weights."""
+    labels = task.head_labels()
+    if labels is not None:
+        config.num_labels = len(labels)
     with torch.device("meta"):
-        return auto.from_config(config)
+        return HEADS[task.head].from_config(config)
 
 
 def _linear_weights(model: nn.Module, skip: tuple[str, ...]) -> int:
@@ -281,7 +279,7 @@ def _steps(t: TrainConfig, micro_batches: int) -> int:
 
 # ----------------------------------------------------------------------------- memory and FLOPs
 
-def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> dict[str, float]:
+def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task]) -> dict[str, float]:
     """Bytes of each term; ``activations``, ``logits`` and ``evaluation`` are transient."""
     tokens = batches.size * max(batches.widths)
     width = max(batches.widths)
@@ -296,7 +294,7 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> d
     else:
         saved = 4.0 * tokens * per_token * layers
     activations = saved * RSS_PER_SAVED_BYTE[shape.family]
-    causal = task == "causal_lm"
+    causal = task.head == "causal"  # a loss over the vocabulary
     positions = (min(max(batches.predicted), 256) if t.chunked_loss else tokens) if causal else 0
     logits = 4.0 * LOGIT_COPIES * positions * shape.vocab
     eval_rows = t.eval_batch_size * width
@@ -308,7 +306,7 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> d
             "activations": activations, "logits": logits, "evaluation": evaluation}
 
 
-def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> float:
+def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task]) -> float:
     """Mean FLOPs of an optimizer step: forward 2 N T; backward 2 N T for input gradients (down to
     the lowest trainable layer) plus 2 N T for trained weights; recomputation when checkpointing."""
     from .train.loop import bf16_enabled
@@ -324,7 +322,7 @@ def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: str) -> flo
         backward = (linear + 2 * attention) * shape.depth + 2.0 * shape.trainable_layer_linear * tokens
         recompute = (linear + attention) * shape.depth if t.gradient_checkpointing else 0.0
         head = 0.0
-        if task == "causal_lm":  # forward, input gradient, the weight's if it trains, chunks recomputed
+        if task.head == "causal":  # forward, input gradient, the weight's if it trains, chunks recomputed
             rows = predicted if t.chunked_loss else tokens
             head = 2.0 * shape.hidden * shape.vocab * rows * (2 + shape.head_trains + recomputes_head)
         total += linear + attention + backward + recompute + head
@@ -406,13 +404,14 @@ def suggestions(cfg: Config, path, data, shape: Shape, speed: float, available: 
     if not t.gradient_checkpointing and not shape.cached_features:
         trial("recompute layer activations in backward", ["train.gradient_checkpointing=true"],
               dataclasses.replace(t, gradient_checkpointing=True))
-    if cfg.task == "causal_lm" and not t.chunked_loss:
+    if tasks.get(cfg.task).head == "causal" and not t.chunked_loss:
         trial("no full-vocabulary logits", ["train.chunked_loss=true"], dataclasses.replace(t, chunked_loss=True))
     if cfg.method.name == "lora":
         from .methods.qlora import QLoraOptions
 
         options = QLoraOptions(**dataclasses.asdict(cfg.method.options))
-        qshape = model_shape(path, cfg.task, len(data.labels or []), "qlora", options)
+        task = tasks.get(cfg.task)(cfg, labels=data.labels)
+        qshape = model_shape(path, task, "qlora", options)
         trial("4-bit base (slower steps on the CPU)", ["method.name=qlora"], t, qshape, "qlora", options)
     if t.max_length > 64:
         trial("shorter examples (truncates the data)", [f"train.max_length={t.max_length // 2}"],
@@ -447,7 +446,7 @@ def render(p: Plan) -> str:
 
 def plan_command(args) -> int:
     """``deltatune plan CONFIG [key=value ...] [--memory-gb G] [--json]``; exit 1 when it will not fit."""
-    from .config import load_config
+    from .configure import load_config
 
     result = plan(load_config(args.config, args.overrides), memory_gb=args.memory_gb)
     print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else render(result))

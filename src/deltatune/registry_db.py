@@ -83,10 +83,6 @@ JSON_COLUMNS = ("config", "metrics", "versions")
 UPDATABLE = frozenset({"status", "data_fingerprint", "main_metric", "main_value", "baseline_value", "eval_loss",
                        "trainable_params", "total_params", "delta_bytes", "train_seconds", "steps",
                        "tokens_per_s", "peak_rss_mb", "error", "started", "ended", "metrics", "versions"})
-# The metric a task is judged by, and whether higher is better.
-MAIN_METRIC = {"classification": ("accuracy", True), "token_classification": ("accuracy", True),
-               "causal_lm": ("perplexity", False), "seq2seq": ("perplexity", False),
-               "reward": ("accuracy", True), "dpo": ("accuracy", True), "ppo": ("reward", True)}
 
 
 def registry_path() -> Path:
@@ -240,7 +236,7 @@ def _read_results(path: Path, kind: str, task: str | None, metrics) -> dict:
     elif not isinstance(metrics, dict):
         metrics = _read_json(Path(metrics))
     ev, base = metrics.get("eval") or {}, metrics.get("baseline") or {}
-    name = main_metric(task, ev)[0]
+    name = main_metric(metrics)[0]
     fingerprint = metrics.get("data_fingerprint")
     if owns and not fingerprint:
         fingerprint = _read_json(path / "data.json").get("fingerprint")
@@ -256,11 +252,18 @@ def _read_results(path: Path, kind: str, task: str | None, metrics) -> dict:
     return out
 
 
-def main_metric(task: str | None, ev: dict | None = None) -> tuple[str, bool]:
-    """(metric name, higher is better) for a task; guessed from the metrics when the task is unknown."""
-    if task in MAIN_METRIC:
-        return MAIN_METRIC[task]
-    return ("accuracy", True) if ev and "accuracy" in ev else ("perplexity", False)
+def main_metric(metrics: dict | None) -> tuple[str, bool]:
+    """(metric name, higher is better) that judges a run: what its metrics.json says (the task's
+    ``main_metric``), guessed from the metric names for runs recorded before it said so."""
+    metrics = metrics or {}
+    said = metrics.get("main_metric")
+    if isinstance(said, dict) and "name" in said:
+        return said["name"], bool(said.get("maximize"))
+    ev = metrics.get("eval") or {}
+    for name, higher in (("accuracy", True), ("reward", True), ("perplexity", False)):
+        if name in ev:
+            return name, higher
+    return "loss", False
 
 
 def library_versions() -> dict:
@@ -438,5 +441,7 @@ def best_index(runs: list[dict]) -> int | None:
     scored = [(r["main_value"], i) for i, r in enumerate(runs) if r["main_value"] is not None]
     if len(names) != 1 or not scored:
         return None
-    higher = main_metric(runs[0]["task"], {names.pop(): 0})[1]
+    name = names.pop()
+    recorded = main_metric(runs[0].get("metrics"))
+    higher = recorded[1] if recorded[0] == name else main_metric({"eval": {name: 0}})[1]
     return (max(scored) if higher else min(scored))[1]

@@ -1,11 +1,15 @@
-"""Turn rows into tokenized examples for a task, split and fingerprint them.
+"""Tokenized examples: their types, the encoders that make them, splits and fingerprints.
 
-Classification examples: ``input_ids`` and ``label`` (an index into the saved label list).
-Causal-LM examples: ``input_ids`` and ``labels`` with -100 on prompt tokens, so the loss covers
-the response only (the tokenizer's chat template frames the pair when it has one).
-Preference examples (tasks reward and dpo) come from preference files (``data.preferences.load_preferences``):
-reward: ``responses``, the token ids of prompt + each response, best first; dpo: one example per
-(chosen, rejected) pair, each side a causal-LM example. Both carry the task's ``objective``.
+Each task (``tasks/``) says which encoder its rows go through; the example types below are what
+the encoders return and ``data.collate`` batches:
+
+- ``LabelledText``: ``input_ids`` and ``label`` (an index into the saved label list);
+- ``TokenTargets``: ``input_ids`` and per-token ``labels`` (-100 where no loss is taken): causal-LM
+  SFT (the prompt masked, the tokenizer's chat template framing the pair when it has one), plain
+  text, word tags, seq2seq targets; packed rows add ``position_ids``;
+- ``Ranking`` (reward models): ``responses``, the token ids of prompt + each response, best first;
+- ``Pair`` (DPO): ``chosen`` and ``rejected``, each a ``TokenTargets``, and once computed the
+  reference log-probabilities ``reference``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,38 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from typing import Callable, NotRequired, TypedDict
+
 from ..assets import resolve_data
 from ..config import Config
 from ..errors import DataError
 from . import split
 from .load import FILE, ROW
 from .preferences import Preference, load_preferences, to_pairs
-from .prepare import Ledger, RowStage, prepare_rows
 
 IGNORE = -100
-PREFERENCE_TASKS = ("reward", "dpo")
+
+
+class LabelledText(TypedDict):
+    input_ids: list[int]
+    label: int
+    features: NotRequired[object]  # a pooled vector, when a method computed it once (feature extraction)
+
+
+class TokenTargets(TypedDict):
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: NotRequired[list[int]]  # packed rows (data/pack.py)
+
+
+class Ranking(TypedDict):
+    responses: list[list[int]]
+
+
+class Pair(TypedDict):
+    chosen: TokenTargets
+    rejected: TokenTargets
+    reference: NotRequired[tuple[float, float]]
 
 
 @dataclass
@@ -39,7 +65,7 @@ class PreparedData:
     eval: Split
     labels: list[str] | None  # classification: index -> label name
     fingerprint: str
-    mode: str  # "classification", "tokens", "seq2seq", "sft" or "text"
+    mode: str  # the rows' kind (Fields.kind): classification, tokens, seq2seq, sft, text, preferences
     test: Split = field(default_factory=lambda: Split([]))
     report: dict = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
@@ -72,7 +98,7 @@ def check_known_labels(rows: list[dict], column: str, labels: list[str]) -> None
 
 # ----------------------------------------------------------------------------- tokenization
 
-def encode_classification(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -> list[dict]:
+def encode_classification(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -> list[LabelledText]:
     index = {name: i for i, name in enumerate(labels)}
     texts = [r[cfg.data.text_column] for r in rows]
     ids = tokenizer(texts, truncation=True, max_length=cfg.train.max_length)["input_ids"]
@@ -105,7 +131,7 @@ def _response_text(tokenizer, prompt: str, response: str, use_chat_template: boo
     return response + (tokenizer.eos_token or "")
 
 
-def sft_example(tokenizer, prompt: str, response: str, use_chat_template: bool, max_len: int) -> dict | None:
+def sft_example(tokenizer, prompt: str, response: str, use_chat_template: bool, max_len: int) -> TokenTargets | None:
     """``input_ids`` of prompt + response and ``labels`` = the response tokens (-100 on the prompt);
     None when truncation to ``max_len`` leaves no response token."""
     head = prompt_ids(tokenizer, prompt, use_chat_template)
@@ -123,7 +149,7 @@ def _note_truncated(dropped: int, max_len: int, what: str = "example(s)") -> Non
               f"train.max_length={max_len} and were skipped", file=sys.stderr)
 
 
-def encode_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+def encode_sft(rows: list[dict], tokenizer, cfg: Config) -> list[TokenTargets]:
     d, max_len = cfg.data, cfg.train.max_length
     encoded = [sft_example(tokenizer, row[d.prompt_column], row[d.response_column], d.chat_template, max_len)
                for row in rows]
@@ -131,7 +157,7 @@ def encode_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     return [e for e in encoded if e is not None]
 
 
-def encode_text(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+def encode_text(rows: list[dict], tokenizer, cfg: Config) -> list[TokenTargets]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for row in rows:
@@ -140,7 +166,7 @@ def encode_text(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     return out
 
 
-def encode_tagged(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -> list[dict]:
+def encode_tagged(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -> list[TokenTargets]:
     """Word-level tags onto sub-word tokens: each word's first token carries its tag, the rest -100."""
     index = {name: i for i, name in enumerate(labels)}
     d = cfg.data
@@ -156,7 +182,7 @@ def encode_tagged(rows: list[dict], tokenizer, cfg: Config, labels: list[str]) -
     return out
 
 
-def encode_seq2seq(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+def encode_seq2seq(rows: list[dict], tokenizer, cfg: Config) -> list[TokenTargets]:
     d, max_len = cfg.data, cfg.train.max_length
     sources = tokenizer([r[d.prompt_column] for r in rows], truncation=True, max_length=max_len)["input_ids"]
     targets = tokenizer(text_target=[r[d.response_column] for r in rows], truncation=True,
@@ -164,71 +190,7 @@ def encode_seq2seq(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     return [{"input_ids": s, "labels": t} for s, t in zip(sources, targets)]
 
 
-def encoder(cfg: Config, tokenizer, mode: str, labels: list[str] | None):
-    """rows -> examples for the mode, plus the columns they read."""
-    d = cfg.data
-    if mode == "classification":
-        return (lambda rows: encode_classification(rows, tokenizer, cfg, labels)), [d.text_column, d.label_column]
-    if mode == "tokens":
-        return (lambda rows: encode_tagged(rows, tokenizer, cfg, labels)), [d.tokens_column, d.tags_column]
-    if mode == "seq2seq":
-        return (lambda rows: encode_seq2seq(rows, tokenizer, cfg)), [d.prompt_column, d.response_column]
-    if mode == "sft":
-        return (lambda rows: encode_sft(rows, tokenizer, cfg)), [d.prompt_column, d.response_column]
-    return (lambda rows: encode_text(rows, tokenizer, cfg)), [d.text_column]
-
-
-def prepare(cfg: Config, tokenizer) -> PreparedData:
-    """The preparation pipeline (or a prepared folder), then labels and tokenization."""
-    if cfg.task in PREFERENCE_TASKS:
-        return prepare_preferences(cfg, tokenizer)
-    rows = prepare_rows(cfg, tokenizer)
-    train_rows, eval_rows, test_rows = (rows.splits[s] for s in ("train", "eval", "test"))
-    where = rows.report["files"].get("train", cfg.data.train)
-    labels = None
-    if rows.mode == "classification":
-        labels = label_list(train_rows, eval_rows + test_rows, cfg.data.label_column, where)
-    elif rows.mode == "tokens":
-        # Tag sets are large and some tags are rare: one seen only in evaluation is still a tag the
-        # head should have (it simply scores 0 recall), not a typo as an unknown class label would be.
-        labels = label_list(train_rows + eval_rows + test_rows, [], cfg.data.tags_column, where)
-    encode, _ = encoder(cfg, tokenizer, rows.mode, labels)
-    train = Split(train_rows, encode(train_rows))
-    if not train.examples:
-        raise DataError(f"{where}: no usable training examples after tokenization")
-    if cfg.data.pack:
-        from .pack import pack
-        train.examples = pack(train.examples, cfg.train.max_length)
-    return PreparedData(train, Split(eval_rows, encode(eval_rows)), labels, rows.report["fingerprint"],
-                        rows.mode, Split(test_rows, encode(test_rows) if test_rows else []), rows.report, rows.rejects)
-
-
-def prepare_eval_file(cfg: Config, tokenizer, path: str, labels: list[str] | None) -> list[dict]:
-    """Examples from one more file, cleaned and formatted like the run's training data and checked
-    against its columns and labels (no de-duplication or splitting)."""
-    if cfg.task in PREFERENCE_TASKS:
-        return encode_preferences(load_preferences(path, cfg.data.on_error), tokenizer, cfg)
-    stage = RowStage(cfg, Ledger())
-    rows = stage.load(path)
-    if not rows:
-        raise DataError(f"{path}: no usable rows")
-    if labels:
-        check_known_labels(rows, cfg.data.label_column if stage.mode == "classification" else cfg.data.tags_column,
-                           labels)
-    encode, _ = encoder(cfg, tokenizer, stage.mode, labels)
-    return encode(rows)
-
-
 # ----------------------------------------------------------------------------- preferences (reward, dpo)
-
-def objective(cfg: Config) -> dict:
-    """The loss settings of a preference task. They travel with every example into its batch:
-    the loop hands the loss a batch, not the config. (DPO examples are specific to them anyway:
-    IPO's reference log-probabilities are per-token means, the sigmoid loss's are sums.)"""
-    if cfg.task == "reward":
-        return {"loss": cfg.reward.loss}
-    return {"loss": cfg.dpo.loss, "beta": cfg.dpo.beta}
-
 
 def reward_text(tokenizer, prompt: str, response: str, use_chat_template: bool) -> str:
     """What a reward model reads: the chat as the tokenizer's template writes it, else prompt, newline, response."""
@@ -253,23 +215,27 @@ def reward_ids(tokenizer, prompts: list[str], responses: list[str], use_chat_tem
         tokenizer.truncation_side = side
 
 
-def encode_preferences(prefs: list[Preference], tokenizer, cfg: Config) -> list[dict]:
-    d, max_len, goal = cfg.data, cfg.train.max_length, objective(cfg)
-    if cfg.task == "reward":
-        ids = reward_ids(tokenizer, [p.prompt for p in prefs for _ in p.responses],
-                         [r for p in prefs for r in p.responses], d.chat_template, max_len)
-        out, start = [], 0
-        for p in prefs:
-            out.append({"responses": ids[start:start + len(p.responses)], "objective": goal})
-            start += len(p.responses)
-        return out
+def encode_rankings(prefs: list[Preference], tokenizer, cfg: Config) -> list[Ranking]:
+    """Each preference's responses (best first), read as a reward model reads them."""
+    ids = reward_ids(tokenizer, [p.prompt for p in prefs for _ in p.responses],
+                     [r for p in prefs for r in p.responses], cfg.data.chat_template, cfg.train.max_length)
+    out, start = [], 0
+    for p in prefs:
+        out.append(Ranking(responses=ids[start:start + len(p.responses)]))
+        start += len(p.responses)
+    return out
+
+
+def encode_pairs(prefs: list[Preference], tokenizer, cfg: Config) -> list[Pair]:
+    """Every (chosen, rejected) pair the preferences imply, each side an SFT example."""
+    d, max_len = cfg.data, cfg.train.max_length
     out, dropped = [], 0
     for prompt, chosen, rejected in to_pairs(prefs):
         sides = [sft_example(tokenizer, prompt, r, d.chat_template, max_len) for r in (chosen, rejected)]
         if None in sides:
             dropped += 1
             continue
-        out.append({"chosen": sides[0], "rejected": sides[1], "objective": goal})
+        out.append(Pair(chosen=sides[0], rejected=sides[1]))
     _note_truncated(dropped, max_len, "pair(s)")
     return out
 
@@ -283,8 +249,8 @@ def split_by_prompt(prefs: list[Preference], fraction: float, seed: int) -> tupl
     return [p for p in prefs if p.prompt not in held], [p for p in prefs if p.prompt in held]
 
 
-def prepare_preferences(cfg: Config, tokenizer) -> PreparedData:
-    """Preference files -> split by prompt -> limits -> examples, with a data report."""
+def prepare_preferences(cfg: Config, encode: Callable[[list[Preference]], list]) -> PreparedData:
+    """Preference files -> split by prompt -> limits -> examples (``encode``, the task's), with a data report."""
     d, seed = cfg.data, cfg.train.seed
     files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval)) if ref}
     rejects: list[dict] = []
@@ -305,7 +271,7 @@ def prepare_preferences(cfg: Config, tokenizer) -> PreparedData:
     rows = {name: [{"prompt": p.prompt, "responses": p.responses, FILE: p.source[0], ROW: p.source[1]} for p in prefs]
             for name, prefs in splits.items()}
     report = _preference_report(cfg, files, rows, rejects, before - sum(len(v) for v in splits.values()))
-    examples = {name: encode_preferences(prefs, tokenizer, cfg) for name, prefs in splits.items()}
+    examples = {name: encode(prefs) for name, prefs in splits.items()}
     if not examples["train"] or not examples["eval"]:
         raise DataError(f"{files['train']}: no usable preference examples after truncating to train.max_length="
                         f"{cfg.train.max_length}; raise it")

@@ -20,10 +20,10 @@ from collections import Counter
 
 from ..assets import DATASETS, check_data_ref, resolve_data
 from ..config import Config
-from ..errors import ConfigError, DataError
-from ..eval.metrics import TASK_SEPARATOR
+from ..errors import DataError
+from ..metrics import TASK_SEPARATOR
 from .load import FILE, ROW
-from .prepare import AUGMENTED, SPLITS, Fields, Ledger, PreparedRows, RowStage, run_pipeline
+from .prepare import AUGMENTED, SPLITS, FieldsFor, Ledger, PreparedRows, RowStage, run_pipeline
 from .report import build_report
 
 TASK_KEYS = ("train", "eval", "text_column", "label_column")
@@ -56,35 +56,33 @@ def task_config(cfg: Config, task: str) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def prepare_tasks(cfg: Config, tokenizer=None) -> PreparedRows:
-    """Every task's rows, prefixed and namespaced, in one set of splits (train shuffled with the seed)."""
-    if cfg.task != "classification":
-        raise ConfigError([f"data.tasks: multi-task training is for task classification, not {cfg.task!r}; "
-                           "unset data.tasks or set task: classification"])
+def prepare_tasks(cfg: Config, fields_for: FieldsFor, tokenizer=None) -> PreparedRows:
+    """Every task's rows, prefixed and namespaced, in one set of splits (train shuffled with the seed).
+    ``fields_for`` is the (classification) task's, applied to each task's own columns."""
     d = cfg.data
-    fields = Fields([d.text_column], d.label_column)
+    fields = fields_for(set())
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     ledger, files, sections = Ledger(), {}, {}
     for task in d.tasks:
         one = task_config(cfg, task)
         task_ledger = Ledger()
-        stage = RowStage(one, task_ledger)
+        own = dataclasses.replace(fields, inputs=[one.data.text_column], label=one.data.label_column)
+        stage = RowStage(one, task_ledger, lambda columns: own)
         task_splits, task_files = run_pipeline(one, stage, task_ledger)
         _check_classes(task, task_splits["train"], one.data.label_column, task_files["train"])
-        report = build_report(one, task_splits, stage.mode, Fields([one.data.text_column], one.data.label_column),
-                              task_ledger, task_files, None)
+        report = build_report(one, task_splits, own, task_ledger, task_files, None)
         sections[task] = {k: report[k] for k in REPORT_KEYS}
         for name, rows in task_splits.items():
             splits[name] += [_namespaced(r, task, one.data, fields) for r in rows]
         files.update({f"{task}.{name}": path for name, path in task_files.items()})
         _merge(ledger, task_ledger)
     random.Random(cfg.train.seed).shuffle(splits["train"])
-    report = build_report(cfg, splits, "classification", fields, ledger, files, tokenizer)
+    report = build_report(cfg, splits, fields, ledger, files, tokenizer)
     report["tasks"] = sections
-    return PreparedRows(splits, "classification", fields, report, ledger.rejects)
+    return PreparedRows(splits, fields, report, ledger.rejects)
 
 
-def _namespaced(row: dict, task: str, source, fields: Fields) -> dict:
+def _namespaced(row: dict, task: str, source, fields) -> dict:
     out = {k: row[k] for k in (FILE, ROW, AUGMENTED) if k in row}
     out[fields.inputs[0]] = task_prefix(task) + row[source.text_column]
     out[fields.label] = task_label(task, row[source.label_column])
@@ -112,9 +110,9 @@ def _merge(total: Ledger, part: Ledger) -> None:
 
 # ----------------------------------------------------------------------------- validation
 
-def check_tasks(d, task: str | None = None, check_paths: bool = False) -> list[str]:
-    """Problems with ``data.tasks`` (config validation; every problem at once). ``task`` and
-    ``check_paths`` as the config's: skipped when not given."""
+def check_tasks(d, check_paths: bool = False) -> list[str]:
+    """Problems with ``data.tasks`` (config validation; every problem at once; whether the task
+    trains several tasks at once is the task's own check)."""
     if not d.tasks:
         return []
     problems = [f"data.{key}: leave it unset with data.tasks; each task names its own files "
@@ -122,8 +120,6 @@ def check_tasks(d, task: str | None = None, check_paths: bool = False) -> list[s
     if len(d.tasks) < 2:
         problems.append(f"data.tasks: multi-task training needs at least two tasks, got {len(d.tasks)} "
                         f"({', '.join(d.tasks)}); for one task use data.train")
-    if task is not None and task != "classification":
-        problems.append(f"data.tasks: multi-task training is for task classification, not {task!r}")
     for name, spec in d.tasks.items():
         where = f"data.tasks.{name}"
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):

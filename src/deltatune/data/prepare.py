@@ -15,13 +15,14 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..assets import resolve_data
 from ..config import Config
 from ..errors import DataError
 from . import clean, dedup, split
 from .load import FILE, ROW, iter_table, require_columns
+from .report import build_report
 from .template import Templates, templates_for
 
 SPLITS = ("train", "eval", "test")
@@ -31,35 +32,30 @@ REPORT = "data_report.json"
 
 @dataclass
 class Fields:
-    """Which columns a mode reads: ``inputs`` are the texts (cleaned, redacted, compared for
-    duplicates); ``label`` is the class label or the tag list."""
+    """Which columns rows need, and what the pipeline may do with them (the task decides, see
+    ``tasks/``): ``inputs`` are the texts (cleaned, redacted, compared for duplicates); ``label``
+    is the class label or, with ``per_word``, the list of tags (one per word of the first input).
+    ``kind`` names the shape of the rows for reports and prepared folders."""
     inputs: list[str]
     label: str | None = None
+    kind: str = "text"
+    per_word: bool = False       # inputs[0] and label are equal-length word and tag lists
+    augmentable: bool = False    # one text column that augmentation may rewrite
 
     @property
     def columns(self) -> list[str]:
         return self.inputs + ([self.label] if self.label else [])
 
+    @property
+    def classes(self) -> str | None:
+        """The column of a class label per row (splits are stratified by it), else None."""
+        return None if self.per_word else self.label
+
     def key(self, row: dict) -> str:
         return "\x1f".join(" ".join(v) if isinstance(v, list) else str(v) for v in (row[c] for c in self.inputs))
 
 
-def mode_for(cfg: Config, columns) -> str:
-    """How rows become examples. A causal LM trains SFT when the file has prompt/response columns;
-    PPO reads prompts only (its responses are sampled)."""
-    fixed = {"classification": "classification", "token_classification": "tokens", "seq2seq": "seq2seq",
-             "ppo": "prompts"}
-    if cfg.task in fixed:
-        return fixed[cfg.task]
-    return "sft" if cfg.data.prompt_column in columns or cfg.data.response_column in columns else "text"
-
-
-def fields_for(cfg: Config, mode: str) -> Fields:
-    d = cfg.data
-    return {"classification": Fields([d.text_column], d.label_column), "text": Fields([d.text_column]),
-            "sft": Fields([d.prompt_column, d.response_column]), "prompts": Fields([d.prompt_column]),
-            "seq2seq": Fields([d.prompt_column, d.response_column]),
-            "tokens": Fields([d.tokens_column], d.tags_column)}[mode]
+FieldsFor = Callable[[set], Fields]  # the columns a file has -> the fields its rows are read by
 
 
 @dataclass
@@ -83,19 +79,23 @@ class Ledger:
 @dataclass
 class PreparedRows:
     splits: dict[str, list[dict]]
-    mode: str
     fields: Fields
     report: dict
     rejects: list[dict]
+
+    @property
+    def mode(self) -> str:
+        return self.fields.kind
 
 
 class RowStage:
     """Loads one file and makes each row well-formed, or rejects it with a reason."""
 
-    def __init__(self, cfg: Config, ledger: Ledger):
+    def __init__(self, cfg: Config, ledger: Ledger, fields_for: FieldsFor):
         self.cfg, self.d, self.ledger = cfg, cfg.data, ledger
         self.templates = Templates(templates_for(cfg.data))
-        self.mode: str | None = None
+        self.fields_for = fields_for
+        self.fields: Fields | None = None  # chosen from the first file's columns
         self.redactor = None
         if self.d.pii.redact:
             from .pii import redact
@@ -112,9 +112,9 @@ class RowStage:
             self.ledger.rows_in += 1
             if fields is None:
                 self.templates.check_columns([row], path)
-                if self.mode is None:
-                    self.mode = mode_for(self.cfg, set(row) | set(self.templates.compiled))
-                fields = fields_for(self.cfg, self.mode)
+                if self.fields is None:
+                    self.fields = self.fields_for(set(row) | set(self.templates.compiled))
+                fields = self.fields
                 columns = [(c, f"data.{_key(self.d, c)}") for c in fields.columns if c not in self.templates.compiled]
                 require_columns([row], path, columns)
             if self.templates.compiled and not self._keep(row, self.templates.render(row)):
@@ -150,7 +150,7 @@ class RowStage:
                     return f"{_what(self.d, column)} column {column!r} is empty"
                 row[column] = c.fill[column]
                 self.ledger.filled[column] += 1
-        if self.mode == "tokens":
+        if fields.per_word:
             problem = _tagged(row, fields)
             if problem:
                 return problem
@@ -210,22 +210,18 @@ def _tagged(row: dict, fields: Fields) -> str | None:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def prepare_rows(cfg: Config, tokenizer=None) -> PreparedRows:
-    """Run the whole pipeline in memory. ``tokenizer`` (optional) adds token-length figures."""
-    d = cfg.data
-    if d.tasks:  # several tasks, each through the pipeline below, then one labelled set
-        from .multitask import prepare_tasks
-        return prepare_tasks(cfg, tokenizer)
-    train_ref = resolve_data(d.train)
+def prepare_rows(cfg: Config, fields_for: FieldsFor, tokenizer=None) -> PreparedRows:
+    """Run the whole pipeline in memory. ``fields_for`` is the task's (``Task.fields``);
+    ``tokenizer`` (optional) adds token-length figures. Multi-task data (``data.tasks``) is
+    prepared by ``data.multitask.prepare_tasks``."""
+    train_ref = resolve_data(cfg.data.train)
     if (Path(train_ref) / REPORT).is_file():
-        return load_prepared(cfg, Path(train_ref))
+        return load_prepared(cfg, Path(train_ref), fields_for)
     ledger = Ledger()
-    stage = RowStage(cfg, ledger)
+    stage = RowStage(cfg, ledger, fields_for)
     splits, files = run_pipeline(cfg, stage, ledger)
-    fields = fields_for(cfg, stage.mode)
-    from .report import build_report
-    report = build_report(cfg, splits, stage.mode, fields, ledger, files, tokenizer)
-    return PreparedRows(splits, stage.mode, fields, report, ledger.rejects)
+    report = build_report(cfg, splits, stage.fields, ledger, files, tokenizer)
+    return PreparedRows(splits, stage.fields, report, ledger.rejects)
 
 
 def run_pipeline(cfg: Config, stage: RowStage, ledger: Ledger) -> tuple[dict[str, list[dict]], dict[str, str]]:
@@ -235,15 +231,15 @@ def run_pipeline(cfg: Config, stage: RowStage, ledger: Ledger) -> tuple[dict[str
     loaded = {s: stage.load(path) for s, path in files.items()}
     if not loaded["train"]:
         raise DataError(f"{files['train']}: no usable rows (all {len(ledger.rejects)} rejected; see rejects.jsonl)")
-    fields = fields_for(cfg, stage.mode)
+    fields = stage.fields
     loaded = {s: _deduplicate(rows, s, fields, d.dedup, ledger) for s, rows in loaded.items()}
-    splits = _split(cfg, loaded, fields if stage.mode == "classification" else None)
+    splits = _split(cfg, loaded, fields.classes)
     _check_leakage(splits, fields, d.dedup, ledger)
-    _apply_limits(cfg, splits, fields.label if stage.mode == "classification" else None, ledger, files["train"])
+    _apply_limits(cfg, splits, fields.classes, ledger, files["train"])
     if not splits["eval"]:
         raise DataError(f"{files['train']}: no rows left for evaluation; add data, raise data.eval_fraction "
                         "or give data.eval")
-    _augment(cfg, splits, fields, stage.mode, ledger)
+    _augment(cfg, splits, fields, ledger)
     return splits, files
 
 
@@ -259,9 +255,9 @@ def _deduplicate(rows, name, fields, cfg, ledger) -> list[dict]:
     return rows
 
 
-def _split(cfg: Config, loaded: dict, strat: Fields | None) -> dict[str, list[dict]]:
+def _split(cfg: Config, loaded: dict, label: str | None) -> dict[str, list[dict]]:
+    """Stratified by the class column ``label`` when there is one."""
     d, seed = cfg.data, cfg.train.seed
-    label = strat.label if strat else None
     rest = loaded["train"]
     test = loaded.get("test")
     if test is None:
@@ -303,15 +299,15 @@ def _apply_limits(cfg, splits, label, ledger, where) -> None:
     ledger.limited += before - len(splits["train"]) - len(splits["eval"])
 
 
-def _augment(cfg, splits, fields, mode, ledger) -> None:
+def _augment(cfg, splits, fields, ledger) -> None:
     """New training rows only; one that repeats an eval/test row exactly is dropped, so augmented
     text never leaks into evaluation."""
     a = cfg.data.augment
     if not (a.eda or a.paraphrase or a.oversample):
         return
-    if mode not in ("classification", "text"):
+    if not fields.augmentable:
         raise DataError(f"data.augment: augmentation rewrites one text column; it works for classification "
-                        f"and plain-text causal-LM data, not {mode!r} rows")
+                        f"and plain-text causal-LM data, not {fields.kind!r} rows")
     from . import augment
 
     train, column, seed = splits["train"], fields.inputs[0], cfg.train.seed
@@ -339,13 +335,13 @@ def _paraphrases(rows, column, a, seed) -> list[dict]:
 
     path = resolve_model(a.paraphrase_model)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, "causal_lm", None, tokenizer.pad_token_id)
+    model = load_model(path, "causal", None, tokenizer.pad_token_id)
     return paraphrase(rows, column, model, tokenizer, per_row=a.paraphrase, seed=seed)
 
 
 # ----------------------------------------------------------------------------- prepared folders
 
-def load_prepared(cfg: Config, folder: Path) -> PreparedRows:
+def load_prepared(cfg: Config, folder: Path, fields_for: FieldsFor) -> PreparedRows:
     """Rows written by `deltatune data prepare`: used as they are (no second cleaning or augmentation)."""
     import pyarrow.parquet as pq
 
@@ -355,7 +351,7 @@ def load_prepared(cfg: Config, folder: Path) -> PreparedRows:
                         f"{cfg.task!r}; prepare the data again with this config")
     if cfg.data.eval or cfg.data.test:
         raise DataError(f"{folder}: a prepared folder brings its own eval/test splits; unset data.eval/data.test")
-    fields = fields_for(cfg, report["mode"])
+    fields = fields_for(set(report.get("columns", [])))
     splits = {}
     for name in SPLITS:
         path = folder / f"{name}.parquet"
@@ -367,7 +363,7 @@ def load_prepared(cfg: Config, folder: Path) -> PreparedRows:
         raise DataError(f"{folder}: the prepared folder has no train or eval rows; run `deltatune data prepare` again")
     rejects_path = folder / "rejects.jsonl"
     rejects = [json.loads(x) for x in rejects_path.read_text().splitlines()] if rejects_path.is_file() else []
-    return PreparedRows(splits, report["mode"], fields, report, rejects)
+    return PreparedRows(splits, fields, report, rejects)
 
 
 def write_prepared(prepared: PreparedRows, out: Path, config_yaml: str) -> Path:

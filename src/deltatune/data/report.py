@@ -47,12 +47,12 @@ def _lengths(rows: list[dict], fields, tokenizer) -> dict:
             "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": hist.tolist()}}
 
 
-def build_report(cfg: Config, splits, mode, fields, ledger, files: dict, tokenizer) -> dict:
+def build_report(cfg: Config, splits, fields, ledger, files: dict, tokenizer) -> dict:
     augmented = sum(ledger.augmented.values())
     rows_out = sum(len(rows) for rows in splits.values())
     leakage = {s: dict(c) for s, c in ledger.leaks.items()}
     report = {
-        "task": cfg.task, "mode": mode, "files": files, "columns": fields.columns,
+        "task": cfg.task, "mode": fields.kind, "files": files, "columns": fields.columns,
         "rows_in": ledger.rows_in,
         "rows_out": rows_out,
         "rows_per_split": {s: len(r) for s, r in splits.items()},

@@ -24,7 +24,7 @@ from ..assets import atomic_dir, resolve_data
 from ..config import Config, dump_yaml, to_dict
 from ..errors import ConfigError, DataError
 from .load import FILE, ROW
-from .prepare import AUGMENTED, REPORT, SPLITS, Fields, Ledger, RowStage, fields_for
+from .prepare import AUGMENTED, REPORT, SPLITS, Fields, FieldsFor, Ledger, RowStage
 from .report import render_html
 
 SAMPLE = 5000  # rows kept (reservoir) for the token-length figures
@@ -114,8 +114,9 @@ class _Sink:
         return h.hexdigest()
 
 
-def prepare_stream(cfg: Config, out: Path, tokenizer=None, batch_rows: int = 10_000) -> dict:
-    """Stream the configured files into ``out`` (written atomically); returns the report."""
+def prepare_stream(cfg: Config, out: Path, fields_for: FieldsFor, tokenizer=None, batch_rows: int = 10_000) -> dict:
+    """Stream the configured files into ``out`` (written atomically); returns the report. ``fields_for``
+    is the task's (``Task.fields``)."""
     _refuse_unsupported(cfg)
     d, seed = cfg.data, cfg.train.seed
     out = Path(out)
@@ -125,13 +126,13 @@ def prepare_stream(cfg: Config, out: Path, tokenizer=None, batch_rows: int = 10_
     eval_share = 0.0 if d.eval else d.eval_fraction
     test_share = 0.0 if d.test else d.test_fraction
     ledger = Ledger()
-    stage, result = RowStage(cfg, ledger), {}
+    stage, result = RowStage(cfg, ledger, fields_for), {}
 
     def build(tmp: Path) -> None:
         sink, seen = None, {s: set() for s in SPLITS}
         for source, path in files.items():
             for row in stage.stream(path):
-                sink = sink or _Sink(tmp, fields_for(cfg, stage.mode), batch_rows, seed)
+                sink = sink or _Sink(tmp, stage.fields, batch_rows, seed)
                 key = sink.fields.key(row)
                 split = _bucket(key, seed, eval_share, test_share) if source == "train" else source
                 digest = _digest(key)
@@ -150,7 +151,7 @@ def prepare_stream(cfg: Config, out: Path, tokenizer=None, batch_rows: int = 10_
             raise DataError(f"{files['train']}: no training or evaluation rows came out of the stream; "
                             "check the data and data.eval_fraction")
         sink.close()
-        result.update(_report(cfg, stage.mode, sink, ledger, files, tokenizer))
+        result.update(_report(cfg, sink, ledger, files, tokenizer))
         (tmp / REPORT).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "data_report.html").write_text(render_html(result), encoding="utf-8")
         (tmp / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger.rejects),
@@ -161,12 +162,12 @@ def prepare_stream(cfg: Config, out: Path, tokenizer=None, batch_rows: int = 10_
     return result
 
 
-def _report(cfg: Config, mode: str, sink: _Sink, ledger: Ledger, files: dict, tokenizer) -> dict:
+def _report(cfg: Config, sink: _Sink, ledger: Ledger, files: dict, tokenizer) -> dict:
     from .report import _lengths
 
     rows_out = sum(sink.counts.values())
     report = {
-        "task": cfg.task, "mode": mode, "files": files, "columns": sink.fields.columns, "streamed": True,
+        "task": cfg.task, "mode": sink.fields.kind, "files": files, "columns": sink.fields.columns, "streamed": True,
         "rows_in": ledger.rows_in, "rows_out": rows_out,
         "rows_per_split": {s: sink.counts[s] for s in SPLITS},
         "rejected_rows": len(ledger.rejects),

@@ -14,33 +14,37 @@ from typing import Callable
 from torch import nn
 
 from ..config import Config
-from .evaluate import evaluate
+from ..models import load_model
+from ..tasks.base import Task
 from .forgetting import forgetting, general_texts, text_examples
+from .icl import icl_baseline
 
 
 @dataclass
 class Extras:
+    task: Task | None = None                            # scores the general text (a language-modelling task)
     general: list[dict] = field(default_factory=list)  # general-text examples for the forgetting meter
     before: dict | None = None                          # their loss/perplexity under the base model
     prompting: Callable[[], dict] | None = None         # the in-context baselines, run before training
 
-    def measure_before(self, base: nn.Module, batch_size: int, pad_id: int, chunked: bool = True) -> None:
+    def measure_before(self, base: nn.Module) -> None:
         if self.general:
-            self.before = evaluate(base, self.general, "causal_lm", batch_size, pad_id, chunked_loss=chunked)
+            self.before = self.task.evaluate(base, self.general)
 
-    def report(self, tuned: nn.Module, batch_size: int, pad_id: int, chunked: bool = True) -> dict:
+    def report(self, tuned: nn.Module) -> dict:
         if not self.general or self.before is None:
             return {}
-        after = evaluate(tuned, self.general, "causal_lm", batch_size, pad_id, chunked_loss=chunked)
+        after = self.task.evaluate(tuned, self.general)
         return {"forgetting": {**forgetting(self.before, after), "rows": len(self.general),
                                "source": "oanc-pos sentences", "measured_on": "the final weights"}}
 
 
-def build_extras(cfg: Config, tokenizer) -> Extras:
-    if cfg.task != "causal_lm" or not cfg.eval.forgetting:
+def build_extras(cfg: Config, task: Task, tokenizer) -> Extras:
+    """The forgetting meter, for tasks that measure it (``Task.measures_forgetting``)."""
+    if not task.measures_forgetting or not cfg.eval.forgetting:
         return Extras()
     texts = general_texts(rows=cfg.eval.forgetting_rows)
-    return Extras(text_examples(texts, tokenizer, cfg.train.max_length))
+    return Extras(task, text_examples(texts, tokenizer, cfg.train.max_length))
 
 
 def is_decoder(model_path: Path) -> bool:
@@ -56,10 +60,7 @@ def prompting_baselines(cfg: Config, model_path: Path, tokenizer, train_rows: li
         return {}
     if not is_decoder(model_path):
         return {"prompting": {"skipped": "the base model is not a decoder; in-context baselines need one"}}
-    from ..models import load_model
-    from .icl import icl_baseline
-
-    lm = load_model(model_path, "causal_lm", None, tokenizer.pad_token_id)
+    lm = load_model(model_path, "causal", None, tokenizer.pad_token_id)
     rows = eval_rows[: cfg.eval.icl_limit]
     d = cfg.data
     results = [icl_baseline(lm, tokenizer, train_rows, rows, d.text_column, d.label_column, labels, k,

@@ -41,9 +41,9 @@ from rich.text import Text
 from ..assets import DATA_SUFFIXES
 from ..errors import DataError, DeltatuneError, RunError
 from ..data.load import ROW, cell, load_table, require_columns
+from ..tasks import registry as tasks
 from .rewards import log_odds
 
-GENERATIVE_TASKS = ("causal_lm", "dpo", "ppo")
 SAMPLING_ROUNDS = 4  # draws of k samples to find k different responses before showing fewer
 
 
@@ -111,15 +111,16 @@ def load_sampler(ref: str) -> Sampler:
 
     if (Path(ref) / "config.yaml").is_file():
         loaded = load_run(ref)
-        if loaded.cfg.task not in GENERATIVE_TASKS:
+        if not loaded.task.generates:
+            writers = [name for name in tasks.names() if tasks.get(name).generates]
             raise RunError(f"{ref}: a {loaded.cfg.task} run cannot write responses; give a run of task "
-                           f"{', '.join(GENERATIVE_TASKS)} or a base model (folder or alias)")
+                           f"{', '.join(writers)} or a base model (folder or alias)")
         return Sampler(loaded.model, loaded.tokenizer, loaded.cfg.data.chat_template, str(Path(ref).resolve()))
     from ..assets import resolve_model
 
     path = resolve_model(ref)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, "causal_lm", pad_token_id=tokenizer.pad_token_id).to(PartialState().device).eval()
+    model = load_model(path, "causal", pad_token_id=tokenizer.pad_token_id).to(PartialState().device).eval()
     name = ref if not Path(ref).exists() else str(Path(ref).resolve())
     return Sampler(model, tokenizer, True, name)
 
@@ -177,7 +178,7 @@ def load_judge(path: str, label: str | None) -> Judge:
 
     loaded = inference.load_run(path)
     task = loaded.cfg.task
-    if task == "classification":
+    if loaded.task.one_label_per_text:
         if label not in (loaded.labels or []):
             given = f"--judge-label {label!r} is not one of its labels" if label else "give --judge-label"
             raise RunError(f"{path}: a classification judge scores the log-odds of one label: {given}; its labels: "
@@ -185,12 +186,9 @@ def load_judge(path: str, label: str | None) -> Judge:
         loaded.tokenizer.truncation_side = "left"  # a long prompt must not push the response out
         return Judge(str(Path(path).resolve()),
                      lambda prompts, responses: classifier_log_odds(loaded, label, joined(prompts, responses)))
-    if task == "reward":
+    if loaded.task.scores_responses:
         if label is not None:
             raise RunError(f"--judge-label {label!r}: {path} is a reward model; it has no labels, drop --judge-label")
-        if not hasattr(inference, "score"):
-            raise RunError(f"{path}: a reward-model run, but this deltatune has no inference.score to run reward "
-                           "models yet; judge with a classification run and --judge-label instead")
         return Judge(str(Path(path).resolve()),
                      lambda prompts, responses: [float(s) for s in inference.score(loaded, prompts, responses)])
     raise RunError(f"{path}: a {task} run cannot judge responses; give a classification run (with --judge-label) "

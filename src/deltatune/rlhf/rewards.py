@@ -23,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from .. import inference
 from ..config import Config
 from ..errors import ConfigError, DeltatuneError
+from ..rundir import RunDir
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -108,9 +110,6 @@ def _module_from_file(path: Path):
 # ----------------------------------------------------------------------------- reward models
 
 def _model_reward(path: str, label: str | None, batch_size: int) -> Callable:
-    from .. import inference
-    from ..rundir import RunDir
-
     run = RunDir(Path(path).expanduser())
     try:
         run.require_complete()
@@ -118,15 +117,12 @@ def _model_reward(path: str, label: str | None, batch_size: int) -> Callable:
         raise ConfigError([f"ppo.reward_model: {exc}"]) from exc
     loaded = inference.load_run(run.path)
     task = loaded.cfg.task
-    if task == "classification":
+    if loaded.task.one_label_per_text:
         return classifier_reward(loaded, label, batch_size)
     if label:
         raise ConfigError([f"ppo.reward_label: {run.path} is a task {task!r} run, not a classifier; "
                            "a label only applies to a classification reward model, unset it"])
-    if task == "reward":
-        if not hasattr(inference, "score"):
-            raise ConfigError([f"ppo.reward_model: {run.path} is a task reward run, but this deltatune has no "
-                               "inference.score to run reward models yet; use a classifier run or ppo.reward_fn"])
+    if loaded.task.scores_responses:
         return lambda prompts, responses: inference.score(loaded, prompts, responses)
     raise ConfigError([f"ppo.reward_model: {run.path} is a task {task!r} run; a reward model must be a "
                        "task classification or task reward run"])

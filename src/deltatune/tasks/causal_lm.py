@@ -1,14 +1,96 @@
-"""Causal-LM supervised fine-tuning: prompt/response pairs (loss on the response) or plain text."""
+"""Causal-LM supervised fine-tuning: prompt/response pairs (loss on the response) or plain text.
+
+With ``train.chunked_loss`` the cross-entropy comes from the final hidden states through
+``losses.chunked_causal_lm_loss``, so the logits of the whole batch never exist; models it does
+not fit (soft prompts, see ``common.decoder_parts``) take the plain path.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from ..data.collate import collate
+from ..data.examples import PreparedData, encode_sft, encode_text, prompt_ids
+from ..data.pack import pack
+from ..data.prepare import Fields
+from ..losses import causal_lm_loss, chunked_causal_lm_loss
+from ..metrics import perplexity
 from .base import Metric, Task
+from .common import decoder_parts, evaluating, forward, to_device
 from .registry import register
 
 
+class LanguageModelling(Task):
+    """What the generative tasks share: a token-level loss, evaluated as loss and perplexity."""
+    main_metric = Metric("perplexity", maximize=False)
+
+    def collate(self, examples: list) -> dict:
+        return collate(examples, self.pad_id)
+
+    def evaluate(self, model: nn.Module, examples: list) -> dict:
+        total, count = 0.0, 0
+        with evaluating(model) as device:
+            for batch, _ in self.batches(examples):
+                loss, n = self.loss(model, to_device(batch, device))
+                total, count = total + float(loss), count + n
+        mean = total / max(count, 1)
+        return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}
+
+
+def causal_loss(model: nn.Module, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss over the labelled tokens, their number)."""
+    parts = decoder_parts(model) if chunked else None
+    if parts is None:
+        return causal_lm_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
+    body, head = parts
+    hidden = body(**batch["inputs"], use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head, batch["targets"])
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], chat_template: bool,
+             max_new_tokens: int = 64) -> list[dict]:
+    """Greedy responses, each prompt framed as in training."""
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:  # one at a time: no padding side effects on short CPU runs
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, chat_template)], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        new = gen[0, ids.shape[1]:]
+        out.append({"prompt": prompt, "response": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                    "new_tokens": len(new)})
+    return out
+
+
 @register
-class CausalLM(Task):
+class CausalLM(LanguageModelling):
     name = "causal_lm"
     summary = "prompt -> response (or plain text), next-token loss"
-    main_metric = Metric("perplexity", maximize=False)
     head, peft_type = "causal", "CAUSAL_LM"
+    packs, measures_forgetting, generates = True, True, True
+
+    def fields(self, columns: set) -> Fields:
+        """SFT when the file has prompt/response columns, else plain-text continuation."""
+        d = self.cfg.data
+        if d.prompt_column in columns or d.response_column in columns:
+            return Fields([d.prompt_column, d.response_column], kind="sft")
+        return Fields([d.text_column], kind="text", augmentable=True)
+
+    def examples(self, rows: list[dict], tokenizer) -> list:
+        if rows and self.cfg.data.prompt_column in rows[0]:
+            return encode_sft(rows, tokenizer, self.cfg)
+        return encode_text(rows, tokenizer, self.cfg)
+
+    def prepare(self, tokenizer) -> PreparedData:
+        data = super().prepare(tokenizer)
+        if self.cfg.data.pack:
+            data.train.examples = pack(data.train.examples, self.cfg.train.max_length)
+        return data
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        return causal_loss(model, batch, self.chunked)
+
+    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+        return generate(model, tokenizer, texts, self.cfg.data.chat_template, max_new_tokens)

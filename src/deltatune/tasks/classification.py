@@ -1,8 +1,25 @@
-"""Sequence classification: one text, one class label (several tasks at once: data.tasks)."""
+"""Sequence classification: one text, one class label.
+
+Multi-task classification (``data.tasks``) is the same task on namespaced labels
+(``<task>/<label>``, data/multitask.py): one head, a softmax per task (the loss normalises each
+example over its own task's labels only) and metrics per task.
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..data.collate import collate_labelled
+from ..data.examples import encode_classification, label_list
+from ..data.multitask import prepare_tasks
+from ..data.prepare import Fields, PreparedRows
+from ..losses import classification_loss, masked_classification_loss
+from ..metrics import classification_metrics, multitask_metrics, same_task, task_groups
 from .base import Metric, Task
+from .common import evaluating, forward, to_device
 from .registry import register
 
 
@@ -12,3 +29,68 @@ class Classification(Task):
     summary = "text -> one of several labels"
     main_metric = Metric("accuracy", maximize=True)
     head, peft_type, new_head, one_label_per_text = "sequence", "SEQ_CLS", True, True
+    multitask, icl_baselines = True, True
+
+    @property
+    def input_column(self) -> str:
+        return self.cfg.data.text_column
+
+    def fields(self, columns: set) -> Fields:
+        d = self.cfg.data
+        return Fields([d.text_column], d.label_column, kind="classification", augmentable=True)
+
+    def rows(self, tokenizer=None) -> PreparedRows:
+        if self.cfg.data.tasks:  # several tasks, each through the pipeline, then one labelled set
+            return prepare_tasks(self.cfg, self.fields, tokenizer)
+        return super().rows(tokenizer)
+
+    def label_set(self, train: list[dict], held_out: list[dict], where: str) -> list[str]:
+        return label_list(train, held_out, self.cfg.data.label_column, where)
+
+    def examples(self, rows: list[dict], tokenizer) -> list:
+        return encode_classification(rows, tokenizer, self.cfg, self.labels)
+
+    def collate(self, examples: list) -> dict:
+        return collate_labelled(examples, self.pad_id)
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Cross-entropy; with multi-task labels a softmax per task."""
+        if self.labels and task_groups(self.labels):
+            return masked_classification_loss(logits, targets, allowed=_allowed(tuple(self.labels)))
+        return classification_loss(logits, targets)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        return self.logits_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
+
+    def evaluate(self, model: nn.Module, examples: list) -> dict:
+        total, count, y_true, scores = 0.0, 0, [], []
+        with evaluating(model) as device:
+            for batch, _ in self.batches(examples):
+                batch = to_device(batch, device)
+                logits = forward(model, batch["inputs"], batch["targets"])
+                loss, n = self.logits_loss(logits, batch["targets"])
+                total, count = total + float(loss), count + n
+                y_true += batch["targets"].tolist()
+                scores.append(logits.float().cpu())
+        logits = torch.cat(scores)
+        mean = total / max(count, 1)
+        if task_groups(self.labels):  # one model, several tasks (data.tasks)
+            return {"loss": mean, **multitask_metrics(y_true, logits.numpy(), self.labels)}
+        return {"loss": mean, **classification_metrics(y_true, logits.argmax(-1).tolist(), self.labels)}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+        device = next(model.parameters()).device
+        enc = tokenizer(texts, truncation=True, max_length=self.cfg.train.max_length, padding=True,
+                        return_tensors="pt").to(device)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        probs = torch.softmax(logits.float(), -1).cpu()
+        return [{"text": text, "label": self.labels[int(p.argmax())],
+                 "probabilities": {name: round(float(v), 6) for name, v in zip(self.labels, p)}}
+                for text, p in zip(texts, probs)]
+
+
+@lru_cache(maxsize=8)
+def _allowed(labels: tuple[str, ...]) -> torch.Tensor:
+    """The multi-task mask (``same_task``), built once per label set, not at every training step."""
+    return torch.from_numpy(same_task(list(labels)))

@@ -1,14 +1,46 @@
-"""Sequence to sequence on an encoder-decoder: source text -> target text."""
+"""Sequence to sequence on an encoder-decoder: source text -> target text (loss on the target)."""
 
 from __future__ import annotations
 
-from .base import Metric, Task
+import torch
+from torch import nn
+
+from ..data.examples import encode_seq2seq
+from ..data.prepare import Fields
+from ..losses import token_loss
+from .causal_lm import LanguageModelling
+from .common import forward
 from .registry import register
 
 
 @register
-class Seq2Seq(Task):
+class Seq2Seq(LanguageModelling):
     name = "seq2seq"
     summary = "source -> target text on an encoder-decoder"
-    main_metric = Metric("perplexity", maximize=False)
     head, peft_type = "seq2seq", "SEQ_2_SEQ_LM"
+
+    def fields(self, columns: set) -> Fields:
+        d = self.cfg.data
+        return Fields([d.prompt_column, d.response_column], kind="seq2seq")
+
+    def examples(self, rows: list[dict], tokenizer) -> list:
+        return encode_seq2seq(rows, tokenizer, self.cfg)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        logits = forward(model, batch["inputs"], batch["targets"], encoder_decoder=True)
+        return token_loss(logits, batch["targets"])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+        """The decoder's greedy output for each source text."""
+        device = next(model.parameters()).device
+        out = []
+        for source in texts:
+            ids = tokenizer(source, truncation=True, max_length=self.cfg.train.max_length,
+                            return_tensors="pt")["input_ids"].to(device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens)
+            out.append({"prompt": source, "response": tokenizer.decode(gen[0], skip_special_tokens=True).strip(),
+                        "new_tokens": int((gen[0] != tokenizer.pad_token_id).sum())})
+        return out
+

@@ -1,8 +1,17 @@
-"""Token classification: one tag per word (e.g. part of speech)."""
+"""Token classification: one tag per word (e.g. part of speech), read at each word's first sub-word token."""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from ..data.collate import collate
+from ..data.examples import encode_tagged, label_list
+from ..data.prepare import Fields
+from ..losses import token_loss
+from ..metrics import classification_metrics
 from .base import Metric, Task
+from .common import evaluating, forward, tagged_predictions, to_device
 from .registry import register
 
 
@@ -12,3 +21,56 @@ class TokenClassification(Task):
     summary = "words -> one tag each"
     main_metric = Metric("accuracy", maximize=True)
     head, peft_type, new_head = "token", "TOKEN_CLS", True
+
+    @property
+    def input_column(self) -> str:
+        return self.cfg.data.tokens_column
+
+    def fields(self, columns: set) -> Fields:
+        d = self.cfg.data
+        return Fields([d.tokens_column], d.tags_column, kind="tokens", per_word=True)
+
+    def label_set(self, train: list[dict], held_out: list[dict], where: str) -> list[str]:
+        # Tag sets are large and some tags are rare: one seen only in evaluation is still a tag the
+        # head should have (it simply scores 0 recall), not a typo as an unknown class label would be.
+        return label_list(train + held_out, [], self.cfg.data.tags_column, where)
+
+    def examples(self, rows: list[dict], tokenizer) -> list:
+        return encode_tagged(rows, tokenizer, self.cfg, self.labels)
+
+    def collate(self, examples: list) -> dict:
+        return collate(examples, self.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        return token_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
+
+    def evaluate(self, model: nn.Module, examples: list) -> dict:
+        """Per word: accuracy, macro-F1 over tags, per-tag precision/recall/F1, confusion matrix."""
+        total, count, y_true, y_pred = 0.0, 0, [], []
+        with evaluating(model) as device:
+            for batch, _ in self.batches(examples):
+                batch = to_device(batch, device)
+                logits = forward(model, batch["inputs"], batch["targets"])
+                loss, n = token_loss(logits, batch["targets"])
+                total, count = total + float(loss), count + n
+                true, pred = tagged_predictions(logits, batch["targets"])
+                y_true, y_pred = y_true + true, y_pred + pred
+        return {"loss": total / max(count, 1), **classification_metrics(y_true, y_pred, self.labels)}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+        """One tag per whitespace-separated word."""
+        device = next(model.parameters()).device
+        out = []
+        for text in texts:
+            words = text.split()
+            enc = tokenizer(words, is_split_into_words=True, truncation=True,
+                            max_length=self.cfg.train.max_length, return_tensors="pt")
+            logits = model(**enc.to(device)).logits[0, -enc["input_ids"].shape[1]:]
+            first = {}
+            for position, word in enumerate(enc.word_ids(0)):
+                if word is not None and word not in first:
+                    first[word] = position
+            tags = [self.labels[int(logits[first[w]].argmax())] for w in sorted(first)]
+            out.append({"text": text, "tokens": words[: len(tags)], "tags": tags})
+        return out

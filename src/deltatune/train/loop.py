@@ -19,7 +19,6 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from functools import partial
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,11 +29,10 @@ from torch.utils.data import DataLoader
 
 from ..assets import atomic_dir
 from ..config import TrainConfig
-from ..data.collate import collate, example_length
 from ..errors import DeltatuneError
-from ..eval.evaluate import evaluate, forward_loss
 from ..methods.base import Method
 from ..rundir import RunDir, is_main_process
+from ..tasks.base import Task
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .progress import Progress
 
@@ -47,19 +45,19 @@ class Job:
     model: nn.Module
     method: Method
     options: object
-    task: str
-    train_examples: list[dict]
-    eval_examples: list[dict]
-    labels: list[str] | None
-    pad_id: int
+    task: Task  # bound to the run's settings: loss, evaluation, batching and the main metric
+    train_examples: list
+    eval_examples: list
     run: RunDir
     train: TrainConfig
 
+    @property
+    def labels(self) -> list[str] | None:
+        return self.task.labels
 
-def score(task: str, metrics: dict) -> float:
-    """Higher is better: accuracy for (token) classification and reward models, minus the loss for
-    generative tasks and DPO (whose reward accuracy saturates early while the margins keep growing)."""
-    return metrics["accuracy"] if "accuracy" in metrics and task != "dpo" else -metrics["loss"]
+    @property
+    def pad_id(self) -> int:
+        return self.task.pad_id
 
 
 def schedule(warmup: int, total: int):
@@ -180,9 +178,9 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
 def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
     # The order depends only on (seed, epoch): a resumed run sees exactly the same batches.
     generator = torch.Generator().manual_seed(job.train.seed + epoch)
-    collate_fn = partial(collate, pad_id=job.pad_id)
+    collate_fn = job.task.collate
     if job.train.group_by_length:
-        lengths = [example_length(e) for e in job.train_examples]
+        lengths = [job.task.length(e) for e in job.train_examples]
         # The loader draws its workers' base seed from ``generator`` too (else from the global RNG,
         # which would shift dropout in a resumed run).
         loader = DataLoader(job.train_examples, collate_fn=collate_fn, generator=generator,
@@ -227,8 +225,7 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
     start = time.perf_counter()
     with nullcontext() if sync else accelerator.no_sync(model):
         with autocast():
-            loss_sum, count = forward_loss(model, batch["inputs"], batch["targets"], job.task,
-                                           job.train.chunked_loss, job.labels)
+            loss_sum, count = job.task.loss(model, batch)
         all_loss, all_count, tokens = _summed_over_processes(accelerator, loss_sum.detach().float(), count,
                                                              batch["tokens"])
         # DDP averages the processes' gradients; times P over the total count, that is the mean over all items.
@@ -267,11 +264,10 @@ def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, cou
 
 
 def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
-    metrics = evaluate(model, job.eval_examples, job.task, job.train.eval_batch_size, job.pad_id, job.labels,
-                       job.train.chunked_loss)
+    metrics = job.task.evaluate(model, job.eval_examples)
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
-    value = score(job.task, metrics)
+    value = job.task.main_metric.score(metrics)
     if state.best is None or value > state.best:
         state.best, best_metrics = value, metrics
         atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))

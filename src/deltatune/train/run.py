@@ -2,49 +2,36 @@
 
 Everything that can be checked (config, files, columns, labels) is checked before the run
 directory is created, so bad input never leaves a directory behind. Once training starts,
-``status.json`` tracks it; ``metrics.json`` and ``delta/`` appear only on success.
+``status.json`` tracks it; ``metrics.json`` and ``delta/`` appear only on success. The task
+decides the loop: its examples through ``loop.run_loop``, or its own (``Task.loop``, PPO's rollouts).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import platform
-import resource
 import shutil
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import set_seed
 
-from .. import __version__
 from ..assets import resolve_model
-from ..config import Config, dump_yaml, load_config
-from ..data import PreparedData, prepare
-from ..data.report import render_html
-from ..errors import ConfigError, RunError, Stopped
-from ..eval.evaluate import evaluate
+from ..config import Config
+from ..configure import load_config
+from ..data import PreparedData
+from ..errors import ConfigError, RunError
 from ..eval.extras import Extras, build_extras, prompting_baselines
-from ..methods import registry
-from ..models import count_parameters, load_model, load_tokenizer
+from ..methods import registry as methods
+from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, is_main_process, new_run_dir
+from ..tasks import registry as tasks
+from . import ppo
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
+from .session import absolute_refs, tracked, write_inputs, write_metrics
 
-SOFT_PROMPTS = ("prefix", "prompt", "ptuning")
-
-
-def absolute_refs(cfg: Config) -> Config:
-    """Local paths made absolute, so the saved config works from any directory."""
-    def fix(ref: str | None) -> str | None:
-        return str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
-
-    data = dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval), test=fix(cfg.data.test))
-    return dataclasses.replace(cfg, model=fix(cfg.model), data=data)
+LOOPS = {"rollouts": ppo.train_ppo}  # tasks that sample their own data; the rest go through run_loop
 
 
 def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, object]:
@@ -52,38 +39,31 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     torch.set_flush_denormal(True)  # denormals make CPU steps erratic and slow
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    method = registry.get(cfg.method.name)
-    if cfg.data.pack and method.name in SOFT_PROMPTS:
+    method = methods.get(cfg.method.name)
+    task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id)
+    if cfg.data.pack and method.prepends_virtual_tokens:
         raise ConfigError([f"data.pack: {method.name} prepends virtual tokens to every row, so packed examples "
                            "would share them; turn packing off for soft-prompt methods"])
-    data = prepare(cfg, tokenizer)
+    data = task.prepare(tokenizer)  # sets task.labels
     set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id,
-                       **method.load_kwargs(cfg.method.options))
-    model = method.apply(model, cfg.method.options, cfg.task)
-    train_examples = method.prepare_examples(model, data.train.examples)
-    eval_examples = method.prepare_examples(model, data.eval.examples)
-    if cfg.task == "dpo":  # the reference runs here, once: the model is still the base
-        from ..rlhf.dpo import add_reference_logps
-
-        reference = partial(add_reference_logps, method.untouched(model), batch_size=cfg.train.eval_batch_size,
-                            pad_id=tokenizer.pad_token_id, chunked=cfg.train.chunked_loss)
-        train_examples, eval_examples = reference(train_examples), reference(eval_examples)
-    job = Job(model=model, method=method, options=cfg.method.options, task=cfg.task,
-              train_examples=train_examples, eval_examples=eval_examples,
-              labels=data.labels, pad_id=tokenizer.pad_token_id, run=run, train=cfg.train)
+    model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
+    model = method.apply(model, cfg.method.options, task)
+    reference = method.untouched(model)  # still the base: the delta is at its initial value
+    train_examples, eval_examples = (task.with_reference(reference, method.prepare_examples(model, split.examples))
+                                     for split in (data.train, data.eval))
+    job = Job(model=model, method=method, options=cfg.method.options, task=task, train_examples=train_examples,
+              eval_examples=eval_examples, run=run, train=cfg.train)
     return job, data, tokenizer
 
 
 def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train", parent: str | None = None) -> RunDir:
     """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
-    if cfg.task == "ppo":  # sampling, not a pass over fixed examples: its own loop
-        from ..rlhf.ppo import train_ppo
-
-        return train_ppo(cfg, callbacks, kind, parent)
+    own_loop = LOOPS.get(tasks.get(cfg.task).loop)
+    if own_loop:
+        return own_loop(cfg, callbacks, kind, parent)
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
-    extras = build_extras(cfg, tokenizer)
+    extras = build_extras(cfg, job.task, tokenizer)
     run = new_run_dir(cfg.output_dir, cfg.run_name)  # in a multi-process launch: one directory for all
     job.run = run
     if not is_main_process():  # the other processes of a launch only train; the main one writes
@@ -91,22 +71,12 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
         return run
     run.set_status("running")
     record = Recording(run.path, cfg, kind, parent)  # the run registry; a registry error only warns
-    run.config.write_text(dump_yaml(cfg), encoding="utf-8")
-    tokenizer.save_pretrained(run.tokenizer)
-    if data.labels:
-        run.write_json("labels.json", {"labels": data.labels})
-    run.write_json("data.json", {"fingerprint": data.fingerprint, "mode": data.mode,
-                                 "train_rows": len(data.train.rows), "eval_rows": len(data.eval.rows),
-                                 "test_rows": len(data.test.rows), "train": cfg.data.train, "eval": cfg.data.eval})
-    run.write_json("data_report.json", data.report)
-    (run.path / "data_report.html").write_text(render_html(data.report), encoding="utf-8")
-    if data.rejects:
-        run.write_jsonl("rejects.jsonl", data.rejects)
-    run.write_json("env.json", environment())
-    if data.labels and cfg.task == "classification" and cfg.eval.icl_shots:
+    write_inputs(run, cfg, tokenizer, data.report, data.rejects,
+                 {s: len(getattr(data, s).rows) for s in ("train", "eval", "test")}, data.labels)
+    if data.labels and job.task.icl_baselines and cfg.eval.icl_shots:
         extras.prompting = lambda: prompting_baselines(cfg, resolve_model(cfg.model), tokenizer, data.train.rows,
                                                        data.eval.rows, data.labels)
-    return _execute(job, data, run, resume=False, callbacks=callbacks, record=record, extras=extras)
+    return _execute(job, run, resume=False, callbacks=callbacks, record=record, extras=extras)
 
 
 def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
@@ -114,10 +84,10 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if run.status() == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
     cfg = load_config(run.config)
-    if cfg.task == "ppo":
-        raise RunError(f"{run.path}: PPO runs keep no checkpoints and cannot be resumed; start a new run")
+    if tasks.get(cfg.task).loop in LOOPS:
+        raise RunError(f"{run.path}: {cfg.task} runs keep no checkpoints and cannot be resumed; start a new run")
     job, data, tokenizer = build_job(cfg, run)
-    extras = build_extras(cfg, tokenizer)
+    extras = build_extras(cfg, job.task, tokenizer)
     extras.before = run.read_json("baseline.json").get("general_text")
     if run.read_json("data.json")["fingerprint"] != data.fingerprint:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
@@ -126,46 +96,21 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         run_loop(job, resume=True, callbacks=callbacks)
         return run
     run.set_status("running")
-    return _execute(job, data, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg),
-                    extras=extras)
+    return _execute(job, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg), extras=extras)
 
 
-def _execute(job: Job, data: PreparedData, run: RunDir, resume: bool, callbacks, record: Recording,
-             extras: Extras) -> RunDir:
-    batch, pad, chunked = job.train.eval_batch_size, job.pad_id, job.train.chunked_loss
+def _execute(job: Job, run: RunDir, resume: bool, callbacks, record: Recording, extras: Extras) -> RunDir:
     with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
         if not resume:
             base = job.method.untouched(job.model)
-            baseline = evaluate(base, job.eval_examples, job.task, batch, pad, job.labels, chunked)
-            extras.measure_before(base, batch, pad, chunked)
+            baseline = job.task.evaluate(base, job.eval_examples)
+            extras.measure_before(base)
             if extras.prompting:
                 run.write_json("prompting.json", extras.prompting())
             run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
         best, state = run_loop(job, resume=resume, callbacks=callbacks)
-        _finish(job, run, best, state, extras.report(job.model, batch, pad, chunked))
+        _finish(job, run, best, state, extras.report(job.model))
     return run
-
-
-@contextmanager
-def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
-    """The run's status.json and registry record follow how the block ends: completed, interrupted
-    (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed with the error."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        run.set_status("interrupted", **interrupted)
-        record.end("interrupted")
-        raise
-    except Stopped as exc:
-        run.set_status(exc.status, reason=str(exc))
-        record.end(exc.status, error=str(exc))
-        raise
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        run.set_status("failed", error=error)
-        record.end("failed", error=error)
-        raise
-    record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
 
 
 def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) -> None:
@@ -173,31 +118,8 @@ def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) ->
         shutil.rmtree(run.delta)
     os.replace(run.best, run.delta)
     trainable, total = count_parameters(job.model)
-    run.write_json("metrics.json", {
-        "eval": best,
-        "baseline": run.read_json("baseline.json"),
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_seconds": round(state.seconds, 3),
-        "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),
-        "steps": state.step,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "data_fingerprint": run.read_json("data.json")["fingerprint"],
-        **extra,
-        **(run.read_json("prompting.json") if (run.path / "prompting.json").is_file() else {}),
-    })
+    prompting = run.read_json("prompting.json") if (run.path / "prompting.json").is_file() else {}
+    write_metrics(run, job.task, best, run.read_json("baseline.json"), trainable, total, state, **extra, **prompting)
     shutil.rmtree(run.checkpoint, ignore_errors=True)
     (run.path / "best_metrics.json").unlink(missing_ok=True)
     run.set_status("completed")
-
-
-def environment() -> dict:
-    """Versions of the libraries as imported (local builds included) and the thread count: env.json."""
-    import accelerate
-    import peft
-    import transformers
-
-    return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__, "machine": platform.machine(),
-            "threads": torch.get_num_threads()}

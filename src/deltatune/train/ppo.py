@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,22 +37,23 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from ..assets import atomic_dir, resolve_model
-from ..config import Config, dump_yaml
-from ..data.prepare import PreparedRows, prepare_rows
-from ..data.report import render_html
+from ..config import Config
+from ..data.prepare import PreparedRows
 from ..errors import ConfigError, DeltatuneError
 from ..methods import registry
-from ..models import count_parameters, load_model, load_tokenizer
+from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
+from ..rlhf.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,
+                           value_loss, whiten)
+from ..rlhf.rewards import RewardFn, load_reward
+from ..rlhf.rollout import Policy, Rollout, sample, score_tokens, token_logprobs
 from ..rundir import RunDir, distributed, new_run_dir
-from ..train.checkpoint import LoopState
-from ..train.loop import adamw
-from ..train.progress import Progress
-from ..train.run import absolute_refs, environment, tracked
-from .losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,
-                     value_loss, whiten)
-from .rewards import RewardFn, load_reward, source_problems
-from .rollout import Policy, Rollout, sample, score_tokens, token_logprobs
+from ..tasks import registry as tasks
+from ..tasks.base import Task
+from .checkpoint import LoopState
+from .loop import adamw
+from .progress import Progress
+from .session import absolute_refs, tracked, write_inputs, write_metrics
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -62,6 +62,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class Setup:
     """Everything a PPO run needs, built and checked before anything is written."""
     cfg: Config
+    task: Task
     policy: Policy
     reward: RewardFn
     rows: PreparedRows
@@ -78,7 +79,9 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
     run = new_run_dir(cfg.output_dir, cfg.run_name)
     run.set_status("running")
     record = Recording(run.path, cfg, kind, parent)
-    _write_inputs(run, setup)
+    rows = setup.rows
+    write_inputs(run, cfg, setup.policy.tokenizer, rows.report, rows.rejects,
+                 {s: len(rows.splits[s]) for s in ("train", "eval", "test")})
     with tracked(run, record, error="PPO runs cannot be resumed; start a new run"):
         state = ppo_loop(setup, run, callbacks)
         after, after_samples = evaluate_policy(setup)
@@ -92,28 +95,9 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
 
 # ----------------------------------------------------------------------------- setup
 
-def check_ppo(cfg: Config) -> list[str]:
-    """Every problem with the method and ``ppo.*`` values, at once."""
-    p, problems = cfg.ppo, source_problems(cfg.ppo)  # the method: config validation (methods' `tasks`)
-    at_least = {"rollout_batch": (p.rollout_batch, 2), "minibatch": (p.minibatch, 1),
-                "ppo_epochs": (p.ppo_epochs, 1), "max_new_tokens": (p.max_new_tokens, 1),
-                "kl_horizon": (p.kl_horizon, 1), "top_k": (p.top_k, 0)}
-    problems += [f"ppo.{k}: must be at least {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
-    if p.minibatch > p.rollout_batch:
-        problems.append(f"ppo.minibatch: {p.minibatch} is more than ppo.rollout_batch ({p.rollout_batch})")
-    positive = {"temperature": p.temperature, "clip_range": p.clip_range, "value_clip": p.value_clip,
-                "target_kl": p.target_kl if p.target_kl is not None else 1.0}
-    problems += [f"ppo.{k}: must be greater than 0, got {v}" for k, v in positive.items() if v <= 0]
-    non_negative = {"vf_coef": p.vf_coef, "entropy_coef": p.entropy_coef, "kl_coef": p.kl_coef}
-    problems += [f"ppo.{k}: must be 0 or more, got {v}" for k, v in non_negative.items() if v < 0]
-    if not (0 < p.gamma <= 1 and 0 <= p.lam <= 1):
-        problems.append(f"ppo.gamma / ppo.lam: need 0 < gamma <= 1 and 0 <= lam <= 1, got {p.gamma}, {p.lam}")
-    return problems
-
-
 def build(cfg: Config) -> Setup:
     """Check the config, load the reward, the prompts and the policy. Raises a DeltatuneError."""
-    problems = check_ppo(cfg)
+    problems = cfg.ppo.problems()
     if problems:
         raise ConfigError(problems)
     if distributed():
@@ -121,20 +105,21 @@ def build(cfg: Config) -> Setup:
                              "start it with `deltatune train`, not a multi-process launch")
     torch.set_flush_denormal(True)
     reward = load_reward(cfg)
-    rows = prompt_rows(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
+    task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id)
+    rows = task.rows()  # the prompts through the usual pipeline (templates, cleaning, dedup, split, limits)
     method = registry.get(cfg.method.name)
     set_seed(cfg.train.seed)
-    model = load_model(model_path, "causal_lm", None, tokenizer.pad_token_id, **method.load_kwargs(cfg.method.options))
-    model = method.apply(model, cfg.method.options, "causal_lm").to(PartialState().device)
+    model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
+    model = method.apply(model, cfg.method.options, task).to(PartialState().device)
     model.eval()  # no dropout: see the module docstring
-    return Setup(cfg, Policy.wrap(model, tokenizer), reward, rows)
+    return Setup(cfg, task, Policy.wrap(model, tokenizer), reward, rows)
 
 
 def prompt_rows(cfg: Config) -> PreparedRows:
     """The prompt column through the usual pipeline (templates, cleaning, dedup, split, limits)."""
-    return prepare_rows(cfg)
+    return tasks.get(cfg.task)(cfg).rows()
 
 
 def _absolute_reward_refs(cfg: Config) -> Config:
@@ -145,20 +130,6 @@ def _absolute_reward_refs(cfg: Config) -> Config:
         where, _, name = fn.rpartition(":")
         fn = f"{Path(where).expanduser().resolve()}:{name}"
     return dataclasses.replace(cfg, ppo=dataclasses.replace(p, reward_model=model, reward_fn=fn))
-
-
-def _write_inputs(run: RunDir, setup: Setup) -> None:
-    cfg, rows = setup.cfg, setup.rows
-    run.config.write_text(dump_yaml(cfg), encoding="utf-8")
-    setup.policy.tokenizer.save_pretrained(run.tokenizer)
-    run.write_json("data.json", {"fingerprint": rows.report["fingerprint"], "mode": "prompts",
-                                 **{f"{s}_rows": len(rows.splits[s]) for s in ("train", "eval", "test")},
-                                 "train": cfg.data.train, "eval": cfg.data.eval})
-    run.write_json("data_report.json", rows.report)
-    (run.path / "data_report.html").write_text(render_html(rows.report), encoding="utf-8")
-    if rows.rejects:
-        run.write_jsonl("rejects.jsonl", rows.rejects)
-    run.write_json("env.json", environment())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -284,24 +255,14 @@ def save_policy(policy: Policy, method, options, path: Path) -> None:
 
 
 def _finish(run: RunDir, setup: Setup, before: dict, after: dict, state: LoopState) -> None:
-    cfg, policy = setup.cfg, setup.policy
+    cfg, policy, p = setup.cfg, setup.policy, setup.cfg.ppo
     save_policy(policy, registry.get(cfg.method.name), cfg.method.options, run.delta)
     trainable, total = count_parameters(policy.model)
     head = sum(x.numel() for x in policy.value_head.parameters())
-    p = cfg.ppo
-    run.write_json("metrics.json", {
-        "eval": after,
-        "baseline": before,
-        "reward_gain": after["reward"] - before["reward"],
-        "eval_sampling": {"temperature": p.temperature, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens,
-                          "seed": cfg.train.seed},
-        "trainable_params": trainable + head,
-        "total_params": total + head,
-        "train_seconds": round(state.seconds, 3),
-        "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),  # response tokens sampled
-        "steps": state.step,
-        "rollouts": state.step * p.rollout_batch,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "data_fingerprint": setup.rows.report["fingerprint"],
-    })
+    # tokens_per_s counts the response tokens sampled
+    write_metrics(run, setup.task, after, before, trainable + head, total + head, state,
+                  reward_gain=after["reward"] - before["reward"],
+                  eval_sampling={"temperature": p.temperature, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens,
+                                 "seed": cfg.train.seed},
+                  rollouts=state.step * p.rollout_batch)
     run.set_status("completed")

@@ -1,0 +1,102 @@
+"""What every run does around its loop, written once: check the config's paths, create the run
+directory, record the run (status.json and the run registry, following how it ends), write its
+inputs, and write metrics.json when it completes. ``train/run.py`` (the loop over examples) and
+``train/ppo.py`` (rollouts) both use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .. import __version__
+from ..config import Config, dump_yaml
+from ..data.report import render_html
+from ..errors import Stopped
+from ..registry_db import Recording
+from ..rundir import RunDir
+from ..tasks.base import Task
+
+
+def absolute_refs(cfg: Config) -> Config:
+    """Local paths made absolute, so the saved config works from any directory."""
+    def fix(ref: str | None) -> str | None:
+        return str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
+
+    data = dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval), test=fix(cfg.data.test))
+    return dataclasses.replace(cfg, model=fix(cfg.model), data=data)
+
+
+def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: list[dict], rows: dict[str, int],
+                 labels: list[str] | None = None) -> None:
+    """The resolved config, tokenizer, labels, data summary and report, rejects and versions."""
+    run.config.write_text(dump_yaml(cfg), encoding="utf-8")
+    tokenizer.save_pretrained(run.tokenizer)
+    if labels:
+        run.write_json("labels.json", {"labels": labels})
+    run.write_json("data.json", {"fingerprint": report["fingerprint"], "mode": report["mode"],
+                                 **{f"{split}_rows": n for split, n in rows.items()},
+                                 "train": cfg.data.train, "eval": cfg.data.eval})
+    run.write_json("data_report.json", report)
+    (run.path / "data_report.html").write_text(render_html(report), encoding="utf-8")
+    if rejects:
+        run.write_jsonl("rejects.jsonl", rejects)
+    run.write_json("env.json", environment())
+
+
+@contextmanager
+def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
+    """The run's status.json and registry record follow how the block ends: completed, interrupted
+    (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed with the error."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        run.set_status("interrupted", **interrupted)
+        record.end("interrupted")
+        raise
+    except Stopped as exc:
+        run.set_status(exc.status, reason=str(exc))
+        record.end(exc.status, error=str(exc))
+        raise
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        run.set_status("failed", error=error)
+        record.end("failed", error=error)
+        raise
+    record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
+
+
+def write_metrics(run: RunDir, task: Task, after: dict, before: dict, trainable: int, total: int, state,
+                  **extra) -> None:
+    """metrics.json, the same fields for every run (``extra``: what a task or loop adds)."""
+    run.write_json("metrics.json", {
+        "eval": after,
+        "baseline": before,
+        "main_metric": task.main_metric.as_dict(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(state.seconds, 3),
+        "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),
+        "steps": state.step,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "data_fingerprint": run.read_json("data.json")["fingerprint"],
+        **extra,
+    })
+
+
+def environment() -> dict:
+    """Versions of the libraries as imported (local builds included) and the thread count: env.json."""
+    import accelerate
+    import peft
+    import transformers
+
+    return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "machine": platform.machine(),
+            "threads": torch.get_num_threads()}

@@ -37,11 +37,12 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from ..assets import atomic_dir, resolve_model
+from ..assets import resolve_model
 from ..config import Config, dump_yaml
 from ..data.prepare import PreparedRows, prepare_rows
 from ..data.report import render_html
 from ..errors import ConfigError, DeltatuneError
+from ..fs import atomic_dir
 from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
 from ..registry_db import Recording

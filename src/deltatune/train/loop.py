@@ -28,11 +28,11 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..assets import atomic_dir
 from ..config import TrainConfig
 from ..data.collate import collate, example_length
 from ..errors import DeltatuneError
 from ..eval.evaluate import evaluate, forward_loss
+from ..fs import atomic_dir
 from ..methods.base import Method
 from ..rundir import RunDir, is_main_process
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint

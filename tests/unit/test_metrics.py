@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from deltatune.eval.metrics import classification_metrics, perplexity
+from deltatune.metrics import classification_metrics, perplexity
 
 
 @pytest.mark.parametrize("seed,n_classes", [(0, 2), (1, 3), (2, 5)])

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from deltatune.config import load_config
 from deltatune.data.prepare import prepare_rows
 from deltatune.errors import ConfigError, DataError
-from deltatune.eval.metrics import multitask_metrics, task_groups
+from deltatune.metrics import multitask_metrics, task_groups
 from tests.conftest import FILLER, sentiment_rows, write_csv
 from tests.helpers import QUICK
 

@@ -6,7 +6,7 @@ whole single-task pipeline on its own: cleaning, de-duplication, split, leakage 
 the task's name as a prefix ("sentiment: ...") and every label the task's namespace
 ("sentiment/positive"), so the model knows which task it is doing and a label two tasks share
 stays two classes. Training is then ordinary classification over the union of the labels, with
-one shared head; ``eval.metrics.multitask_metrics`` scores each example against its own task's
+one shared head; ``metrics.multitask_metrics`` scores each example against its own task's
 labels only and reports every task separately.
 """
 
@@ -21,7 +21,7 @@ from collections import Counter
 from ..assets import DATASETS, check_data_ref, resolve_data
 from ..config import Config
 from ..errors import ConfigError, DataError
-from ..eval.metrics import TASK_SEPARATOR
+from ..metrics import TASK_SEPARATOR
 from .load import FILE, ROW
 from .prepare import AUGMENTED, SPLITS, Fields, Ledger, PreparedRows, RowStage, run_pipeline
 from .report import build_report

@@ -18,7 +18,7 @@ from ..data.collate import collate, example_length
 from ..data.examples import PREFERENCE_TASKS
 from ..losses import (IGNORE, causal_lm_loss, chunked_causal_lm_loss, classification_loss,
                       masked_classification_loss, token_loss)
-from .metrics import classification_metrics, multitask_metrics, perplexity, same_task, task_groups
+from ..metrics import classification_metrics, multitask_metrics, perplexity, same_task, task_groups
 
 
 def loss_fn(task: str, labels: list[str] | None = None):

@@ -17,7 +17,7 @@ import random
 import torch
 from torch import nn
 
-from .metrics import classification_metrics
+from ..metrics import classification_metrics
 
 TEMPLATE = "Text: {text}\nLabel:"
 

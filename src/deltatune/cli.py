@@ -150,7 +150,7 @@ def _config_args(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .rundir import is_main_process
     from .train.run import resume, train
 
@@ -176,7 +176,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .hpo import default_study, parse_objectives, print_summary, read_space, run_study
 
     path, overrides = _config_args(args)
@@ -192,7 +192,7 @@ def cmd_tune(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import run_compare
-    from .config import load_config
+    from .configure import load_config
 
     path, overrides = _config_args(args)
     cfg = load_config(path, overrides)  # a bad base fails here, before anything trains
@@ -203,7 +203,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .config import dump_yaml, explain, load_config
+    from .config import dump_yaml
+    from .configure import explain, load_config
 
     if args.explain:
         print(explain())
@@ -327,7 +328,8 @@ def cmd_data(args) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else _inspect_text(summary))
         return 0
     from .assets import resolve_model
-    from .config import dump_yaml, load_config
+    from .config import dump_yaml
+    from .configure import load_config
     from .data.prepare import prepare_rows, write_prepared
     from .models import load_tokenizer
 

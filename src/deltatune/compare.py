@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .config import load_config
+from .configure import load_config
 from .errors import DeltatuneError
 from .rundir import RunDir
 

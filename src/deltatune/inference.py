@@ -11,7 +11,8 @@ from accelerate import PartialState
 from peft import PeftModel
 from torch import nn
 
-from .config import Config, load_config
+from .config import Config
+from .configure import load_config
 from .data.collate import pad
 from .data.examples import prepare_eval_file, prompt_ids, reward_ids
 from .errors import RunError

@@ -447,7 +447,7 @@ def render(p: Plan) -> str:
 
 def plan_command(args) -> int:
     """``deltatune plan CONFIG [key=value ...] [--memory-gb G] [--json]``; exit 1 when it will not fit."""
-    from .config import load_config
+    from .configure import load_config
 
     result = plan(load_config(args.config, args.overrides), memory_gb=args.memory_gb)
     print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else render(result))

@@ -112,9 +112,9 @@ def _merge(total: Ledger, part: Ledger) -> None:
 
 # ----------------------------------------------------------------------------- validation
 
-def check_tasks(d, task: str | None = None, check_paths: bool = False) -> list[str]:
-    """Problems with ``data.tasks`` (config validation; every problem at once). ``task`` and
-    ``check_paths`` as the config's: skipped when not given."""
+def check_tasks(d, check_paths: bool = False) -> list[str]:
+    """Problems with ``data.tasks`` (config validation; every problem at once); files are looked for
+    only if ``check_paths``. Which task may use data.tasks: configure.task_problems."""
     if not d.tasks:
         return []
     problems = [f"data.{key}: leave it unset with data.tasks; each task names its own files "
@@ -122,8 +122,6 @@ def check_tasks(d, task: str | None = None, check_paths: bool = False) -> list[s
     if len(d.tasks) < 2:
         problems.append(f"data.tasks: multi-task training needs at least two tasks, got {len(d.tasks)} "
                         f"({', '.join(d.tasks)}); for one task use data.train")
-    if task is not None and task != "classification":
-        problems.append(f"data.tasks: multi-task training is for task classification, not {task!r}")
     for name, spec in d.tasks.items():
         where = f"data.tasks.{name}"
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):

@@ -53,7 +53,7 @@ from ..train.progress import Progress
 from ..train.run import absolute_refs, environment, tracked
 from .losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,
                      value_loss, whiten)
-from .rewards import RewardFn, load_reward, source_problems
+from .rewards import RewardFn, load_reward
 from .rollout import Policy, Rollout, sample, score_tokens, token_logprobs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -93,28 +93,9 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
 
 # ----------------------------------------------------------------------------- setup
 
-def check_ppo(cfg: Config) -> list[str]:
-    """Every problem with the method and ``ppo.*`` values, at once."""
-    p, problems = cfg.ppo, source_problems(cfg.ppo)  # the method: config validation (methods' `tasks`)
-    at_least = {"rollout_batch": (p.rollout_batch, 2), "minibatch": (p.minibatch, 1),
-                "ppo_epochs": (p.ppo_epochs, 1), "max_new_tokens": (p.max_new_tokens, 1),
-                "kl_horizon": (p.kl_horizon, 1), "top_k": (p.top_k, 0)}
-    problems += [f"ppo.{k}: must be at least {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
-    if p.minibatch > p.rollout_batch:
-        problems.append(f"ppo.minibatch: {p.minibatch} is more than ppo.rollout_batch ({p.rollout_batch})")
-    positive = {"temperature": p.temperature, "clip_range": p.clip_range, "value_clip": p.value_clip,
-                "target_kl": p.target_kl if p.target_kl is not None else 1.0}
-    problems += [f"ppo.{k}: must be greater than 0, got {v}" for k, v in positive.items() if v <= 0]
-    non_negative = {"vf_coef": p.vf_coef, "entropy_coef": p.entropy_coef, "kl_coef": p.kl_coef}
-    problems += [f"ppo.{k}: must be 0 or more, got {v}" for k, v in non_negative.items() if v < 0]
-    if not (0 < p.gamma <= 1 and 0 <= p.lam <= 1):
-        problems.append(f"ppo.gamma / ppo.lam: need 0 < gamma <= 1 and 0 <= lam <= 1, got {p.gamma}, {p.lam}")
-    return problems
-
-
 def build(cfg: Config) -> Setup:
     """Check the config, load the reward, the prompts and the policy. Raises a DeltatuneError."""
-    problems = check_ppo(cfg)
+    problems = cfg.ppo.problems(need_source=True)  # also when cfg did not come through configure.load_config
     if problems:
         raise ConfigError(problems)
     if distributed():

@@ -22,7 +22,8 @@ from transformers import set_seed
 
 from .. import __version__
 from ..assets import resolve_model
-from ..config import Config, dump_yaml, load_config
+from ..config import Config, dump_yaml
+from ..configure import load_config
 from ..data import PreparedData, prepare
 from ..data.report import render_html
 from ..errors import ConfigError, RunError, Stopped

@@ -60,7 +60,7 @@ def build_config(workload: str, total_steps: int, model: str | None = None, trai
                  extra: tuple[str, ...] = ()):
     """The deltatune config of a workload; ``model``/``train`` replace its model and data (tiny smoke runs),
     ``extra`` are our side's overrides."""
-    from deltatune.config import load_config
+    from deltatune.configure import load_config
 
     w = WORKLOADS[workload]
     swap = ([f"model={model}"] if model else []) + ([f"data.train={train}", f"data.eval={train}"] if train else [])

@@ -112,7 +112,7 @@ def main() -> None:
         report["workloads"].append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        from deltatune.assets import atomic_write_text
+        from deltatune.fs import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
 

@@ -62,7 +62,7 @@ def measure(args: list[str], steps: int, workdir: Path) -> dict:
 
 
 def predict(args: list[str], steps: int) -> dict:
-    from deltatune.config import load_config
+    from deltatune.configure import load_config
     from deltatune.plan import plan
 
     config, overrides = args[0], args[1:]
@@ -76,7 +76,7 @@ def saved_floats(config: str, overrides: list[str]) -> None:
     with the length is attention probabilities (ATTENTION_PROB_FLOATS), the rest ACTIVATION_FLOATS."""
     import torch
 
-    from deltatune.config import load_config
+    from deltatune.configure import load_config
     from deltatune.eval.evaluate import forward_loss
     from deltatune.models import transformer_layers
     from deltatune.train.run import build_job
@@ -109,7 +109,7 @@ def efficiency(config: str, overrides: list[str], steps: int = 4) -> None:
     from accelerate import Accelerator
 
     from deltatune.assets import resolve_model
-    from deltatune.config import load_config
+    from deltatune.configure import load_config
     from deltatune.eval.evaluate import forward_loss
     from deltatune.plan import Batches, matmul_gflops, model_shape, step_flops
     from deltatune.train.loop import _epoch_loader, adamw

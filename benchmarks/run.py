@@ -163,7 +163,7 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
         lines.append(compare(name, runs, args, machine))
         print(json.dumps(lines[-1]), flush=True)
         if args.out:
-            from deltatune.assets import atomic_write_text
+            from deltatune.fs import atomic_write_text
 
             atomic_write_text(Path(args.out), "".join(json.dumps(line) + "\n" for line in lines))
     return lines

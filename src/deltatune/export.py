@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .assets import atomic_dir
+from .fs import atomic_dir
 from .inference import load_run
 from .methods import registry
 from .rundir import RunDir

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, dump_yaml, load_config
+from .config import Config, dump_yaml
+from .configure import load_config
 from .errors import ConfigError, Stopped
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",

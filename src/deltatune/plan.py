@@ -359,7 +359,7 @@ _FRAMEWORK: dict[str, float] = {}
 def framework_mb() -> float:
     """Peak RSS of a process that has imported torch, transformers, peft and deltatune's trainer:
     measured once per library versions in a fresh process, then cached."""
-    from .assets import atomic_write_text, cache_dir
+    from .fs import atomic_write_text, cache_dir
     from .registry_db import library_versions
 
     key = json.dumps(library_versions(), sort_keys=True)

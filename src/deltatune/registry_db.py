@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .assets import cache_dir
 from .errors import RunError
+from .fs import cache_dir
 
 KINDS = ("train", "trial", "compare", "eval")
 STATUSES = ("running", "completed", "failed", "interrupted", "pruned")

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .assets import atomic_write_text
 from .errors import RunError
+from .fs import atomic_write_text
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.train.run import train
 
 # Training configs: configs/<model>/<task>-<method>.yaml. Not here: accelerate launcher files

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.rundir import new_run_dir
 from deltatune.train import run as run_module
 from deltatune.train.loop import run_loop

@@ -1,7 +1,8 @@
 import pytest
 
 from deltatune.cli import main
-from deltatune.config import dump_yaml, load_config, parse_overrides
+from deltatune.config import dump_yaml, parse_overrides
+from deltatune.configure import load_config
 from deltatune.errors import ConfigError
 
 

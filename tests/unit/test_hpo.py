@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deltatune import registry_db
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.errors import ConfigError, Stopped
 from deltatune.hpo import Study, _pruning_callback, parse_objectives, read_space, run_study, suggest
 from deltatune.rundir import RunDir

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.data.prepare import prepare_rows
 from deltatune.errors import ConfigError, DataError
 from deltatune.metrics import multitask_metrics, task_groups

@@ -288,7 +288,7 @@ def test_shipped_ppo_config_runs_on_smollm2_with_a_minilm_reward(tmp_path):
     """configs/smollm2-135m/ppo-lora.yaml, one small iteration, rewarded by a one-step MiniLM classifier run."""
     from pathlib import Path
 
-    from deltatune.config import load_config
+    from deltatune.configure import load_config
     from deltatune.train.run import train
 
     configs = Path(__file__).parents[2] / "configs"

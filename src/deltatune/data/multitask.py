@@ -6,7 +6,7 @@ whole single-task pipeline on its own: cleaning, de-duplication, split, leakage 
 the task's name as a prefix ("sentiment: ...") and every label the task's namespace
 ("sentiment/positive"), so the model knows which task it is doing and a label two tasks share
 stays two classes. Training is then ordinary classification over the union of the labels, with
-one shared head; ``eval.metrics.multitask_metrics`` scores each example against its own task's
+one shared head; ``metrics.multitask_metrics`` scores each example against its own task's
 labels only and reports every task separately.
 """
 

@@ -372,7 +372,7 @@ def write_prepared(prepared: PreparedRows, out: Path, config_yaml: str) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..assets import atomic_dir
+    from ..fs import atomic_dir
     from .report import render_html
 
     out = Path(out)

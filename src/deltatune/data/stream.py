@@ -20,9 +20,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..assets import atomic_dir, resolve_data
+from ..assets import resolve_data
 from ..config import Config, dump_yaml, to_dict
 from ..errors import ConfigError, DataError
+from ..fs import atomic_dir
 from .load import FILE, ROW
 from .prepare import AUGMENTED, REPORT, SPLITS, Fields, FieldsFor, Ledger, RowStage
 from .report import render_html

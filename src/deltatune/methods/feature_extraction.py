@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..assets import cache_dir
 from ..config import doc
+from ..fs import cache_dir
 from .base import Method, set_trainable
 from .registry import register
 

@@ -31,21 +31,10 @@ from ..rundir import RunDir
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 
-def source_problems(p) -> list[str]:
-    """What is wrong with the choice of reward source in ``p`` (the PpoConfig), without loading it."""
-    if bool(p.reward_model) == bool(p.reward_fn):
-        what = "both are set" if p.reward_model else "neither is set"
-        return [f"ppo.reward_model / ppo.reward_fn: give exactly one reward source ({what}): "
-                "ppo.reward_model=RUN_DIR (a classification or reward run) or ppo.reward_fn='module:function'"]
-    if p.reward_fn and p.reward_label:
-        return ["ppo.reward_label: only used with a classifier as ppo.reward_model; unset it when using ppo.reward_fn"]
-    return []
-
-
 def load_reward(cfg: Config) -> RewardFn:
     """The configured reward as ``(prompts, responses) -> (batch,) float tensor``. Raises ConfigError."""
     p = cfg.ppo
-    problems = source_problems(p)
+    problems = p.source_problems()
     if problems:
         raise ConfigError(problems)
     if p.reward_fn:

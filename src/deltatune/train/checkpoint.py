@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..assets import atomic_dir
 from ..errors import RunError
+from ..fs import atomic_dir
 
 
 @dataclass

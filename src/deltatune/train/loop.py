@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..assets import atomic_dir
 from ..config import TrainConfig
 from ..errors import DeltatuneError
+from ..fs import atomic_dir
 from ..methods.base import Method
 from ..rundir import RunDir, is_main_process
 from ..tasks.base import Task

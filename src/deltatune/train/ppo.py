@@ -36,10 +36,11 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from ..assets import atomic_dir, resolve_model
+from ..assets import resolve_model
 from ..config import Config
 from ..data.prepare import PreparedRows
 from ..errors import ConfigError, DeltatuneError
+from ..fs import atomic_dir
 from ..methods import registry
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
@@ -97,7 +98,7 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
 
 def build(cfg: Config) -> Setup:
     """Check the config, load the reward, the prompts and the policy. Raises a DeltatuneError."""
-    problems = cfg.ppo.problems()
+    problems = cfg.ppo.problems(need_source=True)  # also when cfg did not come through configure.load_config
     if problems:
         raise ConfigError(problems)
     if distributed():

@@ -1,0 +1,106 @@
+"""Load a config and check it against everything it names: methods, tasks, packaged assets, files.
+
+config.py parses a config and checks each section on its own; it sits below every layer, so it
+cannot ask the method registry which options a method takes, nor assets whether a model exists.
+This module sits above tasks and methods and asks them. ``load_config`` is what commands call: it
+reports every problem of both kinds at once, in one ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from . import assets
+from .components import supports, tasks_of
+from .config import Config, MethodConfig, build_section, did_you_mean, parse_config
+from .data.multitask import check_tasks
+from .errors import ConfigError
+from .methods import registry
+from .tasks import registry as tasks
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_paths: bool = True) -> Config:
+    """Read, merge and validate a config. Raises ConfigError listing every problem."""
+    parsed = parse_config(path, overrides)
+    cfg, problems = parsed.cfg, parsed.problems
+    cfg.method = _build_method(parsed.method, problems)
+    problems += task_problems(cfg) + reference_problems(cfg, check_paths)
+    if cfg.method.options is not None and hasattr(cfg.method.options, "problems"):
+        problems += [f"method.{p}" for p in cfg.method.options.problems()]
+    if problems:
+        raise ConfigError(problems, source=parsed.source)
+    return cfg
+
+
+def _build_method(raw: dict | None, problems: list[str]) -> MethodConfig:
+    """The method section as written -> its name and its own Options dataclass (from the registry)."""
+    if raw is None:  # malformed: config.parse_config has said so
+        return MethodConfig()
+    raw = dict(raw)
+    name = raw.pop("name", MethodConfig.name)
+    known = registry.names()
+    if name not in known:
+        problems.append(f"method.name: unknown method {name!r}{did_you_mean(str(name), known)}; "
+                        f"available: {', '.join(known)}")
+        return MethodConfig(name=str(name))
+    options = build_section(registry.get(name).Options, raw, "method.", problems)
+    return MethodConfig(name=name, options=options)
+
+
+def task_problems(cfg: Config) -> list[str]:
+    """The task's own checks of the settings it reads (``Task.problems``), and whether the method
+    can train it (``Method.accepts`` / ``Task.accepts``)."""
+    known = tasks.names()
+    if cfg.task not in known:
+        return [f"task: unknown task {cfg.task!r}{did_you_mean(cfg.task, known)}; available: {', '.join(known)}"]
+    task = tasks.get(cfg.task)
+    problems = task.problems(cfg)
+    if cfg.method.name in registry.names():
+        why = supports(registry.get(cfg.method.name), task)
+        if why:
+            problems.append(f"method.name: {cfg.method.name} does not support task {cfg.task!r}: {why} "
+                            f"(it supports: {', '.join(tasks_of(registry.get(cfg.method.name)))})")
+    return problems
+
+
+def reference_problems(cfg: Config, check_paths: bool) -> list[str]:
+    """The model and data the config names: packaged aliases, or (if ``check_paths``) existing files."""
+    problems = assets.check_model_ref(cfg.model, check_paths)
+    for key in ("train", "eval", "test"):
+        ref = getattr(cfg.data, key)
+        if ref and Path(ref).expanduser().is_dir():
+            problems += _check_data_folder(Path(ref).expanduser(), f"data.{key}")
+        elif ref:
+            problems += assets.check_data_ref(ref, f"data.{key}", check_paths)
+    return problems + check_tasks(cfg.data, check_paths)
+
+
+def _check_data_folder(path: Path, key: str) -> list[str]:
+    markers = ("data_report.json", "state.json", "dataset_dict.json")  # prepared / saved datasets folders
+    if any((path / m).is_file() for m in markers):
+        return []
+    return [f"{key}: {path} is a folder but neither one written by `deltatune data prepare` nor a saved "
+            "`datasets` folder; point it at a data file or such a folder"]
+
+
+def explain() -> str:
+    """Every config key with its default and documentation (printed by `validate --explain`)."""
+    lines = []
+
+    def walk(cls: type, prefix: str, note: str = "") -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "options":
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name}{note} = {default!r}\n    {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    for name in registry.names():
+        walk(registry.get(name).Options, "method.", f"  (method.name={name})")
+    return "\n".join(lines)

@@ -411,10 +411,14 @@ def _check_values(cfg: Config, check_paths: bool) -> list[str]:
         problems.append(f"task: unknown task {cfg.task!r}{_did_you_mean(cfg.task, list(TASKS))}; "
                         f"available: {', '.join(TASKS)}")
     elif cfg.method.name in registry.names():
-        tasks = registry.get(cfg.method.name).tasks
-        if cfg.task not in tasks:
-            problems.append(f"method.name: {cfg.method.name} does not support task {cfg.task!r} "
-                            f"(it supports: {', '.join(tasks)})")
+        from . import components
+        from .tasks import registry as tasks
+
+        method = registry.get(cfg.method.name)
+        why = components.supports(method, tasks.get(cfg.task))
+        if why:
+            problems.append(f"method.name: {cfg.method.name} does not support task {cfg.task!r}: {why} "
+                            f"(it supports: {', '.join(components.tasks_of(method))})")
     problems += assets.check_model_ref(cfg.model, check_paths)
     if not cfg.data.train and not cfg.data.tasks:
         problems.append("data.train: required (a data file or a packaged alias such as pang-lee-sentences)")

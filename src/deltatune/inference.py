@@ -19,6 +19,7 @@ from .eval.evaluate import evaluate
 from .methods import registry
 from .models import load_model, load_tokenizer
 from .rundir import RunDir
+from .tasks import registry as tasks
 
 
 @dataclass
@@ -42,7 +43,7 @@ def load_run(path: str | Path) -> LoadedRun:
     tokenizer = load_tokenizer(run.tokenizer)
     method = registry.get(cfg.method.name)
     base = load_model(cfg.model, cfg.task, labels, tokenizer.pad_token_id, **method.load_kwargs(cfg.method.options))
-    model = method.load_delta(base, run.delta, cfg.method.options, cfg.task)
+    model = method.load_delta(base, run.delta, cfg.method.options, tasks.get(cfg.task))
     model.to(PartialState().device).eval()  # the GPU when there is one, as in training
     return LoadedRun(run, cfg, model, tokenizer, labels)
 

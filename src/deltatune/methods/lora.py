@@ -40,7 +40,7 @@ class Lora(PeftMethod):
     summary = "low-rank updates B A on chosen linear layers (peft)"
     Options = LoraOptions
 
-    def peft_config(self, options: LoraOptions, task: str, model: nn.Module) -> LoraConfig:
+    def peft_config(self, options: LoraOptions, task, model: nn.Module) -> LoraConfig:
         return LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
                           lora_dropout=options.dropout, target_modules=options.target_modules,
                           modules_to_save=head_modules(task, model))

@@ -46,6 +46,7 @@ from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, distributed, new_run_dir
+from ..tasks import registry as tasks
 from ..train.checkpoint import LoopState
 from ..train.loop import adamw
 from ..train.progress import Progress
@@ -94,7 +95,7 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
 
 def check_ppo(cfg: Config) -> list[str]:
     """Every problem with the method and ``ppo.*`` values, at once."""
-    p, problems = cfg.ppo, source_problems(cfg.ppo)  # the method: config validation (methods' `tasks`)
+    p, problems = cfg.ppo, source_problems(cfg.ppo)  # the method: config validation (components.supports)
     at_least = {"rollout_batch": (p.rollout_batch, 2), "minibatch": (p.minibatch, 1),
                 "ppo_epochs": (p.ppo_epochs, 1), "max_new_tokens": (p.max_new_tokens, 1),
                 "kl_horizon": (p.kl_horizon, 1), "top_k": (p.top_k, 0)}
@@ -127,7 +128,7 @@ def build(cfg: Config) -> Setup:
     method = registry.get(cfg.method.name)
     set_seed(cfg.train.seed)
     model = load_model(model_path, "causal_lm", None, tokenizer.pad_token_id, **method.load_kwargs(cfg.method.options))
-    model = method.apply(model, cfg.method.options, "causal_lm").to(PartialState().device)
+    model = method.apply(model, cfg.method.options, tasks.get(cfg.task)).to(PartialState().device)
     model.eval()  # no dropout: see the module docstring
     return Setup(cfg, Policy.wrap(model, tokenizer), reward, rows)
 

@@ -32,10 +32,9 @@ from ..methods import registry
 from ..models import count_parameters, load_model, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, is_main_process, new_run_dir
+from ..tasks import registry as tasks
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
-
-SOFT_PROMPTS = ("prefix", "prompt", "ptuning")
 
 
 def absolute_refs(cfg: Config) -> Config:
@@ -53,14 +52,14 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     method = registry.get(cfg.method.name)
-    if cfg.data.pack and method.name in SOFT_PROMPTS:
+    if cfg.data.pack and method.prepends_virtual_tokens:
         raise ConfigError([f"data.pack: {method.name} prepends virtual tokens to every row, so packed examples "
                            "would share them; turn packing off for soft-prompt methods"])
     data = prepare(cfg, tokenizer)
     set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.task, data.labels, tokenizer.pad_token_id,
                        **method.load_kwargs(cfg.method.options))
-    model = method.apply(model, cfg.method.options, cfg.task)
+    model = method.apply(model, cfg.method.options, tasks.get(cfg.task))
     train_examples = method.prepare_examples(model, data.train.examples)
     eval_examples = method.prepare_examples(model, data.eval.examples)
     if cfg.task == "dpo":  # the reference runs here, once: the model is still the base

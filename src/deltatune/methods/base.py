@@ -52,6 +52,12 @@ class Method:
         Tasks say the same of methods (``Task.accepts``); ``components.supports`` asks both."""
         return None
 
+    def search_space(self) -> dict:
+        """This method's options worth tuning, in ``hpo``'s format: option name -> a list of choices
+        (categorical) or ``{low, high[, log]}`` (a range). ``deltatune tune`` searches them as
+        ``<method>.<option>``."""
+        return {}
+
     def load_kwargs(self, options) -> dict:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
         return {}

@@ -29,6 +29,9 @@ class SoftPromptMethod(PeftMethod):
     why_no_merge = WHY
     prepends_virtual_tokens = True
 
+    def search_space(self) -> dict:
+        return {"num_virtual_tokens": [5, 10, 20]}
+
     def untouched(self, model: nn.Module) -> nn.Module:
         # The virtual tokens live outside the wrapped model: it alone is the base. (peft's
         # disable_adapter() fails for prompt learning on models that do not generate, e.g. BERT.)

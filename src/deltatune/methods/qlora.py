@@ -51,6 +51,9 @@ class QLora(Lora):
             bnb_4bit_use_double_quant=options.double_quant, bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=KEEP_FULL_PRECISION)}
 
+    def search_space(self) -> dict:
+        return {"r": [4, 8, 16, 32], "alpha": [8, 16, 32, 64]}
+
     def apply(self, model: nn.Module, options: QLoraOptions, task) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 

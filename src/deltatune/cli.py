@@ -279,12 +279,13 @@ def _read_inputs(path: str, loaded) -> list[str]:
 
 
 def cmd_methods(args) -> int:
+    from .components import tasks_of
     from .methods import registry
 
-    rows = [{"name": m.name, "tasks": list(m.tasks), "can_merge": m.can_merge, "summary": m.summary}
+    rows = [{"name": m.name, "tasks": tasks_of(m), "can_merge": m.can_merge, "summary": m.summary}
             for m in map(registry.get, registry.names())]
     if args.model:
-        from .methods.sizes import method_sizes
+        from .sizes import method_sizes
 
         sizes = {r["method"]: r for r in method_sizes(args.model, args.task)}
         rows = [{**r, **{k: v for k, v in sizes[r["name"]].items() if k != "method"}} for r in rows]

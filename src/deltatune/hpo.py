@@ -32,20 +32,25 @@ from .configure import load_config
 from .errors import ConfigError, Stopped
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
-                     "perplexity": "minimize", "trainable_params": "minimize", "train_seconds": "minimize",
-                     "peak_rss_mb": "minimize"}
+                     "perplexity": "minimize", "reward": "maximize", "margin": "maximize",
+                     "trainable_params": "minimize", "train_seconds": "minimize", "peak_rss_mb": "minimize"}
 
-DEFAULT_SPACE = {
+TRAIN_SPACE = {
     "train.lr": {"low": 1e-5, "high": 3e-3, "log": True},
     "train.weight_decay": [0.0, 0.01, 0.1],
     "train.warmup_ratio": [0.0, 0.06, 0.1],
-    "lora.r": [4, 8, 16, 32], "lora.alpha": [8, 16, 32, 64], "lora.dropout": [0.0, 0.05, 0.1],
-    "qlora.r": [4, 8, 16, 32], "qlora.alpha": [8, 16, 32, 64],
-    "houlsby.reduction_factor": [8, 16, 32, 64],
-    "prefix.num_virtual_tokens": [5, 10, 20], "prompt.num_virtual_tokens": [5, 10, 20],
-    "ptuning.num_virtual_tokens": [5, 10, 20],
-    "freeze.trainable_layers": {"low": 1, "high": 4},
 }
+
+
+def default_space() -> dict:
+    """The training settings above, plus ``<method>.<option>`` for every registered method's own
+    search space (``Method.search_space``)."""
+    from .methods import registry
+
+    space = dict(TRAIN_SPACE)
+    for name in registry.names():
+        space.update({f"{name}.{option}": choice for option, choice in registry.get(name).search_space().items()})
+    return space
 
 
 @dataclass
@@ -59,7 +64,9 @@ class Study:
 
 def parse_objectives(text: str | None, task: str) -> list[tuple[str, str]]:
     """``"macro_f1,trainable_params"`` -> [("macro_f1", "maximize"), ("trainable_params", "minimize")]."""
-    default = "accuracy" if task in ("classification", "token_classification") else "loss"
+    from .tasks import registry as tasks
+
+    default = tasks.get(task).main_metric.name
     out = []
     for name in (text or default).split(","):
         name = name.strip()
@@ -71,7 +78,7 @@ def parse_objectives(text: str | None, task: str) -> list[tuple[str, str]]:
 
 def read_space(path: str | None) -> dict:
     if path is None:
-        return DEFAULT_SPACE
+        return default_space()
     space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
     if not isinstance(space, dict) or not space:
         raise ConfigError([f"{path}: expected a mapping of config keys to choices (see `deltatune tune --help`)"])

@@ -193,7 +193,7 @@ def model_shape(path, task: Task, method_name: str, options) -> Shape:
     base_linear = {id(m.weight) for layer in transformer_layers(model) for m in layer.modules()
                    if isinstance(m, nn.Linear)}  # wrappers (peft) keep these tensors; adapters add new ones
     method = registry.get(method_name)
-    quantized = _linear_weights(model, skip=("classifier", "score", "lm_head")) if method_name == "qlora" else 0
+    quantized = _linear_weights(model, skip=("classifier", "score", "lm_head")) if method.quantized_base else 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = method.apply(model, options, task)
@@ -220,7 +220,7 @@ def model_shape(path, task: Task, method_name: str, options) -> Shape:
         trains_base=any(p.requires_grad for p in linear),
         adapter_floats=_adapter_inputs(layers) / max(len(layers), 1),
         head_trains=head is not None and any(p.requires_grad for p in head.parameters()),
-        cached_features=method_name == "feature_extraction", head_linear=type(head) is nn.Linear)
+        cached_features=method.caches_features, head_linear=type(head) is nn.Linear)
 
 
 def _adapter_inputs(layers: nn.ModuleList) -> float:
@@ -406,17 +406,28 @@ def suggestions(cfg: Config, path, data, shape: Shape, speed: float, available: 
               dataclasses.replace(t, gradient_checkpointing=True))
     if tasks.get(cfg.task).head == "causal" and not t.chunked_loss:
         trial("no full-vocabulary logits", ["train.chunked_loss=true"], dataclasses.replace(t, chunked_loss=True))
-    if cfg.method.name == "lora":
-        from .methods.qlora import QLoraOptions
-
-        options = QLoraOptions(**dataclasses.asdict(cfg.method.options))
-        task = tasks.get(cfg.task)(cfg, labels=data.labels)
-        qshape = model_shape(path, task, "qlora", options)
-        trial("4-bit base (slower steps on the CPU)", ["method.name=qlora"], t, qshape, "qlora", options)
+    quantized = _quantized_variant(cfg.method.name)
+    if quantized:
+        options = quantized.Options(**dataclasses.asdict(cfg.method.options))
+        qshape = model_shape(path, tasks.get(cfg.task)(cfg, labels=data.labels), quantized.name, options)
+        trial("4-bit base (slower steps on the CPU)", [f"method.name={quantized.name}"], t, qshape,
+              quantized.name, options)
     if t.max_length > 64:
         trial("shorter examples (truncates the data)", [f"train.max_length={t.max_length // 2}"],
               dataclasses.replace(t, max_length=t.max_length // 2))
     return out
+
+
+def _quantized_variant(method_name: str):
+    """The registered method that is this one on a quantized base (QLoRA for LoRA): its base is
+    quantized and its options extend this method's, so the current options carry over. Or None."""
+    from .methods import registry
+
+    method = registry.get(method_name)
+    if method.quantized_base:
+        return None
+    return next((m for m in map(registry.get, registry.names())
+                 if m.quantized_base and issubclass(m.Options, method.Options)), None)
 
 
 def _truncated(examples: list[dict], t: TrainConfig) -> list[dict]:

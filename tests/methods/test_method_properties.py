@@ -10,6 +10,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from deltatune.data.collate import collate
 from deltatune.errors import CannotMerge
 from deltatune.methods import registry
+from deltatune.tasks import registry as tasks
 from deltatune.methods.houlsby import AdapterOptions
 from deltatune.models import load_model
 from deltatune.rundir import RunDir
@@ -36,7 +37,8 @@ def test_adapters_leave_outputs_unchanged_at_init(kind, placement, request):
         inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         before = model(**inputs).logits
-        adapted = registry.get("houlsby").apply(model, AdapterOptions(placement=placement), "classification")
+        adapted = registry.get("houlsby").apply(model, AdapterOptions(placement=placement),
+                                                tasks.get("classification"))
         n_adapters = sum(1 for n, _ in adapted.named_modules() if n.endswith(".adapter"))
         after = adapted.eval()(**inputs).logits
     assert torch.equal(before, after)
@@ -70,10 +72,10 @@ def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, reque
     impl = registry.get(method)
     labels = ["negative", "positive"] if task == "classification" else None
     torch.manual_seed(1)
-    ours = impl.apply(load_model(path, task, labels, 0), cfg.method.options, task).eval()
+    ours = impl.apply(load_model(path, task, labels, 0), cfg.method.options, tasks.get(task)).eval()
     torch.manual_seed(1)
     base = load_model(path, task, labels, 0)
-    theirs = get_peft_model(base, impl.peft_config(cfg.method.options, task, base)).eval()
+    theirs = get_peft_model(base, impl.peft_config(cfg.method.options, tasks.get(task), base)).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
@@ -132,7 +134,7 @@ def test_method_variants_train_and_reload(method, options, tiny_bert, cls_csv, t
     run_loop(job)
     impl.save_delta(job.model, tmp_path / "delta", cfg.method.options)
     fresh = load_model(tiny_bert, "classification", prepared.labels, tok.pad_token_id)
-    reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, "classification").eval()
+    reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, tasks.get("classification")).eval()
     batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
     with torch.no_grad():
         got, want = reloaded(**batch).logits, job.model.eval()(**batch).logits

@@ -15,6 +15,7 @@ from deltatune.eval.evaluate import evaluate, forward
 from deltatune.methods import registry
 from deltatune.models import load_model
 from deltatune.rundir import RunDir
+from deltatune.tasks import registry as tasks
 from deltatune.train.loop import run_loop
 from deltatune.train.run import build_job
 from tests.conftest import sentiment_rows, write_csv, write_jsonl
@@ -91,7 +92,7 @@ def test_method_trains_exactly_its_delta_and_reloads(model_kind, task, method, l
     impl.save_delta(model, tmp_path / "delta", cfg.method.options)
     fresh = load_model(model_path, task, prepared.labels, tokenizer.pad_token_id,
                        **impl.load_kwargs(cfg.method.options))
-    reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, task)
+    reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, tasks.get(task))
     batch = collate(job.eval_examples[:8], job.pad_id)
     model.eval()
     reloaded.eval()

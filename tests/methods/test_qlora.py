@@ -7,6 +7,7 @@ import torch
 from deltatune.data.collate import collate
 from deltatune.eval.evaluate import evaluate
 from deltatune.methods import registry
+from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model
 from deltatune.rundir import RunDir
 from deltatune.train.loop import run_loop
@@ -56,7 +57,7 @@ def test_qlora_delta_reloads(trained, tiny_llama64, tmp_path):
     impl = registry.get("qlora")
     impl.save_delta(job.model, tmp_path / "delta", cfg.method.options)
     base = load_model(tiny_llama64, "causal_lm", **impl.load_kwargs(cfg.method.options))
-    reloaded = impl.load_delta(base, tmp_path / "delta", cfg.method.options, "causal_lm").eval()
+    reloaded = impl.load_delta(base, tmp_path / "delta", cfg.method.options, tasks.get("causal_lm")).eval()
     batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
     with torch.no_grad():
         assert torch.equal(job.model.eval()(**batch).logits, reloaded(**batch).logits)

@@ -8,6 +8,7 @@ import pytest
 from accelerate import Accelerator
 
 from deltatune.methods import registry
+from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model, load_tokenizer
 from deltatune.plan import (Batches, memory_terms, model_shape, plan, planned_batches, render,
                             step_flops)
@@ -22,7 +23,7 @@ def _real_counts(path, task, method_name, labels):
     model = load_model(path, task, labels, load_tokenizer(path).pad_token_id, **method.load_kwargs(options))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return count_parameters(method.apply(model, options, task))
+        return count_parameters(method.apply(model, options, tasks.get(task)))
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "houlsby", "lora", "ia3", "prompt",

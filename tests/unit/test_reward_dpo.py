@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.cli import main
+from deltatune.components import supports
 from deltatune.data.collate import collate
 from deltatune.errors import ConfigError, DataError
 from deltatune.eval.evaluate import forward_loss
@@ -21,6 +22,7 @@ from deltatune.methods import registry
 from deltatune.rlhf.losses import dpo_loss
 from deltatune.rlhf.reward import ranking_loss
 from deltatune.rundir import RunDir
+from deltatune.tasks import registry as tasks
 from deltatune.train.loop import run_loop
 from deltatune.train.run import build_job, train
 from tests.conftest import FILLER, NEGATIVE, POSITIVE, _tokenizer, write_jsonl
@@ -266,7 +268,8 @@ def _model_for(task: str, method: str, request, tmp_path):
     return request.getfixturevalue("tiny_bert" if task == "reward" else "tiny_llama")
 
 
-CASES = [(task, m) for task in ("reward", "dpo") for m in registry.names() if task in registry.get(m).tasks]
+CASES = [(task, m) for task in ("reward", "dpo") for m in registry.names()
+         if supports(registry.get(m), tasks.get(task)) is None]
 
 
 @pytest.mark.parametrize("task,method", CASES, ids=[f"{t}-{m}" for t, m in CASES])

@@ -22,6 +22,7 @@ from deltatune.losses import chunked_causal_lm_loss
 from deltatune.methods import registry
 from deltatune.methods.lora import LoraOptions
 from deltatune.models import load_model
+from deltatune.tasks import registry as tasks
 from deltatune.train import loop
 from deltatune.train.loop import bf16_enabled, enable_gradient_checkpointing
 
@@ -42,7 +43,7 @@ def examples(n: int = 6, longest: int = 14, seed: int = 0) -> list[dict]:
 def lora(model, task: str = "causal_lm", **options):
     """LoRA with B made non-zero, so that every adapter matrix gets a gradient."""
     torch.manual_seed(1)  # the same adapters every time
-    model = registry.get("lora").apply(model, LoraOptions(dropout=0.0, **options), task)
+    model = registry.get("lora").apply(model, LoraOptions(dropout=0.0, **options), tasks.get(task))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -145,7 +146,7 @@ def test_soft_prompts_and_seq2seq_keep_the_plain_path(tiny_llama, tiny_t5):
     from deltatune.methods.prompt_learning import PromptOptions
 
     prompt = registry.get("prompt").apply(load_model(tiny_llama, "causal_lm"), PromptOptions(num_virtual_tokens=3),
-                                          "causal_lm")
+                                          tasks.get("causal_lm"))
     assert decoder_parts(prompt) is None
     assert decoder_parts(prompt.get_base_model()) is not None  # the untouched base of a soft prompt is fine
     batch = collate(examples(), pad_id=0)

@@ -8,8 +8,10 @@ algebra allows, folds them into the base weights (``merge``) so serving costs no
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,20 +28,47 @@ class NoOptions:
 
 
 class Method:
+    """One way of adapting a model. Class attributes say what the method can do, so code outside
+    ``methods/`` asks the method instead of comparing its name."""
+
     name: str = ""
-    # reward trains a sequence classifier with one output, dpo a causal LM. PPO needs a delta that can be
-    # switched off (its reference is the base): only peft's adapters and IA3 (PeftMethod) add "ppo".
-    tasks: tuple[str, ...] = ("classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo")
-    can_merge: bool = False
     summary: str = ""
     Options: type = NoOptions
+    # ``merge`` folds the delta into the base weights and returns a plain model (else CannotMerge says why).
+    can_merge: bool = False
+    # Trained virtual tokens are prepended to every input (soft prompts): every position shifts, and
+    # packed examples would share one prompt.
+    prepends_virtual_tokens: bool = False
+    # The base is loaded quantized (``load_kwargs``); its frozen weights take a fraction of the memory.
+    quantized_base: bool = False
+    # The delta can be switched off at run time (peft's ``disable_adapter``), so the tuned model gives
+    # the base model back as a reference (PPO's KL term) without a second copy of the weights.
+    switchable_off: bool = False
+    # Examples are encoded once by the frozen base and cached (``prepare_examples``); training reads
+    # the cached vectors, so no activations of the base are kept for backward.
+    caches_features: bool = False
+
+    def accepts(self, task) -> str | None:
+        """Why this method cannot train ``task`` (a task class from ``tasks.registry``), or None.
+
+        Tasks say the same of methods (``Task.accepts``); ``components.supports`` asks both."""
+        return None
+
+    def search_space(self) -> dict:
+        """This method's options worth tuning, in ``hpo``'s format: option name -> a list of choices
+        (categorical) or ``{low, high[, log]}`` (a range). ``deltatune tune`` searches them as
+        ``<method>.<option>``."""
+        return {}
 
     def load_kwargs(self, options) -> dict:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
         return {}
 
-    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
-        """Freeze or wrap ``model`` so that exactly the delta is trainable."""
+    def apply(self, model: nn.Module, options, task) -> nn.Module:
+        """Freeze or wrap ``model`` so that exactly the delta is trainable.
+
+        ``task`` is the task class (or an instance): methods read its attributes (``peft_type``,
+        ``new_head``), never its name."""
         raise NotImplementedError
 
     def delta_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
@@ -51,7 +80,7 @@ class Method:
         save_file({k: v.contiguous() for k, v in self.delta_state_dict(model).items()}, path / DELTA_FILE)
         (path / "method.json").write_text(json.dumps({"method": self.name, "options": asdict(options)}))
 
-    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+    def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         """Apply the method to a fresh base ``model`` and load the saved delta into it."""
         model = self.apply(model, options, task)
         file = Path(path) / DELTA_FILE
@@ -72,6 +101,12 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """Return a plain model whose weights include the delta."""
         raise CannotMerge(f"{self.name} cannot be merged into the base weights")
+
+    @contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The base model inside a tuned one, for a block: the delta switched off (``switchable_off``)."""
+        raise RunError(f"{self.name}: its delta cannot be switched off; load the base model instead")
+        yield model  # pragma: no cover (a generator, so that the error comes on entering the block)
 
     def untouched(self, model: nn.Module) -> nn.Module:
         """A module that computes what the base model computes, for the baseline metrics.

@@ -21,7 +21,7 @@ class BitFit(Method):
     can_merge = True  # the biases are the model's own parameters
     summary = "bias terms and the head train"
 
-    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
+    def apply(self, model: nn.Module, options, task) -> nn.Module:
         head = set(head_parameter_names(model))
         prefix = model.base_model_prefix + "."
         backbone_biases = [n for n, _ in model.named_parameters() if n.startswith(prefix) and n.endswith("bias")]

@@ -72,12 +72,18 @@ class FeatureClassifier(nn.Module):
 @register
 class FeatureExtraction(Method):
     name = "feature_extraction"
-    tasks = ("classification",)
     can_merge = False
+    caches_features = True
     summary = "frozen encoder, cached features, trained classifier"
     Options = FeatureOptions
 
-    def apply(self, model: nn.Module, options: FeatureOptions, task: str) -> nn.Module:
+    def accepts(self, task) -> str | None:
+        if not task.one_label_per_text:
+            return ("feature extraction trains a classifier on one pooled vector per text, and this task's "
+                    "examples are not one text with one label; use lora or full")
+        return None
+
+    def apply(self, model: nn.Module, options: FeatureOptions, task) -> nn.Module:
         wrapped = FeatureClassifier(model.base_model, model.config.num_labels, options.pooling, model.config)
         set_trainable(wrapped, lambda name: name.startswith("head."))
         return wrapped

@@ -33,7 +33,10 @@ class Freeze(Method):
     summary = "top N layers and the head train"
     Options = FreezeOptions
 
-    def apply(self, model: nn.Module, options: FreezeOptions, task: str) -> nn.Module:
+    def search_space(self) -> dict:
+        return {"trainable_layers": {"low": 1, "high": 4}}
+
+    def apply(self, model: nn.Module, options: FreezeOptions, task) -> nn.Module:
         layers = transformer_layers(model)
         n = options.trainable_layers
         if n > len(layers):

@@ -16,14 +16,14 @@ class Full(Method):
     can_merge = True  # nothing to merge: the tuned weights are the model
     summary = "every parameter trains"
 
-    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
+    def apply(self, model: nn.Module, options, task) -> nn.Module:
         set_trainable(model, lambda name: True)
         return model
 
     def save_delta(self, model: nn.Module, path: Path, options) -> None:
         model.save_pretrained(path, safe_serialization=True)
 
-    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+    def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         return type(model).from_pretrained(path, use_safetensors=True, dtype=model.dtype)
 
     def merge(self, model: nn.Module) -> nn.Module:

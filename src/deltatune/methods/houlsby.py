@@ -106,7 +106,10 @@ class Houlsby(Method):
     summary = "bottleneck adapters after attention and feed-forward (+ layer norms, head)"
     Options = AdapterOptions
 
-    def apply(self, model: nn.Module, options: AdapterOptions, task: str) -> nn.Module:
+    def search_space(self) -> dict:
+        return {"reduction_factor": [8, 16, 32, 64]}
+
+    def apply(self, model: nn.Module, options: AdapterOptions, task) -> nn.Module:
         head = set(head_parameter_names(model))
         for name in adapter_sites(model, options.placement):
             base = model.get_submodule(name)

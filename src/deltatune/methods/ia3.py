@@ -32,7 +32,7 @@ class IA3(PeftMethod):
     summary = "learned vectors rescale keys, values and feed-forward activations (peft)"
     Options = IA3Options
 
-    def peft_config(self, options: IA3Options, task: str, model: nn.Module) -> IA3Config:
+    def peft_config(self, options: IA3Options, task, model: nn.Module) -> IA3Config:
         return IA3Config(task_type=task_type(task), target_modules=options.target_modules,
                          feedforward_modules=options.feedforward_modules,
                          modules_to_save=head_modules(task, model))

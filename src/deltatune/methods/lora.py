@@ -40,7 +40,10 @@ class Lora(PeftMethod):
     summary = "low-rank updates B A on chosen linear layers (peft)"
     Options = LoraOptions
 
-    def peft_config(self, options: LoraOptions, task: str, model: nn.Module) -> LoraConfig:
+    def search_space(self) -> dict:
+        return {"r": [4, 8, 16, 32], "alpha": [8, 16, 32, 64], "dropout": [0.0, 0.05, 0.1]}
+
+    def peft_config(self, options: LoraOptions, task, model: nn.Module) -> LoraConfig:
         return LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
                           lora_dropout=options.dropout, target_modules=options.target_modules,
                           modules_to_save=head_modules(task, model))

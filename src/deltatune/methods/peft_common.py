@@ -7,7 +7,9 @@ normal peft adapter folder, so ``peft.PeftModel.from_pretrained(base, delta_dir)
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
@@ -17,24 +19,24 @@ from ..models import head_module_names
 from .base import Method
 
 
-def task_type(task: str) -> TaskType:
-    return {"classification": TaskType.SEQ_CLS, "reward": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM,
-            "dpo": TaskType.CAUSAL_LM, "ppo": TaskType.CAUSAL_LM,
-            "token_classification": TaskType.TOKEN_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}[task]
+def task_type(task) -> TaskType:
+    """peft's task type for the task's head (``task.peft_type`` names a ``TaskType`` member)."""
+    return TaskType[task.peft_type]
 
 
-def head_modules(task: str, model: nn.Module) -> list[str] | None:
-    """The freshly initialised classification (or reward) head trains alongside the adapter."""
-    return head_module_names(model) if task in ("classification", "token_classification", "reward") else None
+def head_modules(task, model: nn.Module) -> list[str] | None:
+    """A freshly initialised head (classification, reward) trains and is saved alongside the adapter."""
+    return head_module_names(model) if task.new_head else None
 
 
 class PeftMethod(Method):
-    tasks = (*Method.tasks, "ppo")
+    """peft's adapters can be switched off at run time (``disable_adapter``): the base comes back."""
+    switchable_off = True
 
-    def peft_config(self, options, task: str, model: nn.Module) -> PeftConfig:
+    def peft_config(self, options, task, model: nn.Module) -> PeftConfig:
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, options, task: str) -> nn.Module:
+    def apply(self, model: nn.Module, options, task) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
             return get_peft_model(model, self.peft_config(options, task, model))
@@ -42,10 +44,15 @@ class PeftMethod(Method):
     def save_delta(self, model: nn.Module, path: Path, options) -> None:
         model.save_pretrained(path, safe_serialization=True)
 
-    def load_delta(self, model: nn.Module, path: Path, options, task: str) -> nn.Module:
+    def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return PeftModel.from_pretrained(model, path, is_trainable=False)
+
+    @contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[nn.Module]:
+        with model.disable_adapter():
+            yield model
 
     def merge(self, model: nn.Module) -> nn.Module:
         if not self.can_merge:

@@ -11,14 +11,15 @@ None of them changes a weight matrix, so none can merge: the prompt travels with
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
                   PromptTuningConfig, PromptTuningInit)
 from torch import nn
 
 from ..config import doc
-from .base import Method
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
 
@@ -28,7 +29,14 @@ WHY = ("the trained virtual tokens are inputs, not weight changes, so there is n
 
 class SoftPromptMethod(PeftMethod):
     why_no_merge = WHY
-    tasks = Method.tasks  # not ppo: the virtual tokens shift every position the rollouts score
+    prepends_virtual_tokens = True
+
+    def search_space(self) -> dict:
+        return {"num_virtual_tokens": [5, 10, 20]}
+
+    @contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[nn.Module]:
+        yield self.untouched(model)  # the virtual tokens live outside the wrapped model
 
     def untouched(self, model: nn.Module) -> nn.Module:
         # The virtual tokens live outside the wrapped model: it alone is the base. (peft's
@@ -76,7 +84,7 @@ class Prefix(SoftPromptMethod):
     summary = "trained key/value prefixes in every layer (peft)"
     Options = PrefixOptions
 
-    def peft_config(self, options: PrefixOptions, task: str, model: nn.Module) -> PrefixTuningConfig:
+    def peft_config(self, options: PrefixOptions, task, model: nn.Module) -> PrefixTuningConfig:
         return PrefixTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
                                   prefix_projection=options.projection,
                                   encoder_hidden_size=options.encoder_hidden_size or model.config.hidden_size,
@@ -89,7 +97,7 @@ class Prompt(SoftPromptMethod):
     summary = "trained input embeddings prepended to the text (peft)"
     Options = PromptOptions
 
-    def peft_config(self, options: PromptOptions, task: str, model: nn.Module) -> PromptTuningConfig:
+    def peft_config(self, options: PromptOptions, task, model: nn.Module) -> PromptTuningConfig:
         text = options.init_text
         return PromptTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
@@ -104,7 +112,7 @@ class PTuning(SoftPromptMethod):
     summary = "virtual tokens from an MLP/LSTM prompt encoder (peft)"
     Options = PTuningOptions
 
-    def peft_config(self, options: PTuningOptions, task: str, model: nn.Module) -> PromptEncoderConfig:
+    def peft_config(self, options: PTuningOptions, task, model: nn.Module) -> PromptEncoderConfig:
         kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}
         return PromptEncoderConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
                                    encoder_reparameterization_type=kind[options.encoder],

@@ -39,6 +39,7 @@ class QLoraOptions(LoraOptions):
 class QLora(Lora):
     name = "qlora"
     can_merge = True
+    quantized_base = True
     summary = "LoRA on a 4-bit NF4 base (bitsandbytes + peft)"
     Options = QLoraOptions
 
@@ -50,13 +51,16 @@ class QLora(Lora):
             bnb_4bit_use_double_quant=options.double_quant, bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=KEEP_FULL_PRECISION)}
 
-    def apply(self, model: nn.Module, options: QLoraOptions, task: str) -> nn.Module:
+    def search_space(self) -> dict:
+        return {"r": [4, 8, 16, 32], "alpha": [8, 16, 32, 64]}
+
+    def apply(self, model: nn.Module, options: QLoraOptions, task) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return super().apply(_exact_cpu_path(model), options, task)
 
-    def load_delta(self, model: nn.Module, path, options, task: str) -> nn.Module:
+    def load_delta(self, model: nn.Module, path, options, task) -> nn.Module:
         return super().load_delta(_exact_cpu_path(model), path, options, task)
 
     def merge(self, model: nn.Module) -> nn.Module:

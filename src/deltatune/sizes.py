@@ -7,10 +7,12 @@ import warnings
 
 from transformers import AutoConfig
 
-from ..assets import resolve_model
-from ..errors import DeltatuneError
-from ..models import count_parameters, load_model, load_tokenizer
-from . import registry
+from .assets import resolve_model
+from .components import supports
+from .errors import DeltatuneError
+from .methods import registry
+from .models import count_parameters, load_model, load_tokenizer
+from .tasks import registry as tasks
 
 
 def default_task(model_ref: str) -> str:
@@ -23,14 +25,15 @@ def default_task(model_ref: str) -> str:
 def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -> list[dict]:
     """Trainable parameters of every method (default options) on this model and task."""
     task = task or default_task(model_ref)
+    spec = tasks.get(task)
     path = resolve_model(model_ref)
-    labels = [f"label_{i}" for i in range(num_labels)] if "classification" in task else None
+    labels = [f"label_{i}" for i in range(num_labels)] if spec.new_head else None
     base = load_model(path, task, labels, load_tokenizer(path).pad_token_id)
     rows = []
     for name in registry.names():
         method = registry.get(name)
         row = {"method": name, "task": task}
-        if task not in method.tasks:
+        if supports(method, spec):
             rows.append({**row, "error": f"does not support {task}"})
             continue
         try:
@@ -39,7 +42,7 @@ def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -
             own = load_model(path, task, labels, base.config.pad_token_id, **extra) if extra else copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = method.apply(own, options, task)
+                model = method.apply(own, options, spec)
         except DeltatuneError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue

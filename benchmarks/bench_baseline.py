@@ -26,7 +26,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from bench_common import Step, check_budget, checksum, now, summarize, train_order
 from deltatune.assets import resolve_model
-from deltatune.data import prepare
+from deltatune.tasks import prepare
 
 
 class StepTimer(TrainerCallback):

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from deltatune.configure import load_config
-from deltatune.data.prepare import prepare_rows
+from deltatune.tasks import prepare_rows
 from deltatune.errors import ConfigError, DataError
 from deltatune.metrics import multitask_metrics, task_groups
 from tests.conftest import FILLER, sentiment_rows, write_csv
@@ -163,8 +163,8 @@ def test_a_task_with_one_class_is_refused_by_name(tmp_path, tiny_bert):
 def test_training_reports_metrics_per_task(tmp_path, tiny_bert):
     """End to end: metrics.json and the eval log carry each task's metrics, and they equal sklearn's on
     the trained model's own predictions, masked to each example's task."""
-    from deltatune.data import prepare
-    from deltatune.eval.evaluate import batches, forward
+    from deltatune.tasks import prepare
+    from deltatune.tasks.common import forward
     from deltatune.inference import load_run
     from deltatune.train.run import train
 
@@ -179,8 +179,8 @@ def test_training_reports_metrics_per_task(tmp_path, tiny_bert):
     data = prepare(cfg, loaded.tokenizer)
     logits, order = [], []
     with torch.no_grad():
-        for batch, index in batches(data.eval.examples, 16, loaded.tokenizer.pad_token_id):
-            logits.append(forward(loaded.model.eval(), batch["inputs"], batch["targets"], "classification"))
+        for batch, index in loaded.task.batches(data.eval.examples):
+            logits.append(forward(loaded.model.eval(), batch["inputs"], batch["targets"]))
             order += index
     logits = torch.cat(logits).numpy()
     rows = [data.eval.rows[i] for i in order]
@@ -197,7 +197,10 @@ def test_training_reports_metrics_per_task(tmp_path, tiny_bert):
 
 
 def test_the_multitask_loss_is_a_softmax_over_each_examples_own_task():
-    from deltatune.eval.evaluate import loss_fn
+    from deltatune.eval.evaluate import task_for
+
+    def loss_fn(task, labels):
+        return task_for(task, labels=labels).logits_loss
 
     labels = ["a/x", "a/y", "b/p", "b/q", "b/r"]
     logits = torch.randn(6, 5, dtype=torch.float64)

@@ -11,7 +11,8 @@ import pytest
 
 from deltatune.cli import main
 from deltatune.configure import load_config
-from deltatune.data.prepare import prepare_rows, write_prepared
+from deltatune.data.prepare import write_prepared
+from deltatune.tasks import prepare_rows
 from deltatune.data.split import kfold, shots, split_rows, three_way
 from deltatune.errors import ConfigError, DataError
 from tests.conftest import write_jsonl

@@ -20,7 +20,7 @@ from deltatune.eval.evaluate import forward_loss
 from deltatune.inference import evaluate_file, load_run, score
 from deltatune.methods import registry
 from deltatune.rlhf.losses import dpo_loss
-from deltatune.rlhf.reward import ranking_loss
+from deltatune.tasks.reward import ranking_loss
 from deltatune.rundir import RunDir
 from deltatune.tasks import registry as tasks
 from deltatune.train.loop import run_loop

@@ -9,8 +9,9 @@ import pytest
 
 from deltatune.cli import main
 from deltatune.configure import load_config
-from deltatune.data.prepare import prepare_rows
+from deltatune.tasks import prepare_rows
 from deltatune.data.stream import prepare_stream
+from deltatune.tasks import create
 from deltatune.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def _big_csv(path, n, seed=0):
 def test_stream_counts_and_splits(tmp_path):
     data = _big_csv(tmp_path / "big.csv", 2000)
     cfg = load_config(None, [f"data.train={data}", "data.on_error=skip", "data.test_fraction=0.1"])
-    report = prepare_stream(cfg, tmp_path / "out", batch_rows=128)
+    report = prepare_stream(cfg, tmp_path / "out", create(cfg).fields, batch_rows=128)
     assert report["rows_in"] == 2000 + 4
     assert report["rejected_rows"] == 2 and report["exact_duplicates_removed"] == 1
     per = report["rows_per_split"]
@@ -39,7 +40,7 @@ def test_stream_counts_and_splits(tmp_path):
     assert {s: len(r) for s, r in rows.items()} == per
     texts = {s: {r["text"] for r in rs} for s, rs in rows.items()}
     assert not (texts["train"] & texts["eval"]) and not (texts["train"] & texts["test"])
-    again = prepare_stream(cfg, tmp_path / "out", batch_rows=999)  # same data, other batching: same result
+    again = prepare_stream(cfg, tmp_path / "out", create(cfg).fields, batch_rows=999)  # same data, other batching: same result
     assert again["fingerprint"] == report["fingerprint"] and again["rows_per_split"] == per
     trained_from = prepare_rows(load_config(None, [f"data.train={tmp_path / 'out'}"]))
     assert len(trained_from.splits["train"]) == per["train"]
@@ -56,7 +57,7 @@ def test_stream_memory_does_not_grow_with_the_file(tmp_path):
         tracemalloc.stop()
         return top
 
-    streamed = peak(lambda: prepare_stream(cfg, tmp_path / "s", batch_rows=500))
+    streamed = peak(lambda: prepare_stream(cfg, tmp_path / "s", create(cfg).fields, batch_rows=500))
     in_memory = peak(lambda: prepare_rows(cfg))
     # the stream keeps a 16-byte digest per row and one batch; the in-memory pipeline every row
     assert streamed < in_memory / 3, (streamed, in_memory)
@@ -66,7 +67,7 @@ def test_stream_refuses_what_needs_every_row(tmp_path):
     data = _big_csv(tmp_path / "big.csv", 10)
     cfg = load_config(None, [f"data.train={data}", "data.dedup.near=true", "data.kfold=3"])
     with pytest.raises(ConfigError) as info:
-        prepare_stream(cfg, tmp_path / "o")
+        prepare_stream(cfg, tmp_path / "o", create(cfg).fields)
     assert "data.dedup.near" in str(info.value) and "data.kfold" in str(info.value)
     assert not (tmp_path / "o").exists()
 

@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from ..config import Config, TrainConfig
-from ..tasks import registry
+from ..tasks import common, registry
 from ..tasks.base import Task
+from ..tasks.common import decoder_parts
+
+__all__ = ["decoder_parts", "evaluate", "forward", "forward_loss", "task_for"]
 
 
 def task_for(task: str | Task, batch_size: int = 64, pad_id: int = 0, labels: list[str] | None = None,
@@ -36,3 +39,9 @@ def forward_loss(model: nn.Module, inputs: dict, targets, task: str | Task, chun
                  labels: list[str] | None = None) -> tuple[torch.Tensor, int]:
     """The task's (loss sum, count) for one batch."""
     return task_for(task, labels=labels, chunked_loss=chunked).loss(model, {"inputs": inputs, "targets": targets})
+
+
+def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, task: str | Task) -> torch.Tensor:
+    """Logits for a batch of the task (an encoder-decoder reads its targets shifted right)."""
+    head = task.head if isinstance(task, Task) else registry.get(task).head
+    return common.forward(model, inputs, targets, encoder_decoder=head == "seq2seq")

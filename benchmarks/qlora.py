@@ -28,7 +28,7 @@ def weights_mb(method: str) -> float:
     code = (
         "import sys; from deltatune.methods import registry; from deltatune.models import load_model;"
         f"m = registry.get('{method}'); opts = m.Options();"
-        "model = load_model('smollm2-135m', 'causal_lm', **m.load_kwargs(opts));"
+        "model = load_model('smollm2-135m', 'causal', **m.load_kwargs(opts));"
         "print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20)")
     return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                       check=True).stdout.split()[-1]), 1)

@@ -59,7 +59,7 @@ def test_classification_run_directory_and_commands(tiny_bert, cls_csv, tmp_path,
     # Our adapter folder is a peft adapter: peft loads it and gives the same outputs.
     loaded = load_run(run)
     ids = loaded.tokenizer(["good great film", "bad film"], padding=True, return_tensors="pt")
-    base = load_model(tiny_bert, "classification", ["negative", "positive"], loaded.tokenizer.pad_token_id)
+    base = load_model(tiny_bert, "sequence", ["negative", "positive"], loaded.tokenizer.pad_token_id)
     peft_model = PeftModel.from_pretrained(base, run / "delta").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**ids).logits, loaded.model(**ids).logits, rtol=0, atol=0)

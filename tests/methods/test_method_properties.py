@@ -33,7 +33,7 @@ def test_adapters_leave_outputs_unchanged_at_init(kind, placement, request):
         inputs = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "decoder_input_ids": torch.tensor([[0, 8, 9]])}
     else:
         path = request.getfixturevalue(f"tiny_{kind}")
-        model = load_model(path, "classification", ["a", "b"], 0).eval()
+        model = load_model(path, "sequence", ["a", "b"], 0).eval()
         inputs = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         before = model(**inputs).logits
@@ -72,9 +72,9 @@ def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, reque
     impl = registry.get(method)
     labels = ["negative", "positive"] if task == "classification" else None
     torch.manual_seed(1)
-    ours = impl.apply(load_model(path, task, labels, 0), cfg.method.options, tasks.get(task)).eval()
+    ours = impl.apply(load_model(path, tasks.get(task).head, labels, 0), cfg.method.options, tasks.get(task)).eval()
     torch.manual_seed(1)
-    base = load_model(path, task, labels, 0)
+    base = load_model(path, tasks.get(task).head, labels, 0)
     theirs = get_peft_model(base, impl.peft_config(cfg.method.options, tasks.get(task), base)).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]),
@@ -97,7 +97,7 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(kind, task, method, req
     job.run = RunDir(tmp_path)
     run_loop(job)
     model = job.model.eval()
-    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    batch = job.task.collate(job.eval_examples[:8])["inputs"]
     with torch.no_grad():
         expected = model(**batch).logits
         merged = registry.get(method).merge(model).eval()
@@ -133,9 +133,9 @@ def test_method_variants_train_and_reload(method, options, tiny_bert, cls_csv, t
     job.run = RunDir(tmp_path)
     run_loop(job)
     impl.save_delta(job.model, tmp_path / "delta", cfg.method.options)
-    fresh = load_model(tiny_bert, "classification", prepared.labels, tok.pad_token_id)
+    fresh = load_model(tiny_bert, "sequence", prepared.labels, tok.pad_token_id)
     reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, tasks.get("classification")).eval()
-    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    batch = job.task.collate(job.eval_examples[:8])["inputs"]
     with torch.no_grad():
         got, want = reloaded(**batch).logits, job.model.eval()(**batch).logits
     if method == "ptuning":  # peft saves the LSTM encoder's output; recomputing it differs in the last bits

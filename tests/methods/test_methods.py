@@ -90,10 +90,10 @@ def test_method_trains_exactly_its_delta_and_reloads(model_kind, task, method, l
     # Save the delta, load it into a fresh base, and get bit-identical outputs.
     impl = registry.get(method)
     impl.save_delta(model, tmp_path / "delta", cfg.method.options)
-    fresh = load_model(model_path, task, prepared.labels, tokenizer.pad_token_id,
+    fresh = load_model(model_path, tasks.get(task).head, prepared.labels, tokenizer.pad_token_id,
                        **impl.load_kwargs(cfg.method.options))
     reloaded = impl.load_delta(fresh, tmp_path / "delta", cfg.method.options, tasks.get(task))
-    batch = collate(job.eval_examples[:8], job.pad_id)
+    batch = job.task.collate(job.eval_examples[:8])
     model.eval()
     reloaded.eval()
     with torch.no_grad():

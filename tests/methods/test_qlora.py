@@ -36,14 +36,14 @@ def test_qlora_trains_lora_on_a_4bit_base(trained, tiny_llama64):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     # The count treats a 4-bit weight as its logical size, so totals match the fp32 model's.
-    fp32_total = count_parameters(load_model(tiny_llama64, "causal_lm"))[1]
+    fp32_total = count_parameters(load_model(tiny_llama64, "causal"))[1]
     assert count_parameters(model)[1] == fp32_total + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_qlora_merge_dequantizes_then_merges_exactly(trained):
     cfg, job, _ = trained
     model = job.model.eval()
-    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    batch = job.task.collate(job.eval_examples[:8])["inputs"]
     with torch.no_grad():
         expected = model(**batch).logits
         merged = registry.get("qlora").merge(model).eval()
@@ -56,8 +56,8 @@ def test_qlora_delta_reloads(trained, tiny_llama64, tmp_path):
     cfg, job, _ = trained
     impl = registry.get("qlora")
     impl.save_delta(job.model, tmp_path / "delta", cfg.method.options)
-    base = load_model(tiny_llama64, "causal_lm", **impl.load_kwargs(cfg.method.options))
+    base = load_model(tiny_llama64, "causal", **impl.load_kwargs(cfg.method.options))
     reloaded = impl.load_delta(base, tmp_path / "delta", cfg.method.options, tasks.get("causal_lm")).eval()
-    batch = collate(job.eval_examples[:8], job.pad_id)["inputs"]
+    batch = job.task.collate(job.eval_examples[:8])["inputs"]
     with torch.no_grad():
         assert torch.equal(job.model.eval()(**batch).logits, reloaded(**batch).logits)

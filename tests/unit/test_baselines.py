@@ -21,7 +21,7 @@ def _next_token_logprob(model, ids: list[int], token: int) -> float:
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
     tok = load_tokenizer(tiny_llama)
-    model = load_model(tiny_llama, "causal_lm", None, tok.pad_token_id)
+    model = load_model(tiny_llama, "causal", None, tok.pad_token_id)
     return model.eval(), tok
 
 

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from deltatune.config import TrainConfig
+from deltatune.eval.evaluate import task_for
 from deltatune.train.loop import GROUP_WINDOW, Job, _epoch_loader, length_grouped_batches
 from deltatune.train.run import resume, train
 from tests.helpers import config
@@ -17,9 +18,8 @@ from tests.helpers import config
 def _job(n: int, batch_size: int, group: bool, seed: int = 3) -> Job:
     rng = random.Random(0)
     examples = [{"input_ids": [5] * rng.randint(1, 60), "label": i} for i in range(n)]  # the label is the index
-    return Job(model=nn.Identity(), method=None, options=None, task="classification", train_examples=examples,
-               eval_examples=[], labels=None, pad_id=0, run=None,
-               train=TrainConfig(batch_size=batch_size, seed=seed, group_by_length=group))
+    return Job(model=nn.Identity(), method=None, options=None, task=task_for("classification"), train_examples=examples,
+               eval_examples=[], run=None, train=TrainConfig(batch_size=batch_size, seed=seed, group_by_length=group))
 
 
 def _batches(job: Job, epoch: int, skip: int = 0) -> list[list[int]]:

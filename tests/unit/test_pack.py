@@ -123,7 +123,7 @@ def sft_examples(tiny_llama, tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @torch.no_grad()
 def test_packed_rows_give_the_same_per_example_loss_as_unpacked(tiny_llama, sft_examples, attention):
-    model = load_model(tiny_llama, "causal_lm", attn_implementation=attention).eval()
+    model = load_model(tiny_llama, "causal", attn_implementation=attention).eval()
     assert model.config._attn_implementation == attention
     rows = pack(sft_examples, 64)
     assert len(rows) < len(sft_examples) and len({len(r["input_ids"]) for r in rows}) > 1  # padding is exercised

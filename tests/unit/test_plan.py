@@ -7,6 +7,7 @@ import warnings
 import pytest
 from accelerate import Accelerator
 
+from deltatune.eval.evaluate import task_for
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model, load_tokenizer
@@ -20,7 +21,7 @@ from tests.helpers import config
 def _real_counts(path, task, method_name, labels):
     method = registry.get(method_name)
     options = method.Options()
-    model = load_model(path, task, labels, load_tokenizer(path).pad_token_id, **method.load_kwargs(options))
+    model = load_model(path, tasks.get(task).head, labels, load_tokenizer(path).pad_token_id, **method.load_kwargs(options))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return count_parameters(method.apply(model, options, tasks.get(task)))
@@ -29,7 +30,7 @@ def _real_counts(path, task, method_name, labels):
 @pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "houlsby", "lora", "ia3", "prompt",
                                     "feature_extraction"])
 def test_counts_equal_the_real_model_bert(tiny_bert, method):
-    shape = model_shape(tiny_bert, "classification", 2, method, registry.get(method).Options())
+    shape = model_shape(tiny_bert, task_for("classification", labels=["a", "b"]), method, registry.get(method).Options())
     trainable, total = _real_counts(tiny_bert, "classification", method, ["a", "b"])
     assert (shape.trainable_params, shape.total_params) == (trainable, total)
     assert shape.trains_base == (method in ("full", "freeze"))  # adapters and biases are not base weights
@@ -38,14 +39,14 @@ def test_counts_equal_the_real_model_bert(tiny_bert, method):
 
 @pytest.mark.parametrize("method", ["full", "lora", "houlsby", "prefix", "freeze"])
 def test_counts_equal_the_real_model_llama(tiny_llama, method):
-    shape = model_shape(tiny_llama, "causal_lm", 0, method, registry.get(method).Options())
+    shape = model_shape(tiny_llama, task_for("causal_lm"), method, registry.get(method).Options())
     assert (shape.trainable_params, shape.total_params) == _real_counts(tiny_llama, "causal_lm", method, None)
 
 
 def test_qlora_counts_equal_the_real_quantized_model(tiny_llama64):
-    shape = model_shape(tiny_llama64, "causal_lm", 0, "qlora", registry.get("qlora").Options())
+    shape = model_shape(tiny_llama64, task_for("causal_lm"), "qlora", registry.get("qlora").Options())
     assert (shape.trainable_params, shape.total_params) == _real_counts(tiny_llama64, "causal_lm", "qlora", None)
-    fp32 = model_shape(tiny_llama64, "causal_lm", 0, "lora", registry.get("lora").Options())
+    fp32 = model_shape(tiny_llama64, task_for("causal_lm"), "lora", registry.get("lora").Options())
     assert shape.weight_bytes < 0.5 * fp32.weight_bytes  # the layers' linear weights take 4 bits
 
 
@@ -61,13 +62,13 @@ def test_planned_widths_are_the_loops_own(tiny_bert, cls_csv, tmp_path):
 
 
 def _terms(shape, train, size=4, widths=(20, 30), task="causal_lm", predicted=(40, 50)):
-    return memory_terms(shape, Batches(size, list(widths), list(predicted), 1000), train, task)
+    return memory_terms(shape, Batches(size, list(widths), list(predicted), 1000), train, tasks.get(task))
 
 
 def test_memory_terms_scale(tiny_llama, qa_jsonl):
     train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train
     plain = dataclasses.replace(train, chunked_loss=False)
-    shape = model_shape(tiny_llama, "causal_lm", 0, "lora", registry.get("lora").Options())
+    shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
     base = _terms(shape, plain)
     double = _terms(shape, plain, size=8)
     assert double["activations"] == pytest.approx(2 * base["activations"])
@@ -85,16 +86,16 @@ def test_memory_terms_scale(tiny_llama, qa_jsonl):
 
 def test_flops_count_weight_gradients_only_where_weights_train(tiny_llama, qa_jsonl):
     train = config(tiny_llama, "causal_lm", "full", qa_jsonl, None, "train.chunked_loss=false").train
-    full = model_shape(tiny_llama, "causal_lm", 0, "full", registry.get("full").Options())
+    full = model_shape(tiny_llama, task_for("causal_lm"), "full", registry.get("full").Options())
     frozen = dataclasses.replace(full, trainable_layer_linear=0, head_trains=False)
     batches = Batches(2, [10], [0], 0)
     tokens = 20
     weight_grads = 2.0 * full.layer_linear * tokens + 2.0 * full.hidden * full.vocab * tokens
-    assert step_flops(full, batches, train, "causal_lm") - step_flops(frozen, batches, train, "causal_lm") \
+    assert step_flops(full, batches, train, tasks.get("causal_lm")) - step_flops(frozen, batches, train, tasks.get("causal_lm")) \
         == pytest.approx(weight_grads)
     forward = 2.0 * full.layer_linear * tokens + 4.0 * 2 * 10**2 * full.hidden * full.layers
     ckpt = dataclasses.replace(train, gradient_checkpointing=True)
-    assert step_flops(full, batches, ckpt, "causal_lm") - step_flops(full, batches, train, "causal_lm") \
+    assert step_flops(full, batches, ckpt, tasks.get("causal_lm")) - step_flops(full, batches, train, tasks.get("causal_lm")) \
         == pytest.approx(forward)
 
 

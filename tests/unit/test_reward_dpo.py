@@ -194,8 +194,9 @@ def test_dpo_batch_loss_equals_dpo_loss_of_hand_logps(tiny_llama, prefs_jsonl, c
             if "lora_B" in name:
                 param.normal_(std=0.2)
     examples = job.train_examples[:5]
-    batch = collate(examples, job.pad_id)
-    total, count = forward_loss(model, batch["inputs"], batch["targets"], "dpo", chunked)
+    job.task.chunked = chunked  # the task carries the run's dpo.* settings
+    batch = job.task.collate(examples)
+    total, count = job.task.loss(model, batch)
     average = loss == "ipo"
     with torch.no_grad():
         chosen = torch.stack([hand_logp(model, e["chosen"], average) for e in examples])

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from deltatune.configure import load_config
-from deltatune.data.collate import collate
+from deltatune.data.collate import collate, collate_labelled
 from deltatune.data.examples import IGNORE
 from deltatune.data.pack import pack
 from deltatune.errors import ConfigError
@@ -71,7 +71,7 @@ def assert_same(a, b):
 
 @pytest.fixture
 def llama_lora(tiny_llama):
-    return lora(load_model(tiny_llama, "causal_lm"))
+    return lora(load_model(tiny_llama, "causal"))
 
 
 def plain(model, batch, task="causal_lm"):
@@ -105,10 +105,10 @@ def test_chunked_loss_on_packed_rows(llama_lora):
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 def test_chunked_loss_with_a_lora_head_and_with_tied_full_fine_tuning(tiny_llama):
     batch = collate(examples(), pad_id=0)
-    with_head = lora(load_model(tiny_llama, "causal_lm"), target_modules=["q_proj", "v_proj", "lm_head"])
+    with_head = lora(load_model(tiny_llama, "causal"), target_modules=["q_proj", "v_proj", "lm_head"])
     assert "lora" in type(decoder_parts(with_head)[1]).__module__  # the head the chunks use is the wrapped one
     assert_same(loss_and_grads(with_head, plain(with_head, batch)), loss_and_grads(with_head, chunked(with_head, batch)))
-    full = load_model(tiny_llama, "causal_lm").train()  # lm_head is the (trained) input embedding
+    full = load_model(tiny_llama, "causal").train()  # lm_head is the (trained) input embedding
     assert full.lm_head.weight is full.model.embed_tokens.weight
     assert_same(loss_and_grads(full, plain(full, batch)), loss_and_grads(full, chunked(full, batch)))
 
@@ -126,7 +126,7 @@ def test_which_heads_take_the_fused_cross_entropy(tiny_llama, llama_lora, monkey
     assert len(calls) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked(llama_lora, batch)()
-    with_head = lora(load_model(tiny_llama, "causal_lm"), target_modules=["q_proj", "v_proj", "lm_head"])
+    with_head = lora(load_model(tiny_llama, "causal"), target_modules=["q_proj", "v_proj", "lm_head"])
     chunked(with_head, batch)()
     with torch.no_grad():
         chunked(llama_lora, batch)()
@@ -145,7 +145,7 @@ def test_chunked_loss_without_targets_keeps_the_graph(llama_lora):
 def test_soft_prompts_and_seq2seq_keep_the_plain_path(tiny_llama, tiny_t5):
     from deltatune.methods.prompt_learning import PromptOptions
 
-    prompt = registry.get("prompt").apply(load_model(tiny_llama, "causal_lm"), PromptOptions(num_virtual_tokens=3),
+    prompt = registry.get("prompt").apply(load_model(tiny_llama, "causal"), PromptOptions(num_virtual_tokens=3),
                                           tasks.get("causal_lm"))
     assert decoder_parts(prompt) is None
     assert decoder_parts(prompt.get_base_model()) is not None  # the untouched base of a soft prompt is fine
@@ -217,10 +217,10 @@ def test_chunked_loss_keeps_no_logits_for_backward(llama_lora):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_llama, tiny_bert):
     batch = collate(examples(), pad_id=0)
-    model = lora(load_model(tiny_llama, "causal_lm"))
+    model = lora(load_model(tiny_llama, "causal"))
     for compute in (plain, chunked):
         reference = loss_and_grads(model, compute(model, batch))
-        checkpointed = lora(load_model(tiny_llama, "causal_lm"))
+        checkpointed = lora(load_model(tiny_llama, "causal"))
         enable_gradient_checkpointing(checkpointed)
         decoder_parts(checkpointed)  # its one-off check runs the layers too
         calls = count_layer_calls(checkpointed)
@@ -228,7 +228,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_llama, tiny_b
         assert calls == [2, 2]  # each layer ran again in backward: checkpointing is really on
 
     rows = [{"input_ids": [2, *range(20, 20 + n), 3], "label": n % 2} for n in (3, 5, 8, 4)]
-    batch = collate(rows, pad_id=0)
+    batch = collate_labelled(rows, pad_id=0)
     labels = ["negative", "positive"]
     reference = loss_and_grads(*bert_case(tiny_bert, labels, batch, checkpointing=False))
     checkpointed, compute = bert_case(tiny_bert, labels, batch, checkpointing=True)
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_llama, tiny_b
 def bert_case(path, labels, batch, checkpointing: bool):
     """LoRA on BERT, with dropout on: checkpointing replays the same masks."""
     torch.manual_seed(0)  # the same new classifier head
-    model = lora(load_model(path, "classification", labels, 0), "classification")
+    model = lora(load_model(path, "sequence", labels, 0), "classification")
     if checkpointing:
         enable_gradient_checkpointing(model)
     return model, plain(model, batch, "classification")

@@ -63,8 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registered methods (with --model: their size on it)")
     m.add_argument("--model", help="count each method's trainable parameters on this model")
-    m.add_argument("--task", choices=["classification", "causal_lm", "token_classification", "seq2seq"],
-                   help="default: from the model's type")
+    m.add_argument("--task", help="a registered task (default: from the model's type)")
     m.add_argument("--json", action="store_true")
 
     x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
@@ -225,7 +224,7 @@ def cmd_eval(args) -> int:
         with Recording(loaded.run.path, loaded.cfg, "eval", safely(import_run, loaded.run.path)) as record:
             metrics = {"eval": evaluate_file(loaded, args.data), "data": args.data}
             data = Path(args.data).resolve() if Path(args.data).exists() else args.data  # a file or an alias
-            record.metrics = {**metrics, "data": str(data), "main_metric": loaded.task.main_metric.as_dict()}
+            record.metrics = {**metrics, "data": str(data)}
     else:
         run = RunDir(Path(args.run_dir))
         run.require_complete()

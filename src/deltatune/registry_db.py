@@ -236,7 +236,9 @@ def _read_results(path: Path, kind: str, task: str | None, metrics) -> dict:
     elif not isinstance(metrics, dict):
         metrics = _read_json(Path(metrics))
     ev, base = metrics.get("eval") or {}, metrics.get("baseline") or {}
-    name = main_metric(metrics)[0]
+    # An evaluation of a run (kind eval) is judged by the metric its run directory's metrics.json names.
+    judged = metrics if "main_metric" in metrics else {**_read_json(path / "metrics.json"), "eval": ev}
+    name = main_metric(judged)[0]
     fingerprint = metrics.get("data_fingerprint")
     if owns and not fingerprint:
         fingerprint = _read_json(path / "data.json").get("fingerprint")

@@ -16,10 +16,11 @@ from .tasks import registry as tasks
 
 
 def default_task(model_ref: str) -> str:
+    """The first registered task whose head fits the model's architecture (an encoder: a sequence head)."""
     archs = AutoConfig.from_pretrained(resolve_model(model_ref)).architectures or []
-    if any(a.endswith("ForConditionalGeneration") for a in archs):
-        return "seq2seq"
-    return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
+    head = ("seq2seq" if any(a.endswith("ForConditionalGeneration") for a in archs)
+            else "causal" if any(a.endswith("ForCausalLM") for a in archs) else "sequence")
+    return next(name for name in tasks.names() if tasks.get(name).head == head)
 
 
 def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -> list[dict]:

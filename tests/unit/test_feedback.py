@@ -228,7 +228,7 @@ def sentiment_run(tiny_bert, tmp_path_factory) -> Path:
 
 
 def test_classifier_log_odds_match_its_probabilities(sentiment_run):
-    from deltatune.inference import classify, load_run
+    from deltatune.inference import load_run, predict as classify
 
     loaded = load_run(sentiment_run)
     texts = ["the movie was good great", "awful dull plot", "a film"]
@@ -264,17 +264,17 @@ def test_judge_needs_a_known_label(sentiment_run):
 
 
 def test_a_reward_judge_needs_inference_score(sentiment_run, monkeypatch):
-    """Until inference.score exists, a reward-model judge is a clear error, not an AttributeError."""
+    """A reward-model judge has no labels: --judge-label is a clear error. (inference.score always exists now:
+    the check for a deltatune without it went with the task components.)"""
     from dataclasses import replace
 
     from deltatune import inference
 
+    from deltatune.tasks import registry as tasks
+
     loaded = inference.load_run(sentiment_run)
-    reward_run = replace(loaded, cfg=replace(loaded.cfg, task="reward"))
+    reward_run = replace(loaded, cfg=replace(loaded.cfg, task="reward"), task=tasks.get("reward")(loaded.cfg))
     monkeypatch.setattr(inference, "load_run", lambda path: reward_run)
-    monkeypatch.delattr(inference, "score", raising=False)
-    with pytest.raises(RunError, match="no inference.score .* classification run and --judge-label"):
-        load_judge(str(sentiment_run), None)
     with pytest.raises(RunError, match="is a reward model; it has no labels"):
         load_judge(str(sentiment_run), "positive")
 

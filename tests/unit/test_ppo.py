@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError, DataError, DeltatuneError
-from deltatune.rlhf.ppo import VALUE_HEAD_FILE, build, prompt_rows, train_ppo
+from deltatune.train.ppo import VALUE_HEAD_FILE, build, prompt_rows, train_ppo
 from deltatune.rlhf.rewards import load_reward, log_odds
 from deltatune.rlhf.rollout import Rollout, encode_prompts, response_mask, sample, score_tokens, token_logprobs
 from tests.conftest import make_tiny_llama, sentiment_rows, write_jsonl
@@ -218,7 +218,7 @@ def test_log_odds_by_hand():
 
 
 def test_classifier_run_reward_is_the_label_log_odds(classifier_run, peaky_llama, prompts_jsonl):
-    from deltatune.inference import classify, load_run
+    from deltatune.inference import load_run, predict as classify
 
     reward = load_reward(ppo_config(peaky_llama, prompts_jsonl, None, f"ppo.reward_model={classifier_run}",
                                     "ppo.reward_label=positive"))

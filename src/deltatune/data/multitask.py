@@ -63,18 +63,18 @@ def prepare_tasks(cfg: Config, fields_for: FieldsFor, tokenizer=None) -> Prepare
     fields = fields_for(set())
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     ledger, files, sections = Ledger(), {}, {}
-    for task in d.tasks:
-        one = task_config(cfg, task)
+    for name in d.tasks:
+        one = task_config(cfg, name)
         task_ledger = Ledger()
         own = dataclasses.replace(fields, inputs=[one.data.text_column], label=one.data.label_column)
         stage = RowStage(one, task_ledger, lambda columns: own)
         task_splits, task_files = run_pipeline(one, stage, task_ledger)
-        _check_classes(task, task_splits["train"], one.data.label_column, task_files["train"])
+        _check_classes(name, task_splits["train"], one.data.label_column, task_files["train"])
         report = build_report(one, task_splits, own, task_ledger, task_files, None)
-        sections[task] = {k: report[k] for k in REPORT_KEYS}
-        for name, rows in task_splits.items():
-            splits[name] += [_namespaced(r, task, one.data, fields) for r in rows]
-        files.update({f"{task}.{name}": path for name, path in task_files.items()})
+        sections[name] = {k: report[k] for k in REPORT_KEYS}
+        for split, rows in task_splits.items():
+            splits[split] += [_namespaced(r, name, one.data, fields) for r in rows]
+        files.update({f"{name}.{split}": path for split, path in task_files.items()})
         _merge(ledger, task_ledger)
     random.Random(cfg.train.seed).shuffle(splits["train"])
     report = build_report(cfg, splits, fields, ledger, files, tokenizer)

@@ -25,3 +25,8 @@ def get(name: str) -> Method:
 
 def names() -> list[str]:
     return list(_METHODS)
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests that register a toy method clean up with this)."""
+    _METHODS.pop(name, None)

@@ -65,7 +65,6 @@ def step_flops(workload: str, steps: int, warmup: int, overrides: list[str]) -> 
     """Matrix-product FLOPs of the timed steps (after ``warmup``) of our loop's batches for this config."""
     from accelerate import Accelerator
 
-    from deltatune.eval.evaluate import forward_loss
     from deltatune.train.loop import _epoch_loader
     from deltatune.train.run import build_job
 
@@ -80,8 +79,7 @@ def step_flops(workload: str, steps: int, warmup: int, overrides: list[str]) -> 
             continue
         counter = _flop_counter()
         with counter:
-            loss, count = forward_loss(job.model, batch["inputs"], batch["targets"], job.task,
-                                       cfg.train.chunked_loss, job.labels)
+            loss, count = job.task.loss(job.model, batch)
             (loss / max(count, 1)).backward()
         job.model.zero_grad(set_to_none=True)
         total += counter.get_total_flops()

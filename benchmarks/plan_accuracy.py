@@ -95,9 +95,9 @@ def saved_floats(config: str, overrides: list[str]) -> None:
         ids = torch.randint(5, 1000, (2, width))
         mask = torch.ones_like(ids)
         mask[0, -5:] = 0  # padding, as real batches have
-        targets = ids if cfg.task == "causal_lm" else torch.zeros(2, dtype=torch.long)
+        targets = ids if job.task.head == "causal" else torch.zeros(2, dtype=torch.long)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            forward_loss(model, {"input_ids": ids, "attention_mask": mask}, targets, cfg.task, cfg.train.chunked_loss)
+            forward_loss(model, {"input_ids": ids, "attention_mask": mask}, targets, job.task)
         saved = sum(v for k, v in seen.items() if k not in params)
         print(f"width {width}: {saved / 4 / (2 * width) / layers / model.config.hidden_size:.2f} floats per token "
               "per layer, in units of the hidden size")
@@ -110,28 +110,26 @@ def efficiency(config: str, overrides: list[str], steps: int = 4) -> None:
 
     from deltatune.assets import resolve_model
     from deltatune.configure import load_config
-    from deltatune.eval.evaluate import forward_loss
     from deltatune.plan import Batches, matmul_gflops, model_shape, step_flops
     from deltatune.train.loop import _epoch_loader, adamw
     from deltatune.train.run import build_job
 
     cfg = load_config(config, overrides)
     job, data, _ = build_job(cfg, None)
-    shape = model_shape(resolve_model(cfg.model), cfg.task, len(data.labels or []), cfg.method.name,
-                        cfg.method.options)
+    shape = model_shape(resolve_model(cfg.model), job.task, cfg.method.name, cfg.method.options)
     optimizer = adamw([p for p in job.model.parameters() if p.requires_grad], lr=1e-5)  # the loop's
     job.model.train()
     for _, batch in zip(range(steps), _epoch_loader(job, 0, Accelerator())):
         speed = matmul_gflops(shape.hidden, cfg.train.batch_size * 128, 0.5)
         start = time.perf_counter()
-        loss, count = forward_loss(job.model, batch["inputs"], batch["targets"], cfg.task, cfg.train.chunked_loss)
+        loss, count = job.task.loss(job.model, batch)
         (loss / max(count, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         width = batch["inputs"]["input_ids"].shape[1]
-        predicted = int((batch["targets"][:, 1:] != -100).sum()) if cfg.task == "causal_lm" else 0
-        flops = step_flops(shape, Batches(cfg.train.batch_size, [width], [predicted], 0), cfg.train, cfg.task)
+        predicted = int((batch["targets"][:, 1:] != -100).sum()) if job.task.head == "causal" else 0
+        flops = step_flops(shape, Batches(cfg.train.batch_size, [width], [predicted], 0), cfg.train, job.task)
         print(f"width {width}: {seconds:.2f} s, {flops / 1e9:.1f} GFLOP at {speed:.1f} GFLOP/s: "
               f"efficiency {flops / 1e9 / speed / seconds:.3f}")
 

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--task", help="a registered task (default: from the model's type)")
     m.add_argument("--json", action="store_true")
 
+    tk = sub.add_parser("tasks", help="list the registered tasks: main metric, head, loop, what they train")
+    tk.add_argument("--json", action="store_true")
+
     x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
     x.add_argument("run_dir")
     x.add_argument("--merge", action="store_true", help="fold the delta into the base weights")
@@ -277,6 +280,28 @@ def _read_inputs(path: str, loaded) -> list[str]:
     return texts
 
 
+def cmd_tasks(args) -> int:
+    from .tasks import registry
+
+    rows = [{"name": t.name, "main_metric": t.main_metric.name, "direction": t.main_metric.direction,
+             "head": t.head, "loop": t.loop, "summary": t.summary} for t in map(registry.get, registry.names())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="deltatune tasks", caption="main metric: ↑ higher is better, ↓ lower is better")
+    for column in ("task", "main metric", "head", "loop"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("what it trains")
+    for r in rows:
+        arrow = "↑" if r["direction"] == "maximize" else "↓"
+        table.add_row(r["name"], f"{r['main_metric']} {arrow}", r["head"], r["loop"], r["summary"])
+    Console().print(table)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .components import tasks_of
     from .methods import registry
@@ -478,7 +503,7 @@ def _compare_table(runs: list[dict]):
 
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "methods": cmd_methods, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
+            "methods": cmd_methods, "tasks": cmd_tasks, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
             "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan}
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from transformers import AutoConfig
 
 from .assets import resolve_model
 from .components import supports
+from .config import Config
 from .errors import DeltatuneError
 from .methods import registry
-from .models import count_parameters, load_model, load_tokenizer
+from .models import count_parameters, load_tokenizer
 from .tasks import registry as tasks
 
 
@@ -26,10 +27,10 @@ def default_task(model_ref: str) -> str:
 def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -> list[dict]:
     """Trainable parameters of every method (default options) on this model and task."""
     task = task or default_task(model_ref)
-    spec = tasks.get(task)
     path = resolve_model(model_ref)
-    labels = [f"label_{i}" for i in range(num_labels)] if spec.new_head else None
-    base = load_model(path, task, labels, load_tokenizer(path).pad_token_id)
+    labels = [f"label_{i}" for i in range(num_labels)]
+    spec = tasks.get(task)(Config(task=task), pad_id=load_tokenizer(path).pad_token_id, labels=labels)
+    base = spec.build_model(path)
     rows = []
     for name in registry.names():
         method = registry.get(name)
@@ -40,7 +41,7 @@ def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -
         try:
             options = method.Options()
             extra = method.load_kwargs(options)  # e.g. QLoRA needs its own quantized copy
-            own = load_model(path, task, labels, base.config.pad_token_id, **extra) if extra else copy.deepcopy(base)
+            own = spec.build_model(path, **extra) if extra else copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = method.apply(own, options, spec)

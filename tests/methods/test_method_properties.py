@@ -7,7 +7,6 @@ import torch
 from peft import get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
-from deltatune.data.collate import collate
 from deltatune.errors import CannotMerge
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
@@ -63,6 +62,28 @@ def test_adapter_bottleneck_size_and_count(tiny_bert, cls_csv):
 PEFT_METHODS = ["lora", "ia3", "prefix", "prompt", "ptuning"]
 
 
+def peft_reference(method: str, o, task: str):
+    """What a peft user would write for the same options, from peft's own config classes (not our
+    ``peft_config``): the task type, and the new classification head trained and saved beside the adapter."""
+    from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit, TaskType)
+
+    common = {"task_type": TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+              "modules_to_save": ["classifier"] if task == "classification" else None}
+    if method == "lora":
+        return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules, **common)
+    if method == "ia3":
+        return IA3Config(target_modules=o.target_modules, feedforward_modules=o.feedforward_modules, **common)
+    if method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, prefix_projection=o.projection,
+                                  encoder_hidden_size=o.encoder_hidden_size or 32, **common)
+    if method == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.RANDOM,
+                                  **common)
+    return PromptEncoderConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size,
+                               encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP, **common)
+
+
 @pytest.mark.parametrize("method", PEFT_METHODS)
 @pytest.mark.parametrize("kind,task", [("bert", "classification"), ("llama", "causal_lm")])
 def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, request):
@@ -75,7 +96,7 @@ def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, reque
     ours = impl.apply(load_model(path, tasks.get(task).head, labels, 0), cfg.method.options, tasks.get(task)).eval()
     torch.manual_seed(1)
     base = load_model(path, tasks.get(task).head, labels, 0)
-    theirs = get_peft_model(base, impl.peft_config(cfg.method.options, tasks.get(task), base)).eval()
+    theirs = get_peft_model(base, peft_reference(method, cfg.method.options, task)).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]),
               "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}

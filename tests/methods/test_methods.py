@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltatune.data.collate import collate
 from deltatune.errors import DeltatuneError
 from deltatune.eval.evaluate import evaluate, forward
 from deltatune.methods import registry

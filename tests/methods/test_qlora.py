@@ -4,7 +4,6 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from deltatune.data.collate import collate
 from deltatune.eval.evaluate import evaluate
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks

@@ -76,3 +76,10 @@ def test_compare_works_for_preference_tasks(task, model, request, tmp_path):
     metric = tasks.get(task).main_metric.name
     assert [r["method"] for r in results] == ["lora"] and "metrics" in results[0]
     assert f"<th>{metric}</th>" in (out / "report.html").read_text()
+
+
+def test_cli_lists_every_registered_task_with_its_main_metric(capsys):
+    assert main(["tasks", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["main_metric"], r["direction"]) for r in rows] == [
+        (n, tasks.get(n).main_metric.name, tasks.get(n).main_metric.direction) for n in tasks.names()]

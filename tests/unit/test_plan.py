@@ -113,3 +113,17 @@ def test_suggestions_when_memory_is_short(tiny_llama, qa_jsonl):
                 "train.chunked_loss=true"):
         assert changes[key].peak_mb < short.peak_mb
     assert "does NOT fit" in render(short) and "train.gradient_checkpointing=true" in render(short)
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_the_planned_model_is_the_one_the_task_trains(name, tiny_bert, tiny_llama, tiny_t5):
+    """plan counts on the model class (and head size) that training builds, for every task."""
+    from transformers import AutoConfig
+
+    from deltatune.plan import _meta_model
+
+    task = task_for(name, labels=["a", "b"])  # labels only matter to a task with a new head
+    path = {"sequence": tiny_bert, "token": tiny_bert, "causal": tiny_llama, "seq2seq": tiny_t5}[task.head]
+    planned, real = _meta_model(AutoConfig.from_pretrained(path), task), task.build_model(path)
+    assert type(planned) is type(real)
+    assert count_parameters(planned) == count_parameters(real)

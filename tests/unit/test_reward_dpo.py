@@ -14,9 +14,7 @@ import torch.nn.functional as F
 
 from deltatune.cli import main
 from deltatune.components import supports
-from deltatune.data.collate import collate
 from deltatune.errors import ConfigError, DataError
-from deltatune.eval.evaluate import forward_loss
 from deltatune.inference import evaluate_file, load_run, score
 from deltatune.methods import registry
 from deltatune.rlhf.losses import dpo_loss

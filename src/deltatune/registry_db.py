@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import RunError
+from .errors import RunError, Stopped
 from .fs import cache_dir
 
 KINDS = ("train", "trial", "compare", "eval")
@@ -328,12 +328,21 @@ class Recording:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         fields = {} if self.kind in OWN_DIR else {"peak_rss_mb": peak_rss_mb()}  # a train run's metrics have it
-        if exc is None:
-            self.end("completed", self.metrics, **fields)
-        elif isinstance(exc, KeyboardInterrupt):
-            self.end("interrupted", self.metrics, **fields)
-        else:
-            self.end("failed", self.metrics, error=f"{exc_type.__name__}: {exc}", **fields)
+        status, error = ending(exc)
+        self.end(status, self.metrics, **({"error": error} if error else {}), **fields)
+
+
+def ending(exc: BaseException | None) -> tuple[str, str | None]:
+    """How a block ended, as a run status and its error text: completed, interrupted (Ctrl-C),
+    stopped on purpose (``errors.Stopped``, e.g. a pruned trial) or failed. The one reading of an
+    ending that the registry and a run's status.json share (``train.session.tracked``)."""
+    if exc is None:
+        return "completed", None
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", None
+    if isinstance(exc, Stopped):
+        return exc.status, str(exc)
+    return "failed", f"{type(exc).__name__}: {exc}"
 
 
 def safely(fn: Callable, *args, **kwargs):

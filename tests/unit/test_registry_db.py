@@ -12,7 +12,7 @@ import yaml
 
 from deltatune import registry_db as db
 from deltatune.cli import main
-from deltatune.errors import RunError
+from deltatune.errors import RunError, Stopped
 from tests.helpers import config
 
 RESUMABLE = ["train.epochs=2", "train.save_every=2", "train.lr=2e-3"]
@@ -244,3 +244,15 @@ def test_a_version_1_registry_migrates_keeping_its_rows_and_accepts_pruned(tmp_p
     db.record_end(trial, "pruned", error="pruned at step 2")
     assert db.get(run_id) == before and db.get(trial)["status"] == "pruned"
     assert [r["id"] for r in db.list_runs(status="pruned")] == [trial]
+
+
+def test_a_recording_block_ends_as_a_run_does(tmp_path):
+    """Recording (as a context manager) and a training run read an ending the same way: stopped on
+    purpose is that status with its reason, not 'failed'."""
+    with pytest.raises(Stopped):
+        with db.Recording(tmp_path, {"task": "classification", "method": {"name": "lora"}}, "eval") as record:
+            raise Stopped("pruned at step 2", status="pruned")
+    row = db.get(record.id)
+    assert row["status"] == "pruned" and row["error"] == "pruned at step 2"
+    assert db.ending(None) == ("completed", None) and db.ending(KeyboardInterrupt()) == ("interrupted", None)
+    assert db.ending(ValueError("bad")) == ("failed", "ValueError: bad")

@@ -18,8 +18,7 @@ import torch
 from .. import __version__
 from ..config import Config, dump_yaml
 from ..data.report import render_html
-from ..errors import Stopped
-from ..registry_db import Recording
+from ..registry_db import Recording, ending
 from ..rundir import RunDir
 from ..tasks.base import Task
 
@@ -56,18 +55,11 @@ def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
     (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed with the error."""
     try:
         yield
-    except KeyboardInterrupt:
-        run.set_status("interrupted", **interrupted)
-        record.end("interrupted")
-        raise
-    except Stopped as exc:
-        run.set_status(exc.status, reason=str(exc))
-        record.end(exc.status, error=str(exc))
-        raise
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        run.set_status("failed", error=error)
-        record.end("failed", error=error)
+        status, error = ending(exc)
+        details = {"interrupted": interrupted, "failed": {"error": error}}.get(status, {"reason": error})
+        run.set_status(status, **details)
+        record.end(status, error=error)
         raise
     record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
 

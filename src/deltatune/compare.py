@@ -37,7 +37,7 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
             print(f"compare: {name}: reusing the completed run in {folder / name}", file=sys.stderr)
             results.append(_result(name, folder / name))
             continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
             error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
                                                    "train.progress=false"]).result()
         if error is None:
@@ -49,6 +49,18 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     report = folder / "report.html"
     report.write_text(render(results), encoding="utf-8")
     return report
+
+
+def _fresh_processes():
+    """Where each method trains: a new process, so its peak memory is its own. Forked from a server
+    process that imported the trainer once (``forkserver``, which has done no parallel work, so forking
+    it is safe for torch), not spawned: a spawned process spends ~9 s importing torch and peft before
+    it trains. Spawn where there is no forkserver (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["deltatune.train.run"])
+    return context
 
 
 def _train_one(base: str | None, overrides: list[str]) -> str | None:

@@ -33,6 +33,19 @@ def _study(tmp_path, trials=3, objectives=(("accuracy", "maximize"),)):
     return Study("s", folder, f"sqlite:///{folder / 'study.db'}", list(objectives), trials)
 
 
+def _schema_ready(db) -> bool:
+    """The worker has created the study's tables and its study: opening the storage before that races the
+    worker creating the same tables (optuna's alembic_version insert fails in one of the two processes)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return all(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] > 0
+                       for table in ("alembic_version", "studies"))
+    except sqlite3.Error:  # no file or no tables yet
+        return False
+
+
 def _finished(study):
     s = optuna.load_study(study_name=study.name, storage=study.storage)
     return [t for t in s.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -82,7 +95,7 @@ def test_a_killed_study_resumes(tiny_bert, cls_csv, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if study.folder.joinpath("study.db").exists():
+        if _schema_ready(study.folder / "study.db"):
             try:
                 if _finished(study):
                     break

@@ -28,7 +28,6 @@ def task_for(task: str | Task, batch_size: int = 64, pad_id: int = 0, labels: li
     return registry.get(task)(Config(task=task, train=train), pad_id=pad_id, labels=labels)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, examples: list, task: str | Task, batch_size: int, pad_id: int,
              labels: list[str] | None = None, chunked_loss: bool = True) -> dict:
     """The task's loss and metrics on ``examples`` (``chunked_loss`` only saves memory here)."""

@@ -19,7 +19,7 @@ from ..data.prepare import Fields, PreparedRows
 from ..losses import classification_loss, masked_classification_loss
 from ..metrics import classification_metrics, multitask_metrics, same_task, task_groups
 from .base import Metric, Task
-from .common import evaluating, forward, to_device
+from .common import evaluate_logits, forward
 from .registry import register
 
 
@@ -63,17 +63,14 @@ class Classification(Task):
         return self.logits_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
 
     def evaluate(self, model: nn.Module, examples: list) -> dict:
-        total, count, y_true, scores = 0.0, 0, [], []
-        with evaluating(model) as device:
-            for batch, _ in self.batches(examples):
-                batch = to_device(batch, device)
-                logits = forward(model, batch["inputs"], batch["targets"])
-                loss, n = self.logits_loss(logits, batch["targets"])
-                total, count = total + float(loss), count + n
-                y_true += batch["targets"].tolist()
-                scores.append(logits.float().cpu())
+        y_true, scores = [], []
+
+        def keep(logits: torch.Tensor, targets: torch.Tensor) -> None:
+            y_true.extend(targets.tolist())
+            scores.append(logits.float().cpu())
+
+        mean = evaluate_logits(model, self.batches(examples), self.logits_loss, keep)
         logits = torch.cat(scores)
-        mean = total / max(count, 1)
         if task_groups(self.labels):  # one model, several tasks (data.tasks)
             return {"loss": mean, **multitask_metrics(y_true, logits.numpy(), self.labels)}
         return {"loss": mean, **classification_metrics(y_true, logits.argmax(-1).tolist(), self.labels)}

@@ -97,6 +97,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: move(v) for k, v in batch.items()}
 
 
+def evaluate_logits(model: nn.Module, batches, loss_of: Callable,
+                    each: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
+    """The mean loss over ``batches`` (``(batch, indices)`` pairs) in evaluation mode; ``each(logits, targets)``
+    sees every batch's logits, for the task's own metrics."""
+    total, count = 0.0, 0
+    with evaluating(model) as device:
+        for batch, _ in batches:
+            batch = to_device(batch, device)
+            logits = forward(model, batch["inputs"], batch["targets"])
+            loss, n = loss_of(logits, batch["targets"])
+            total, count = total + float(loss), count + n
+            each(logits, batch["targets"])
+    return total / max(count, 1)
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[torch.device]:
     """Evaluation mode and no gradients for the block (the mode restored after); yields the model's device."""

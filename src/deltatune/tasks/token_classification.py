@@ -11,7 +11,7 @@ from ..data.prepare import Fields
 from ..losses import token_loss
 from ..metrics import classification_metrics
 from .base import Metric, Task
-from .common import evaluating, forward, tagged_predictions, to_device
+from .common import evaluate_logits, forward, tagged_predictions
 from .registry import register
 
 
@@ -46,16 +46,15 @@ class TokenClassification(Task):
 
     def evaluate(self, model: nn.Module, examples: list) -> dict:
         """Per word: accuracy, macro-F1 over tags, per-tag precision/recall/F1, confusion matrix."""
-        total, count, y_true, y_pred = 0.0, 0, [], []
-        with evaluating(model) as device:
-            for batch, _ in self.batches(examples):
-                batch = to_device(batch, device)
-                logits = forward(model, batch["inputs"], batch["targets"])
-                loss, n = token_loss(logits, batch["targets"])
-                total, count = total + float(loss), count + n
-                true, pred = tagged_predictions(logits, batch["targets"])
-                y_true, y_pred = y_true + true, y_pred + pred
-        return {"loss": total / max(count, 1), **classification_metrics(y_true, y_pred, self.labels)}
+        y_true, y_pred = [], []
+
+        def keep(logits: torch.Tensor, targets: torch.Tensor) -> None:
+            true, pred = tagged_predictions(logits, targets)
+            y_true.extend(true)
+            y_pred.extend(pred)
+
+        mean = evaluate_logits(model, self.batches(examples), token_loss, keep)
+        return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels)}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:

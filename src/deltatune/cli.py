@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from .errors import DeltatuneError
+from .errors import ArgumentError, DeltatuneError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="an input text (repeatable)")
     src.add_argument("--input", help="a file with one text per line, or a data file with the run's columns")
-    pr.add_argument("--output", help="write JSONL here instead of stdout")
+    pr.add_argument("--output", help="write JSONL here instead of stdout (an existing file only with --force)")
+    pr.add_argument("--force", action="store_true", help="replace an existing --output file")
     pr.add_argument("--max-new-tokens", type=int, default=64)
 
     m = sub.add_parser("methods", help="list the registered methods (with --model: their size on it)")
@@ -72,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
     x.add_argument("run_dir")
     x.add_argument("--merge", action="store_true", help="fold the delta into the base weights")
-    x.add_argument("--out", help="output folder (default RUN_DIR/merged or RUN_DIR/export)")
+    x.add_argument("--out", help="output folder (default RUN_DIR/merged or RUN_DIR/export); must be new or empty, "
+                                 "or a previous export of the same kind with --force")
+    x.add_argument("--force", action="store_true", help="replace a previous export of the same kind at --out "
+                                                        "(never a folder deltatune did not write)")
 
     d = sub.add_parser("data", help="prepare a data set (clean, de-duplicate, split, redact, augment) or inspect a file")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
     try:
+        _check_text_args(args)
         return COMMANDS[args.command](args) or 0
     except DeltatuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -135,6 +141,87 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `deltatune eval RUN | head`
         sys.stderr.close()
         return 0
+    except Exception as exc:  # a full disk, a read-only folder: one line, never a traceback
+        from .fs import with_path
+
+        error = with_path(exc, _output_of(args)) if isinstance(exc, OSError) or "(os error" in str(exc) else exc
+        if not isinstance(error, OSError):
+            raise
+        print(f"error: {os_error_message(error)}", file=sys.stderr)
+        return DeltatuneError.exit_code
+
+
+# errno -> (what it means, what to do)
+WRITE_ERRORS = {
+    errno.ENOSPC: ("disk full", "free some space on that disk or write somewhere else, then run the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space within your quota or write somewhere else, then run the "
+                                          "command again"),
+    errno.EROFS: ("read-only file system", "write to a writable disk: choose another output location"),
+    errno.EFBIG: ("file too large for this file system", "write to another file system"),
+    errno.EACCES: ("permission denied", "make it writable for you (chmod u+w) or choose another output location"),
+    errno.EPERM: ("operation not permitted", "make it writable for you (chmod u+w) or choose another output location"),
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an ``OSError``: what could not be written (or read), why, and what to do."""
+    path = os.fsdecode(exc.filename) if exc.filename is not None else None
+    reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
+    if exc.errno in WRITE_ERRORS:
+        meaning, advice = WRITE_ERRORS[exc.errno]
+        verb = "write"
+        if exc.errno in (errno.EACCES, errno.EPERM) and path and os.path.exists(path) and not os.access(path, os.R_OK):
+            verb, advice = "read", "make it readable for you (chmod u+r) or use another copy"
+        return f"cannot {verb} {path or 'to disk'}: {reason} ({meaning}); {advice}"
+    return f"{path}: {reason}" if path else reason
+
+
+def _output_of(args) -> str | None:
+    """Where a command writes, to name it when an error does not (``write`` on a full disk says no path)."""
+    for name in ("output", "out", "run_dir", "resume"):
+        if getattr(args, name, None):
+            return getattr(args, name)
+    return None
+
+
+# Arguments that are paths (a file name may be any bytes); every other string argument is text.
+PATH_ARGS = {"config", "run_dir", "input", "output", "out", "data", "prompts", "model", "judge", "space", "resume",
+             "file", "id", "ids", "storage"}
+
+
+def _check_text_args(args) -> None:
+    """Text arguments must be UTF-8. Python decodes argv with ``surrogateescape``: bytes that are not
+    UTF-8 (``$'\\xff'``) become lone surrogates, which tokenizers, YAML and JSON reject with a traceback."""
+    for name, value in vars(args).items():
+        if name in PATH_ARGS:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for index, text in enumerate(values):
+            if isinstance(text, str):
+                label = "a key=value override" if name == "overrides" else f"--{name.replace('_', '-')}"
+                check_utf8(text, label, index if len(values) > 1 else None)
+
+
+def check_utf8(text: str, label: str, index: int | None = None) -> None:
+    """``ArgumentError`` saying which argument, and where in it, is not valid UTF-8."""
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError as exc:
+        start = exc.start
+    where = f"the {_ordinal(index + 1)} {label}" if index is not None else label
+    char, before = text[start], text[:start]
+    what = (f"byte 0x{ord(char) - 0xDC00:02x} at byte {len(before.encode('utf-8'))}" if 0xDC80 <= ord(char) <= 0xDCFF
+            else f"a lone surrogate U+{ord(char):04X} at character {start}")
+    if before:
+        what += f", after {before[-20:]!r}"
+    advice = "put the texts in a UTF-8 file and pass --input FILE" if label == "--text" else "pass it as UTF-8 text"
+    raise ArgumentError(f"{where} is not valid UTF-8 ({what}); the shell passed bytes in another encoding. Set the "
+                        f"terminal to UTF-8, or {advice}")
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _quiet_libraries() -> None:
@@ -147,6 +234,7 @@ def _quiet_libraries() -> None:
 def _config_args(args) -> tuple[str | None, list[str]]:
     """The config file is optional: ``deltatune train key=value ...`` works too."""
     if args.config and "=" in args.config and not Path(args.config).exists():
+        check_utf8(args.config, "a key=value override")
         return None, [args.config, *args.overrides]
     return args.config, args.overrides
 
@@ -244,6 +332,10 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .inference import load_run, predict
 
+    if args.max_new_tokens < 1:
+        raise ArgumentError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.output:
+        _check_output_file(Path(args.output), args.input, args.force)
     loaded = load_run(args.run_dir)
     texts = args.text or _read_inputs(args.input, loaded)
     results = predict(loaded, texts, args.max_new_tokens)
@@ -255,6 +347,20 @@ def cmd_predict(args) -> int:
     else:
         sys.stdout.write(lines)
     return 0
+
+
+def _check_output_file(output: Path, input: str | None, force: bool) -> None:
+    """--output may be a new file, or an existing one with --force (the user names the file and says to
+    replace it); never a folder, and never the --input file."""
+    from .errors import OutputError
+
+    if input and output.exists() and Path(input).exists() and output.resolve() == Path(input).resolve():
+        raise OutputError(f"--output {output}: is the --input file; writing there would destroy the inputs: "
+                          "choose another --output")
+    if output.is_dir():
+        raise OutputError(f"--output {output}: is a folder; name a file, e.g. {output / 'predictions.jsonl'}")
+    if output.exists() and not force:
+        raise OutputError(f"--output {output}: exists; pass --force to replace it, or choose another --output")
 
 
 def _read_inputs(path: str, loaded) -> list[str]:
@@ -339,7 +445,7 @@ def cmd_methods(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(export(args.run_dir, args.out, args.merge))
+    print(export(args.run_dir, args.out, args.merge, force=args.force))
     return 0
 
 

@@ -13,12 +13,14 @@ import html
 import json
 import math
 import multiprocessing
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .configure import load_config
-from .errors import DeltatuneError
+from .errors import DeltatuneError, OutputError
+from .fs import atomic_write_text, foreign_entries
 from .registry_db import main_metric
 from .rundir import RunDir
 
@@ -29,7 +31,9 @@ COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff
 def run_compare(base: str | None, overrides: list[str], methods: list[str], folder: Path) -> Path:
     """Train each method (a failure is reported, not fatal) and write ``folder/report.html``. A method whose
     run in ``folder`` already completed is not trained again, so the same command finishes a bake-off that
-    was interrupted. Each method trains in a fresh process, so its peak memory is its own."""
+    was interrupted. Each method trains in a fresh process, so its peak memory is its own. ``folder`` must
+    be new, empty or an earlier comparison's: nothing else in it is ever overwritten."""
+    check_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for name in methods:
@@ -45,10 +49,31 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
         else:
             print(f"compare: {name} failed: {error}", file=sys.stderr)
             results.append({"method": name, "error": error})
-    (folder / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=2))
     report = folder / "report.html"
-    report.write_text(render(results), encoding="utf-8")
+    atomic_write_text(report, render(results))
     return report
+
+
+OWN_FILES = ("results.json", "report.html")
+
+
+def check_folder(folder: Path) -> None:
+    """``OutputError`` when ``folder`` holds anything a comparison did not write: its runs (folders with a
+    status.json, or empty ones) and results.json / report.html are all it may hold."""
+    def ours(p: Path) -> bool:
+        if p.is_dir() and not p.is_symlink():
+            return (p / "status.json").is_file() or not any(p.iterdir())
+        return p.name in OWN_FILES or any(p.name.startswith(f".{name}.") for name in OWN_FILES)  # a killed write's
+
+    foreign = foreign_entries(folder, ours)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise OutputError(f"--out {folder}: exists and is not a folder; choose another --out")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"--out {folder}: holds files that are not a deltatune comparison's ({shown}); compare "
+                          "writes a run per method, results.json and report.html there and never overwrites "
+                          "anything else: choose a new or empty --out (or an earlier comparison's, to finish it)")
 
 
 def _fresh_processes():

@@ -39,3 +39,11 @@ class Stopped(Exception):
 
 class RunError(DeltatuneError):
     """A run directory is missing, incomplete or from an incompatible version."""
+
+
+class OutputError(DeltatuneError):
+    """An output path is taken: deltatune never deletes or overwrites what it did not write."""
+
+
+class ArgumentError(DeltatuneError):
+    """A command-line argument is out of range or not valid text."""

@@ -21,6 +21,8 @@ resumes: trials it left running are failed after a heartbeat timeout and the stu
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ import yaml
 
 from .config import Config, dump_yaml
 from .configure import load_config
-from .errors import ConfigError, Stopped
+from .errors import ConfigError, OutputError, Stopped
+from .fs import atomic_write_text, foreign_entries
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
                      "perplexity": "minimize", "reward": "maximize", "margin": "maximize",
@@ -198,6 +201,7 @@ def _stop_on_failures(limit: int):
 def run_study(study: Study, base: str | None, overrides: list[str], space: dict, workers: int = 1) -> dict:
     """Run (or resume) the study to ``trials`` finished trials; returns the summary it writes."""
     cfg = load_config(base, overrides)  # fail on a bad base config before any worker starts
+    check_folder(study.folder)
     study.folder.mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed
     if workers <= 1:
@@ -230,11 +234,33 @@ def summarize(study: Study, base: str | None, overrides: list[str]) -> dict:
     cfg = load_config(base, [*overrides, *best.user_attrs["overrides"]])
     cfg.output_dir = None
     path = study.folder / "best.yaml"
-    path.write_text(f"# best trial {best.number} of study {study.name}: {dict(zip([n for n, _ in study.objectives], best.values))}\n"
-                    + dump_yaml(cfg), encoding="utf-8")
+    atomic_write_text(path, f"# best trial {best.number} of study {study.name}: "
+                            f"{dict(zip([n for n, _ in study.objectives], best.values))}\n" + dump_yaml(cfg))
     summary["best_config"] = str(path)
-    (study.folder / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    atomic_write_text(study.folder / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
     return summary
+
+
+OWN_FILES = ("study.db", "best.yaml", "summary.yaml")
+
+
+def check_folder(folder: Path) -> None:
+    """``OutputError`` when the study folder holds anything a study did not write (its trial-NNNN runs,
+    study.db and SQLite's side files, best.yaml, summary.yaml): a study never overwrites anything else."""
+    def ours(p: Path) -> bool:
+        if p.is_dir() and not p.is_symlink():
+            return re.fullmatch(r"trial-\d{4,}", p.name) is not None or not any(p.iterdir())
+        name = p.name.lstrip(".")
+        return any(name == own or name.startswith(own + ("." if own != "study.db" else "")) for own in OWN_FILES)
+
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise OutputError(f"{folder}: the study folder exists and is not a folder; set another output_dir or --name")
+    foreign = foreign_entries(folder, ours)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"{folder}: holds files that are not a deltatune study's ({shown}); tune writes its "
+                          "trials, study.db, best.yaml and summary.yaml there and never overwrites anything else: "
+                          "set another output_dir (or --name), a new or empty folder or an earlier study's to resume it")
 
 
 def default_study(cfg: Config, name: str | None, storage: str | None, trials: int, objectives) -> Study:

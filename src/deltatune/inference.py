@@ -18,7 +18,7 @@ from .configure import load_config
 from .errors import RunError
 from .methods import registry as methods
 from .models import load_tokenizer
-from .rundir import RunDir
+from .rundir import RunDir, check_safetensors
 from .tasks import registry as tasks
 from .tasks.base import Task
 
@@ -41,17 +41,53 @@ class LoadedRun:
 
 
 def load_run(path: str | Path) -> LoadedRun:
+    """A completed run's model (base + delta), tokenizer and task. A missing, truncated or corrupted
+    delta or tokenizer is a ``RunError`` naming the file and what to do, not a library's traceback."""
     run = RunDir(Path(path))
     run.require_complete()
     cfg = load_config(run.config, check_paths=False)
     labels = run.read_json("labels.json")["labels"] if (run.path / "labels.json").is_file() else None
-    tokenizer = load_tokenizer(run.tokenizer)
+    hint = damaged_hint(run)
+    try:
+        tokenizer = load_tokenizer(run.tokenizer)
+    except Exception as exc:  # tokenizers (Rust) raises a bare Exception for a damaged tokenizer.json
+        raise RunError(f"{run.tokenizer}: the run's tokenizer cannot be loaded ({_first_line(exc)}); {hint}") from exc
     method = methods.get(cfg.method.name)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id, labels=labels)
     base = task.build_model(cfg.model, **method.load_kwargs(cfg.method.options))
-    model = method.load_delta(base, run.delta, cfg.method.options, task)
+    model = load_delta(run, method, base, cfg, task, hint)
     model.to(PartialState().device).eval()  # the GPU when there is one, as in training
     return LoadedRun(run, cfg, model, tokenizer, task)
+
+
+def damaged_hint(run: RunDir) -> str:
+    """What to do when a completed run's delta (or tokenizer) is damaged: its checkpoint is gone, so
+    restore the folder from a copy or train again."""
+    return (f"restore {run.path}/delta and tokenizer from a good copy of this run (a `deltatune export` of it "
+            f"holds both), or train it again: deltatune train {run.config} output_dir=NEW_DIR")
+
+
+def load_delta(run: RunDir, method, base: nn.Module, cfg: Config, task: Task, hint: str) -> nn.Module:
+    """``method.load_delta`` with the delta's files checked first: a missing folder or weights file,
+    a truncated or corrupted one, is a ``RunError``."""
+    if not run.delta.is_dir():
+        raise RunError(f"{run.delta}: the run's delta folder is missing; {hint}")
+    weights = sorted(run.delta.rglob("*.safetensors"))
+    if not weights:
+        raise RunError(f"{run.delta}: no .safetensors weights file in the run's delta; {hint}")
+    for file in weights:
+        check_safetensors(file, hint)
+    from safetensors import SafetensorError
+
+    try:
+        return method.load_delta(base, run.delta, cfg.method.options, task)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # e.g. a missing or damaged adapter_config.json
+        raise RunError(f"{run.delta}: the run's delta cannot be loaded ({_first_line(exc)}); {hint}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def evaluate_file(loaded: LoadedRun, data_path: str) -> dict:

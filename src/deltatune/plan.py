@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from transformers import AutoConfig
 
 from .assets import resolve_model
 from .config import Config, TrainConfig
+from .errors import ArgumentError
 from .methods import registry
 from .models import HEADS, count_parameters, load_tokenizer, transformer_layers
 from .tasks import registry as tasks
@@ -152,6 +154,8 @@ class Batches:
 
 def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = None) -> Plan:
     """Predict the peak RSS (MB) and seconds per step of training ``cfg`` on this machine."""
+    check_positive("--memory-gb", memory_gb, MEMORY_UNIT)
+    check_positive("gflops", gflops, "GFLOP/s; leave it out to measure this machine")
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id)
@@ -159,11 +163,20 @@ def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = Non
     shape = model_shape(path, task, cfg.method.name, cfg.method.options)
     batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
     speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)
-    available = memory_gb * 1024 if memory_gb else available_mb()
+    available = memory_gb * 1024 if memory_gb is not None else available_mb()
     result = _estimate(cfg, shape, batches, speed, available)
     if not result.fits:
         result.suggestions = suggestions(cfg, path, data, shape, speed, available)
     return result
+
+
+MEMORY_UNIT = "gigabytes, e.g. --memory-gb 16; leave it out to plan for the memory available now"
+
+
+def check_positive(name: str, value: float | None, unit: str) -> None:
+    """``ArgumentError`` unless ``value`` is None (not given) or a positive, finite number."""
+    if value is not None and not (math.isfinite(value) and 0 < value < 1e15):
+        raise ArgumentError(f"{name} {value:g}: must be a positive number of {unit}")
 
 
 def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
@@ -459,6 +472,7 @@ def plan_command(args) -> int:
     """``deltatune plan CONFIG [key=value ...] [--memory-gb G] [--json]``; exit 1 when it will not fit."""
     from .configure import load_config
 
+    check_positive("--memory-gb", args.memory_gb, MEMORY_UNIT)  # before the config and the model load
     result = plan(load_config(args.config, args.overrides), memory_gb=args.memory_gb)
     print(json.dumps(dataclasses.asdict(result), indent=1) if args.json else render(result))
     return 0 if result.fits else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,14 @@ class RunDir:
         file = self.path / name
         if not file.is_file():
             raise RunError(f"{self.path}: no {name}; is this a deltatune run directory?")
-        return json.loads(file.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise RunError(f"{file}: corrupted ({exc}); deltatune writes it whole or not at all, so it was "
+                           "damaged or edited afterwards: restore it from a copy of the run") from exc
+        if not isinstance(data, dict):
+            raise RunError(f"{file}: corrupted (not a JSON object); restore it from a copy of the run")
+        return data
 
     def set_status(self, status: str, **extra) -> None:
         self.write_json("status.json", {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
@@ -63,6 +71,50 @@ class RunDir:
             hint = (f"resume it with: deltatune train --resume {self.path}" if status in ("interrupted", "failed")
                     else "is this a deltatune run directory?")
             raise RunError(f"{self.path}: run is {status}, not completed; {hint}")
+
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: Path, hint: str) -> None:
+    """Raise ``RunError`` (naming ``path``, what is wrong, then ``hint``: what to do) when a safetensors
+    file is missing, truncated or has a damaged header. Reads only the header, so it is cheap; damage
+    inside the tensor data itself is not detectable (the format has no checksum)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: missing; {hint}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise RunError(f"{path}: corrupted or truncated (the file has {size} bytes, too few for a "
+                           f"safetensors header); {hint}")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+            raise RunError(f"{path}: corrupted or truncated (the file has {size:,} bytes, its header claims "
+                           f"{length:,} bytes of header alone); {hint}")
+        try:
+            header = json.loads(fh.read(length).decode("utf-8"))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise RunError(f"{path}: corrupted (its safetensors header is not readable); {hint}") from None
+    if size != 8 + length + end:
+        raise RunError(f"{path}: corrupted or truncated (the file has {size:,} bytes, its header describes "
+                       f"{8 + length + end:,}); {hint}")
+
+
+def read_safetensors(path: Path, hint: str, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file`` for a file deltatune wrote (a delta, a checkpoint): a missing,
+    truncated or otherwise unreadable file is a ``RunError`` naming it, followed by ``hint``
+    (what to do: resume, restore, train again), instead of a ``SafetensorError`` traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path, hint)
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as exc:
+        raise RunError(f"{path}: corrupted ({exc}); {hint}") from exc
 
 
 def distributed() -> bool:

@@ -337,11 +337,27 @@ def read_log(path: Path, console: Console) -> list[dict]:
         group = sum(1 for r in rows if r["source"]["index"] == last["index"])
         keep = len(rows) - group if group < last["rows"] else keep
     size = ends[keep - 1] if keep else 0
+    torn = data.split(b"\n")[-1]
+    if torn.strip() and not _torn_row(torn):  # never cut off what this command did not begin to write
+        raise DataError(f"{path}: its last line is not a row deltatune feedback wrote (and has no newline); not a "
+                        "preference file of this command, or edited. Give a new --out file, or fix that line")
     if size < len(data):
         console.print(f"note: {path}: the last session stopped while writing (line {keep + 1} on is incomplete); "
                       "dropped it, that prompt will be asked again", markup=False)
         os.truncate(path, size)
     return rows[:keep]
+
+
+def _torn_row(piece: bytes) -> bool:
+    """Whether a last line without a newline is the start of a row this command wrote, cut short by a crash:
+    every row starts ``{"prompt": ``, and a whole one (only its newline lost) has a source.index."""
+    if not piece.startswith(b'{"prompt": '):
+        return False
+    try:
+        row = json.loads(piece.decode("utf-8"))
+    except ValueError:
+        return True
+    return isinstance(row, dict) and isinstance(row.get("source"), dict) and isinstance(row["source"].get("index"), int)
 
 
 def check_prompts(prompts: list[Prompt], rows: list[dict], path: Path, prompts_path: Path) -> None:

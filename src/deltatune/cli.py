@@ -156,10 +156,12 @@ WRITE_ERRORS = {
     errno.ENOSPC: ("disk full", "free some space on that disk or write somewhere else, then run the command again"),
     errno.EDQUOT: ("disk quota exceeded", "free some space within your quota or write somewhere else, then run the "
                                           "command again"),
-    errno.EROFS: ("read-only file system", "write to a writable disk: choose another output location"),
+    errno.EROFS: ("read-only", "write to a writable disk: choose another output location"),
     errno.EFBIG: ("file too large for this file system", "write to another file system"),
-    errno.EACCES: ("permission denied", "make it writable for you (chmod u+w) or choose another output location"),
-    errno.EPERM: ("operation not permitted", "make it writable for you (chmod u+w) or choose another output location"),
+    errno.EACCES: ("permission denied", "make {folder} writable for you (chmod u+w {folder}) or choose another output "
+                                        "location"),
+    errno.EPERM: ("permission denied", "make {folder} writable for you (chmod u+w {folder}) or choose another output "
+                                       "location"),
 }
 
 
@@ -167,13 +169,16 @@ def os_error_message(exc: OSError) -> str:
     """One line for an ``OSError``: what could not be written (or read), why, and what to do."""
     path = os.fsdecode(exc.filename) if exc.filename is not None else None
     reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
-    if exc.errno in WRITE_ERRORS:
-        meaning, advice = WRITE_ERRORS[exc.errno]
-        verb = "write"
-        if exc.errno in (errno.EACCES, errno.EPERM) and path and os.path.exists(path) and not os.access(path, os.R_OK):
-            verb, advice = "read", "make it readable for you (chmod u+r) or use another copy"
-        return f"cannot {verb} {path or 'to disk'}: {reason} ({meaning}); {advice}"
-    return f"{path}: {reason}" if path else reason
+    if exc.errno not in WRITE_ERRORS:
+        return f"{path}: {reason}" if path else reason
+    meaning, advice = WRITE_ERRORS[exc.errno]
+    verb, folder = "write", Path(path or ".")
+    while not folder.exists() and folder != folder.parent:  # a file or folder not yet created: its folder
+        folder = folder.parent
+    if exc.errno in (errno.EACCES, errno.EPERM) and path and os.path.exists(path) and not os.access(path, os.R_OK):
+        verb, advice = "read", "make {folder} readable for you (chmod u+r {folder}) or use another copy"
+    said = "" if meaning.lower() in reason.lower() else f" ({meaning})"
+    return f"cannot {verb} {path or 'to disk'}: {reason}{said}; {advice.format(folder=folder)}"
 
 
 def _output_of(args) -> str | None:

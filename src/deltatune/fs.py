@@ -72,15 +72,23 @@ def with_path(exc: BaseException, path: str | Path | None, tmp: str | Path | Non
     sibling ``tmp`` (named as its place in ``path`` instead), or a library's wrapped I/O error
     ("... (os error 28) at path ..." from safetensors or tokenizers, which are Rust). Anything else,
     and an ``OSError`` that already names its file, is returned as is."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        src, dst, why = exc.args[0][0]  # copytree gathers each file's error as (source, destination, str(error))
+        found = re.search(r"\[Errno (\d+)\]", str(why))
+        if not found:
+            return exc
+        exc = OSError(int(found.group(1)), os.strerror(int(found.group(1))), dst)
     if isinstance(exc, OSError):
         if exc.errno is None:
             return exc
-        name = None if exc.filename is None else os.fsdecode(exc.filename)
-        if name is not None and tmp is not None and (name == str(tmp) or name.startswith(str(tmp) + os.sep)):
-            name = str(path) + name[len(str(tmp)):]
-        elif name is not None or path is None:
+        strerror = exc.strerror or os.strerror(exc.errno)
+        names = [os.fsdecode(n) for n in (exc.filename2, exc.filename) if n is not None]  # a copy's destination first
+        for name in names:
+            if tmp is not None and (name == str(tmp) or name.startswith(str(tmp) + os.sep)):
+                return OSError(exc.errno, strerror, str(path) + name[len(str(tmp)):])  # the same subclass
+        if names or path is None:
             return exc
-        return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), name or str(path))  # the same subclass
+        return OSError(exc.errno, strerror, str(path))
     found = re.search(r"\(os error (\d+)\)", str(exc))
     if not found:
         return exc

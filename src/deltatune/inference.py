@@ -47,24 +47,25 @@ def load_run(path: str | Path) -> LoadedRun:
     run.require_complete()
     cfg = load_config(run.config, check_paths=False)
     labels = run.read_json("labels.json")["labels"] if (run.path / "labels.json").is_file() else None
-    hint = damaged_hint(run)
     try:
         tokenizer = load_tokenizer(run.tokenizer)
     except Exception as exc:  # tokenizers (Rust) raises a bare Exception for a damaged tokenizer.json
-        raise RunError(f"{run.tokenizer}: the run's tokenizer cannot be loaded ({_first_line(exc)}); {hint}") from exc
+        raise RunError(f"{run.tokenizer}: the run's tokenizer cannot be loaded ({_first_line(exc)}); "
+                       f"{damaged_hint(run, 'tokenizer')}") from exc
     method = methods.get(cfg.method.name)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id, labels=labels)
     base = task.build_model(cfg.model, **method.load_kwargs(cfg.method.options))
-    model = load_delta(run, method, base, cfg, task, hint)
+    model = load_delta(run, method, base, cfg, task, damaged_hint(run))
     model.to(PartialState().device).eval()  # the GPU when there is one, as in training
     return LoadedRun(run, cfg, model, tokenizer, task)
 
 
-def damaged_hint(run: RunDir) -> str:
-    """What to do when a completed run's delta (or tokenizer) is damaged: its checkpoint is gone, so
-    restore the folder from a copy or train again."""
-    return (f"restore {run.path}/delta and tokenizer from a good copy of this run (a `deltatune export` of it "
-            f"holds both), or train it again: deltatune train {run.config} output_dir=NEW_DIR")
+def damaged_hint(run: RunDir, part: str = "delta") -> str:
+    """What to do when a completed run's ``part`` (delta or tokenizer) is damaged: a completed run keeps
+    no checkpoint, so restore the folder from a copy, or train again."""
+    return (f"restore {run.path / part} from a good copy of this run (a delta export of it, `deltatune export "
+            f"RUN`, holds a copy of both delta and tokenizer), or train it again: deltatune train {run.config} "
+            "output_dir=NEW_DIR")
 
 
 def load_delta(run: RunDir, method, base: nn.Module, cfg: Config, task: Task, hint: str) -> nn.Module:

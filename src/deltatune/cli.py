@@ -142,13 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as exc:  # a full disk, a read-only folder: one line, never a traceback
-        from .fs import with_path
-
-        error = with_path(exc, _output_of(args)) if isinstance(exc, OSError) or "(os error" in str(exc) else exc
-        if not isinstance(error, OSError):
+        error = _as_os_error(exc, args)
+        if error is None:
             raise
         print(f"error: {os_error_message(error)}", file=sys.stderr)
         return DeltatuneError.exit_code
+
+
+def _as_os_error(exc: Exception, args) -> OSError | None:
+    """``exc`` as an ``OSError`` with the best path known (None when it is no I/O error): a library's
+    wrapped one ("... (os error 28)") becomes one; a disk-full or read-only error that names no file
+    (``write`` does not) names the command's output."""
+    from .fs import with_path
+
+    error = with_path(exc, None)
+    if not isinstance(error, OSError):
+        return None
+    target = _output_of(args)
+    if error.filename is None and target and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return OSError(error.errno, error.strerror, target)
+    return error
 
 
 # errno -> (what it means, what to do)

@@ -280,6 +280,27 @@ def test_read_only_or_forbidden_output_is_one_line(run, tmp_path, capsys, monkey
     assert exit_code == 2 and err.startswith(f"error: cannot write {out / 'p.jsonl'}: "), err
 
 
+def test_write_errors_from_anywhere_are_one_line_and_bugs_still_raise(tmp_path, capsys, monkeypatch):
+    import deltatune.cli as cli_module
+
+    def raises(exc):
+        def command(args):
+            raise exc
+        return command
+
+    out = tmp_path / "out"
+    monkeypatch.setitem(cli_module.COMMANDS, "export", raises(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    code, err = cli(capsys, "export", tmp_path / "run", "--out", out)  # write() names no file: the output is named
+    assert code == 2 and err.startswith(f"error: cannot write {out}: No space left on device (disk full); ")
+    rust = Exception('Error while serializing: I/O error: Read-only file system (os error 30) at path "/x/.tmpAbC"')
+    monkeypatch.setitem(cli_module.COMMANDS, "export", raises(rust))
+    code, err = cli(capsys, "export", tmp_path / "run", "--out", out)
+    assert code == 2 and err.startswith("error: cannot write /x: Read-only file system; write to a writable disk")
+    monkeypatch.setitem(cli_module.COMMANDS, "export", raises(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not an I/O error: not hidden behind a one-liner
+        main(["export", str(tmp_path / "run")])
+
+
 @pytest.mark.skipif(ROOT, reason="root writes into a read-only folder anyway (simulated above)")
 def test_read_only_folder_for_real(run, tmp_path, capsys):
     folder = tmp_path / "ro"

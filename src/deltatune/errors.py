@@ -39,3 +39,7 @@ class Stopped(Exception):
 
 class RunError(DeltatuneError):
     """A run directory is missing, incomplete or from an incompatible version."""
+
+
+class NonFiniteError(RunError):
+    """Training produced a NaN or infinite loss, gradient or evaluation (``train.on_nonfinite``)."""

@@ -28,6 +28,8 @@ class LoopState:
     seconds: float = 0.0     # training time so far (excludes evaluation)
     loss: float | None = None  # training loss of the last optimizer step
     group_loss: float = 0.0  # loss accumulated over the current accumulation group
+    group_nonfinite: bool = False  # a micro-batch of the current group had a NaN/inf loss
+    skipped: int = 0         # optimizer steps skipped for a NaN/inf loss or gradient (train.on_nonfinite=skip)
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunError
-from .fs import atomic_write_text
+from .fs import atomic_write_text, clean_temporaries
 
 
 @dataclass
@@ -126,6 +126,8 @@ def new_run_dir(output_dir: str | None, name: str) -> RunDir:
 def _create_run_dir(output_dir: str | None, name: str) -> RunDir:
     if output_dir:
         path = Path(output_dir)
+        if path.is_dir():
+            clean_temporaries(path)  # a run killed before it wrote its config leaves only these
         if path.exists() and any(path.iterdir()):
             raise RunError(f"output_dir {path} exists and is not empty; choose another or remove it")
         path.mkdir(parents=True, exist_ok=True)

@@ -33,13 +33,18 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for name in methods:
-        if RunDir(folder / name).status() == "completed":  # an interrupted bake-off reruns only what is missing
-            print(f"compare: {name}: reusing the completed run in {folder / name}", file=sys.stderr)
-            results.append(_result(name, folder / name))
+        run = RunDir(folder / name)
+        if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
+            print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
+            results.append(_result(name, run.path))
             continue
         with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
-            error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
-                                                   "train.progress=false"]).result()
+            if run.config.is_file():  # stopped part-way (interrupted, killed): it goes on from its checkpoint
+                print(f"compare: {name}: resuming the run in {run.path}", file=sys.stderr)
+                error = pool.submit(_resume_one, str(run.path)).result()
+            else:
+                error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={run.path}",
+                                                       "train.progress=false"]).result()
         if error is None:
             results.append(_result(name, folder / name))
         else:
@@ -69,6 +74,16 @@ def _train_one(base: str | None, overrides: list[str]) -> str | None:
 
     try:
         train(load_config(base, overrides), kind="compare")
+    except DeltatuneError as exc:
+        return str(exc)
+    return None
+
+
+def _resume_one(path: str) -> str | None:
+    from .train.run import resume
+
+    try:
+        resume(path)
     except DeltatuneError as exc:
         return str(exc)
     return None

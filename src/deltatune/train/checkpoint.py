@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,9 +57,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
-    if not (path / "state.json").is_file():
-        raise RunError(f"{path.parent}: no checkpoint to resume from (the run stopped before its first "
-                       "checkpoint); start it again with deltatune train")
+    try:
+        return _load(path, model, optimizer, scheduler)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged disk or a hand-edited file
+        raise RunError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
+                       f"Remove the folder {path} and resume again: the run then starts over from its first "
+                       "step, which gives the same result") from exc
+
+
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
     params = load_file(path / "trainable.safetensors")
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(own):

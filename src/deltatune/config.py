@@ -279,7 +279,9 @@ class PpoConfig:
     reward_label: str | None = doc(None, "With a classifier as reward model: the label whose log-odds is the reward "
                                          "(e.g. positive).")
     reward_fn: str | None = doc(None, "Instead of a reward model: a Python callable 'module:function' or "
-                                      "'path/to/file.py:function' taking (prompts, responses) -> list of floats.")
+                                      "'path/to/file.py:function' taking (prompts, responses) -> list of floats. This runs "
+                                      "your code: train imports it when the run starts (validate and plan do not); "
+                                      "use only configs you trust.")
     rollout_batch: int = doc(16, "Prompts sampled per PPO iteration (train.max_steps iterations in all).")
     minibatch: int = doc(4, "Rollouts per gradient step inside an iteration.")
     ppo_epochs: int = doc(4, "Passes over each iteration's rollouts.")

@@ -89,6 +89,12 @@ def is_main_process() -> bool:
     return not distributed() or _joined_state().is_main_process
 
 
+def barrier() -> None:
+    """In a multi-process launch: wait until every process gets here (nothing alone)."""
+    if distributed():
+        _joined_state().wait_for_everyone()
+
+
 def _joined_state():
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env

@@ -24,7 +24,7 @@ from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
-from ..rundir import RunDir, is_main_process, new_run_dir
+from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
 from . import ppo
 from .checkpoint import LoopState
@@ -87,9 +87,11 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         raise RunError(f"{run.path}: {cfg.task} runs keep no checkpoints and cannot be resumed; start a new run")
     if is_main_process():
         recover(run)
-        if run.complete():  # a crash cut the finish short after its commit record
+    barrier()  # in a multi-process launch the others read the folder once the main process recovered it
+    if run.complete():  # a crash cut the finish short after its commit record
+        if is_main_process():
             finish(run, Recording(run.path, cfg))
-            return run
+        return run
     job, data, tokenizer = build_job(cfg, run)
     extras = build_extras(cfg, job.task, tokenizer)
     if (run.path / "data.json").is_file() and run.read_json("data.json")["fingerprint"] != data.fingerprint:

@@ -1,7 +1,7 @@
 """Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG and loop position.
 
-Stored as safetensors plus JSON (nothing is unpickled on load), written to a temporary folder
-and renamed into place, so a crash while saving leaves the previous checkpoint intact.
+Stored as safetensors plus JSON (nothing is unpickled on load) and committed by ``fs.atomic_dir``:
+a crash while saving leaves the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def data_files(draw) -> tuple[str, bytes]:
     suffix = rng.choice(FORMATS)
     if rng.random() < 0.05:
         return suffix, draw(st.binary(max_size=200))  # not the format at all
-    n = rng.choice([0, 1, 2, 3]) if rng.random() < 0.15 else rng.randint(8, 30)
+    size = rng.random()
+    n = rng.choice([0, 1, 2, 3]) if size < 0.15 else 2000 if size > 0.99 else rng.randint(8, 30)
     columns = ["text", "label"] if rng.random() < 0.8 else rng.choice(
         [["label", "text", "id"], ["text"], ["sentence", "label"], ["text", "label", "text"]])
     typed_rows = suffix in (".jsonl", ".json", ".parquet") and rng.random() < 0.2
@@ -133,7 +134,7 @@ def data_files(draw) -> tuple[str, bytes]:
             elif c == "id":
                 row[c] = str(i)
             elif rng.random() < 0.1:
-                row[c] = draw(odd)
+                row[c] = draw(odd) if rng.random() < 0.98 else "word " * 20000  # now and then a huge cell
             else:
                 row[c] = rng.choice(["positive", "negative"]) if c == "label" else " ".join(
                     rng.choices(WORDS, k=rng.randint(1, 6)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .configure import load_config
 from .errors import DeltatuneError, OutputError
-from .fs import atomic_write_text, foreign_entries
+from .fs import atomic_write_text, foreign_entries, is_temporary
 from .registry_db import main_metric
 from .rundir import RunDir
 
@@ -37,13 +37,18 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for name in methods:
-        if RunDir(folder / name).status() == "completed":  # an interrupted bake-off reruns only what is missing
-            print(f"compare: {name}: reusing the completed run in {folder / name}", file=sys.stderr)
-            results.append(_result(name, folder / name))
+        run = RunDir(folder / name)
+        if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
+            print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
+            results.append(_result(name, run.path))
             continue
         with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
-            error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={folder / name}",
-                                                   "train.progress=false"]).result()
+            if run.config.is_file():  # stopped part-way (interrupted, killed): it goes on from its checkpoint
+                print(f"compare: {name}: resuming the run in {run.path}", file=sys.stderr)
+                error = pool.submit(_resume_one, str(run.path)).result()
+            else:
+                error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={run.path}",
+                                                       "train.progress=false"]).result()
         if error is None:
             results.append(_result(name, folder / name))
         else:
@@ -60,11 +65,14 @@ OWN_FILES = ("results.json", "report.html")
 
 def check_folder(folder: Path) -> None:
     """``OutputError`` when ``folder`` holds anything a comparison did not write: its runs (folders with a
-    status.json, or empty ones) and results.json / report.html are all it may hold."""
+    status.json or config.yaml, or empty ones), results.json and report.html are all it may hold."""
     def ours(p: Path) -> bool:
-        if p.is_dir() and not p.is_symlink():
-            return (p / "status.json").is_file() or not any(p.iterdir())
-        return p.name in OWN_FILES or any(p.name.startswith(f".{name}.") for name in OWN_FILES)  # a killed write's
+        if is_temporary(p.name):  # what a killed write left
+            return True
+        if p.is_dir() and not p.is_symlink():  # a method's run (or one killed before it wrote anything)
+            return any((p / name).is_file() for name in ("status.json", "config.yaml")) or \
+                all(is_temporary(q.name) for q in p.iterdir())
+        return p.name in OWN_FILES
 
     foreign = foreign_entries(folder, ours)
     if os.path.lexists(folder) and not folder.is_dir():
@@ -94,6 +102,16 @@ def _train_one(base: str | None, overrides: list[str]) -> str | None:
 
     try:
         train(load_config(base, overrides), kind="compare")
+    except DeltatuneError as exc:
+        return str(exc)
+    return None
+
+
+def _resume_one(path: str) -> str | None:
+    from .train.run import resume
+
+    try:
+        resume(path)
     except DeltatuneError as exc:
         return str(exc)
     return None

@@ -218,6 +218,9 @@ class TrainConfig:
                                       "stays exact): less padding, faster steps (MiniLM on sentences: 1.7-2.3x, "
                                       "BENCHMARKS.md). Batches are no longer uniform samples, which can matter for "
                                       "very small data sets: false gives plain shuffled batches.")
+    on_nonfinite: str = doc("fail", "A loss or gradient that is NaN or infinite: fail stops the run as failed (its "
+                                    "last checkpoint and best delta kept, resumable); skip leaves the weights "
+                                    "untouched for that step and goes on (the count is in metrics.json).")
 
     def problems(self) -> list[str]:
         problems = _greater_than_zero({"train.lr": self.lr, "train.batch_size": self.batch_size,
@@ -230,6 +233,8 @@ class TrainConfig:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not isinstance(self.bf16, bool) and self.bf16 != "auto":
             problems.append(f"train.bf16: use auto, true or false, got {self.bf16!r}")
+        if self.on_nonfinite not in ("fail", "skip"):
+            problems.append(f"train.on_nonfinite: use fail or skip, got {self.on_nonfinite!r}")
         return problems
 
 
@@ -274,7 +279,9 @@ class PpoConfig:
     reward_label: str | None = doc(None, "With a classifier as reward model: the label whose log-odds is the reward "
                                          "(e.g. positive).")
     reward_fn: str | None = doc(None, "Instead of a reward model: a Python callable 'module:function' or "
-                                      "'path/to/file.py:function' taking (prompts, responses) -> list of floats.")
+                                      "'path/to/file.py:function' taking (prompts, responses) -> list of floats. This runs "
+                                      "your code: train imports it when the run starts (validate and plan do not); "
+                                      "use only configs you trust.")
     rollout_batch: int = doc(16, "Prompts sampled per PPO iteration (train.max_steps iterations in all).")
     minibatch: int = doc(4, "Rollouts per gradient step inside an iteration.")
     ppo_epochs: int = doc(4, "Passes over each iteration's rollouts.")

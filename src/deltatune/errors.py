@@ -41,6 +41,10 @@ class RunError(DeltatuneError):
     """A run directory is missing, incomplete or from an incompatible version."""
 
 
+class NonFiniteError(RunError):
+    """Training produced a NaN or infinite loss, gradient or evaluation (``train.on_nonfinite``)."""
+
+
 class OutputError(DeltatuneError):
     """An output path is taken: deltatune never deletes or overwrites what it did not write."""
 

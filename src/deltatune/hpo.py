@@ -32,7 +32,7 @@ import yaml
 from .config import Config, dump_yaml
 from .configure import load_config
 from .errors import ConfigError, OutputError, Stopped
-from .fs import atomic_write_text, foreign_entries
+from .fs import atomic_write_text, foreign_entries, is_temporary
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
                      "perplexity": "minimize", "reward": "maximize", "margin": "maximize",
@@ -248,10 +248,11 @@ def check_folder(folder: Path) -> None:
     """``OutputError`` when the study folder holds anything a study did not write (its trial-NNNN runs,
     study.db and SQLite's side files, best.yaml, summary.yaml): a study never overwrites anything else."""
     def ours(p: Path) -> bool:
+        if is_temporary(p.name):  # what a killed write left
+            return True
         if p.is_dir() and not p.is_symlink():
             return re.fullmatch(r"trial-\d{4,}", p.name) is not None or not any(p.iterdir())
-        name = p.name.lstrip(".")
-        return any(name == own or name.startswith(own + ("." if own != "study.db" else "")) for own in OWN_FILES)
+        return p.name in OWN_FILES or re.fullmatch(r"study\.db-(journal|wal|shm)", p.name) is not None
 
     if os.path.lexists(folder) and not folder.is_dir():
         raise OutputError(f"{folder}: the study folder exists and is not a folder; set another output_dir or --name")

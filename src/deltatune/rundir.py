@@ -1,8 +1,9 @@
 """A run directory: everything one training run leaves behind, written so a crash is visible.
 
-``status.json`` says running / interrupted / failed / completed; ``metrics.json`` and ``delta/``
-appear only when the run completes (each written atomically), so a directory never looks
-complete when it is not.
+``status.json`` says running / interrupted / failed / completed. ``delta/`` and then ``metrics.json``
+appear only when the run completes (each committed atomically, fs.py): ``metrics.json`` is the
+run's commit record, so a directory with it and ``delta/`` is complete even if a crash kept
+its last status.json from being written, and a directory without it never looks complete.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RunError
-from .fs import atomic_write_text
+from .fs import atomic_write_text, clean_temporaries
 
 
 @dataclass
@@ -54,23 +55,38 @@ class RunDir:
     def status(self) -> str:
         return self.read_json("status.json")["status"] if (self.path / "status.json").is_file() else "missing"
 
+    def complete(self) -> bool:
+        """The run finished: its commit record and delta are in place (whatever status.json says)."""
+        return (self.path / "metrics.json").is_file() and self.delta.is_dir()
+
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def truncate_log(self, after_step: int) -> None:
-        """On resume: drop log lines of steps that the checkpoint does not include."""
+        """On resume: drop log lines of steps that the checkpoint does not include (and a last line
+        that a crash cut short)."""
         if self.log.is_file():
-            lines = [line for line in self.log.read_text().splitlines()
-                     if json.loads(line).get("step", 0) <= after_step]
+            lines = [line for line in self.log.read_text(encoding="utf-8").splitlines()
+                     if _complete_line(line) and json.loads(line).get("step", 0) <= after_step]
             atomic_write_text(self.log, "".join(line + "\n" for line in lines))
 
     def require_complete(self) -> None:
+        if self.complete():  # first: a complete run stays usable even if its status.json was damaged
+            return
         status = self.status()
         if status != "completed":
             hint = (f"resume it with: deltatune train --resume {self.path}" if status in ("interrupted", "failed")
                     else "is this a deltatune run directory?")
             raise RunError(f"{self.path}: run is {status}, not completed; {hint}")
+
+
+def _complete_line(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
@@ -127,6 +143,12 @@ def is_main_process() -> bool:
     return not distributed() or _joined_state().is_main_process
 
 
+def barrier() -> None:
+    """In a multi-process launch: wait until every process gets here (nothing alone)."""
+    if distributed():
+        _joined_state().wait_for_everyone()
+
+
 def _joined_state():
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -164,6 +186,8 @@ def new_run_dir(output_dir: str | None, name: str) -> RunDir:
 def _create_run_dir(output_dir: str | None, name: str) -> RunDir:
     if output_dir:
         path = Path(output_dir)
+        if path.is_dir():
+            clean_temporaries(path)  # a run killed before it wrote its config leaves only these
         if path.exists() and any(path.iterdir()):
             raise RunError(f"output_dir {path} exists and is not empty; choose another or remove it")
         path.mkdir(parents=True, exist_ok=True)

@@ -72,3 +72,28 @@ def test_method_options_in_the_base_config_apply_to_their_method_only(tiny_bert,
     assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text()) == results
     assert sorted(p.name for p in out.iterdir()) == sorted(before + ["report.html"])
+
+
+def test_a_bake_off_cut_short_goes_on_from_the_interrupted_method(tiny_bert, cls_csv, tmp_path, capsys):
+    import pytest
+
+    from deltatune.configure import load_config
+    from deltatune.train.run import train
+
+    out = tmp_path / "cmp"
+    common = [f"model={tiny_bert}", f"data.train={cls_csv}", "train.batch_size=8", "train.max_steps=4",
+              "train.save_every=1"]
+
+    def interrupt(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # as compare trains it, stopped at step 2
+        train(load_config(None, [*common, "method.name=lora", f"output_dir={out / 'lora'}", "train.progress=false"]),
+              callbacks=(interrupt,))
+    assert main(["compare", *common, "--methods", "lora,bitfit", "--out", str(out)]) == 0
+    assert "lora: resuming the run" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "bitfit"] and not any("error" in r for r in results)
+    log = [json.loads(line) for line in (out / "lora" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]

@@ -52,3 +52,54 @@ def test_resume_refuses_changed_data(tiny_bert, cls_csv, tmp_path):
     cls_csv.write_text(cls_csv.read_text().replace("great", "fine"))
     with pytest.raises(RunError, match="the data changed"):
         resume(tmp_path / "r")
+
+
+def _interrupted(model, data, out, at_step):
+    def interrupt(state):
+        if state.step == at_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(model, "classification", "lora", data, out, *COMMON), callbacks=(interrupt,))
+
+
+def test_damaged_checkpoint_is_named_with_what_to_do(tiny_bert, cls_csv, tmp_path):
+    from deltatune.errors import RunError
+
+    _interrupted(tiny_bert, cls_csv, tmp_path / "r", 3)
+    weights = tmp_path / "r" / "checkpoint" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    with pytest.raises(RunError, match=r"checkpoint cannot be read .*damaged. Remove the folder .*checkpoint"):
+        resume(tmp_path / "r")
+    import shutil
+    shutil.rmtree(tmp_path / "r" / "checkpoint")  # as the message says: the run starts over, same result
+    straight = train(config(tiny_bert, "classification", "lora", cls_csv, tmp_path / "a", *COMMON))
+    resumed = resume(tmp_path / "r")
+    assert _losses(straight.path) == _losses(resumed.path)
+
+
+def test_resume_cleans_what_crashed_writes_left(tiny_bert, cls_csv, tmp_path):
+    _interrupted(tiny_bert, cls_csv, tmp_path / "r", 3)
+    run = tmp_path / "r"
+    (run / ".best_metrics.json.partial-x1y2").write_text("{")  # a write killed before its rename
+    (run / ".checkpoint.partial-abc").mkdir()                   # a checkpoint killed while it was built
+    (run / "log.jsonl").write_text((run / "log.jsonl").read_text() + '{"step": 9, "lo')  # a line cut short
+    resume(run)
+    assert not list(run.glob(".*")), list(run.glob(".*"))
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_an_error_while_writing_inputs_never_leaves_status_running(tiny_bert, cls_csv, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedTokenizerFast
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full_disk)
+    with pytest.raises(OSError):
+        train(config(tiny_bert, "classification", "lora", cls_csv, tmp_path / "r", *COMMON))
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "failed" and "No space left" in status["error"]
+    assert not (tmp_path / "r" / "tokenizer").exists() and not list((tmp_path / "r").glob(".tokenizer*"))

@@ -108,7 +108,7 @@ def test_export_out_must_not_be_the_run_or_inside_what_it_reads(run, tmp_path, c
     assert not (run / "delta" / "x").exists()
 
 
-def test_replace_dir_keeps_the_old_folder_when_anything_fails(tmp_path, monkeypatch):
+def test_replace_dir_refuses_what_it_does_not_own_and_keeps_the_old_folder_on_failure(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "a").write_text("old")
@@ -127,26 +127,45 @@ def test_replace_dir_keeps_the_old_folder_when_anything_fails(tmp_path, monkeypa
         fs.replace_dir(final, broken, owned=True)
     assert (final / "a").read_text() == "old" and leftovers(tmp_path) == []
 
-    real = os.replace
-    calls = []
 
-    def second_rename_fails(src, dst):  # the old one is renamed aside, then renaming the new one in fails
+@pytest.mark.parametrize("failing", [1, 2, 3])  # new built -> .out.new; out -> .out.old; .out.new -> out
+def test_replace_dir_undoes_a_swap_that_fails_part_way(tmp_path, monkeypatch, failing):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
         calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(errno.EIO, "Input/output error")
+        if len(calls) == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(src, dst)
 
-    monkeypatch.setattr(fs.os, "replace", second_rename_fails)
-    with pytest.raises(OSError):
-        fs.replace_dir(final, build, owned=True)
+    monkeypatch.setattr(fs.os, "replace", replace)
+    with pytest.raises(OSError) as caught:
+        fs.replace_dir(final, lambda tmp: (tmp / "a").write_text("new"), owned=True)
     monkeypatch.undo()
+    assert caught.value.filename == str(final)
     assert (final / "a").read_text() == "old" and leftovers(tmp_path) == []
 
+
+def test_replace_dir_fsyncs_the_new_folder_before_the_swap(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(fs, "fsync_tree", lambda path: synced.append(Path(path).name))
-    fs.replace_dir(final, build, owned=True)
-    assert (final / "a").read_text() == "new" and synced and synced[0].startswith(".out.new-")
-    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(fs, "fsync_tree", lambda path: synced.append(sorted(p.name for p in Path(path).iterdir())))
+    fs.replace_dir(tmp_path / "out", lambda tmp: (tmp / "a").write_text("new"))
+    assert synced == [["a"]] and (tmp_path / "out" / "a").read_text() == "new" and leftovers(tmp_path) == []
+
+
+def test_write_errors_name_the_file_not_its_temporary_name(tmp_path):
+    hidden = tmp_path / ".export.partial-k2j_x9" / "model.safetensors"
+    error = fs.with_path(OSError(errno.ENOSPC, "No space left on device", str(hidden)))
+    assert error.filename == str(tmp_path / "export" / "model.safetensors") and error.errno == errno.ENOSPC
+    error = fs.with_path(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".m.json.partial-ab")))
+    assert isinstance(error, PermissionError) and error.filename == str(tmp_path / "m.json")
+    assert fs.with_path(OSError(errno.ENOSPC, "full"), tmp_path / "x").filename == str(tmp_path / "x")
+    copy = shutil.Error([("src", str(tmp_path / ".e.partial-abc" / "f"), "[Errno 28] No space left on device")])
+    assert fs.with_path(copy).filename == str(tmp_path / "e" / "f")
+    assert fs.with_path(ValueError("no I/O here")).args == ("no I/O here",)
 
 
 def test_atomic_dir_still_replaces_its_own_folders(tmp_path):

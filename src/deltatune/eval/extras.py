@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -25,7 +24,6 @@ class Extras:
     task: Task | None = None                            # scores the general text (a language-modelling task)
     general: list[dict] = field(default_factory=list)  # general-text examples for the forgetting meter
     before: dict | None = None                          # their loss/perplexity under the base model
-    prompting: Callable[[], dict] | None = None         # the in-context baselines, run before training
 
     def measure_before(self, base: nn.Module) -> None:
         if self.general:

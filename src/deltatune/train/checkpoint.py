@@ -1,7 +1,7 @@
 """Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG and loop position.
 
-Stored as safetensors plus JSON (nothing is unpickled on load), written to a temporary folder
-and renamed into place, so a crash while saving leaves the previous checkpoint intact.
+Stored as safetensors plus JSON (nothing is unpickled on load) and committed by ``fs.atomic_dir``:
+a crash while saving leaves the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,6 +29,8 @@ class LoopState:
     seconds: float = 0.0     # training time so far (excludes evaluation)
     loss: float | None = None  # training loss of the last optimizer step
     group_loss: float = 0.0  # loss accumulated over the current accumulation group
+    group_nonfinite: bool = False  # a micro-batch of the current group had a NaN/inf loss
+    skipped: int = 0         # optimizer steps skipped for a NaN/inf loss or gradient (train.on_nonfinite=skip)
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -54,9 +57,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
-    if not (path / "state.json").is_file():
-        raise RunError(f"{path.parent}: no checkpoint to resume from (the run stopped before its first "
-                       "checkpoint); start it again with deltatune train")
+    try:
+        return _load(path, model, optimizer, scheduler)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged disk or a hand-edited file
+        raise RunError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
+                       f"Remove the folder {path} and resume again: the run then starts over from its first "
+                       "step, which gives the same result") from exc
+
+
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
     params = load_file(path / "trainable.safetensors")
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(own):

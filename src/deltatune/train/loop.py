@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..errors import DeltatuneError
+from ..errors import DeltatuneError, NonFiniteError
 from ..fs import atomic_dir
 from ..methods.base import Method
 from ..rundir import RunDir, is_main_process
@@ -228,19 +228,29 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
             loss_sum, count = job.task.loss(model, batch)
         all_loss, all_count, tokens = _summed_over_processes(accelerator, loss_sum.detach().float(), count,
                                                              batch["tokens"])
-        # DDP averages the processes' gradients; times P over the total count, that is the mean over all items.
-        loss = loss_sum.float() * accelerator.num_processes / max(all_count, 1)
-        accelerator.backward(loss / group_size)
+        micro_loss = (all_loss / max(all_count, 1)).item()  # the same in every process
+        if math.isfinite(micro_loss):
+            # DDP averages the processes' gradients; times P over the total count, that is the mean over all items.
+            loss = loss_sum.float() * accelerator.num_processes / max(all_count, 1)
+            accelerator.backward(loss / group_size)
+        else:  # no backward: the step will not update the weights (or the run stops)
+            _nonfinite(job, state, scheduler, f"the training loss is {micro_loss}")
+            state.group_nonfinite = True
     state.batches_done += 1
     state.tokens += tokens
-    state.group_loss += (all_loss / max(all_count, 1)).item() / group_size
+    state.group_loss += micro_loss / group_size
     if sync:
-        if job.train.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-        optimizer.step()
+        norm = _grad_norm(accelerator, model, job.train.max_grad_norm)  # clips when max_grad_norm is set
+        if state.group_nonfinite or not math.isfinite(norm):
+            if not state.group_nonfinite:
+                _nonfinite(job, state, scheduler, f"the gradient norm is {norm}")
+            state.skipped += 1  # train.on_nonfinite=skip: this step leaves the weights as they were
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
+        state.group_nonfinite = False
     state.seconds += time.perf_counter() - start
     if not sync:
         return False
@@ -248,8 +258,34 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
     if accelerator.is_main_process:
         job.run.append_log({"step": state.step, "epoch": state.epoch, "loss": state.loss,
                             "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
-                            "tokens_per_s": state.tokens / max(state.seconds, 1e-9)})
+                            "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+                            **({"skipped": state.skipped} if state.skipped else {})})
     return True
+
+
+def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
+    """The global gradient norm (after DDP's averaging), clipping to ``max_norm`` when it is set."""
+    if max_norm:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _nonfinite(job: Job, state: LoopState, scheduler, what: str) -> None:
+    """A NaN/inf loss or gradient: stop the run (``train.on_nonfinite=fail``) or let the caller skip the step."""
+    if job.train.on_nonfinite == "skip":
+        return
+    step = state.step + 1
+    raise NonFiniteError(
+        f"train: {what} at step {step} (epoch {state.epoch + 1}, learning rate {scheduler.get_last_lr()[0]:.3g}); "
+        f"the run stopped{_kept(job.run)}. Start a new run with a lower train.lr, gradient clipping "
+        "(train.max_grad_norm, e.g. 1.0) or, to skip such steps, train.on_nonfinite=skip")
+
+
+def _kept(run: RunDir) -> str:
+    kept = [what for what, path in (("best delta so far (best/)", run.best), ("last checkpoint", run.checkpoint))
+            if path.exists()]
+    return f"; its {' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept in {run.path}" if kept else ""
 
 
 def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, count: int,
@@ -268,6 +304,13 @@ def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict |
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
     value = job.task.main_metric.score(metrics)
+    bad = [name for name, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
+    if not math.isfinite(value) or bad:
+        name = job.task.main_metric.name if not math.isfinite(value) else bad[0]
+        raise NonFiniteError(
+            f"train: the evaluation at step {state.step} gave {name} = {metrics.get(name)}; the run stopped "
+            f"(a run never completes with NaN metrics){_kept(job.run)}. Start a new run with a lower train.lr or "
+            "gradient clipping (train.max_grad_norm, e.g. 1.0)")
     if state.best is None or value > state.best:
         state.best, best_metrics = value, metrics
         atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))

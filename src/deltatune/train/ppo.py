@@ -54,7 +54,7 @@ from ..tasks.base import Task
 from .checkpoint import LoopState
 from .loop import adamw
 from .progress import Progress
-from .session import absolute_refs, tracked, write_inputs, write_metrics
+from .session import absolute_refs, finish, tracked, write_inputs, write_metrics
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -78,12 +78,11 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
     setup = build(cfg)
     before, before_samples = evaluate_policy(setup)  # may raise (a broken reward): nothing written yet
     run = new_run_dir(cfg.output_dir, cfg.run_name)
-    run.set_status("running")
     record = Recording(run.path, cfg, kind, parent)
     rows = setup.rows
-    write_inputs(run, cfg, setup.policy.tokenizer, rows.report, rows.rejects,
-                 {s: len(rows.splits[s]) for s in ("train", "eval", "test")})
     with tracked(run, record, error="PPO runs cannot be resumed; start a new run"):
+        write_inputs(run, cfg, setup.policy.tokenizer, rows.report, rows.rejects,
+                     {s: len(rows.splits[s]) for s in ("train", "eval", "test")})
         state = ppo_loop(setup, run, callbacks)
         after, after_samples = evaluate_policy(setup)
         run.write_jsonl("samples.jsonl", [{"prompt": b["prompt"], "before": b["response"],
@@ -91,6 +90,7 @@ def train_ppo(cfg: Config, callbacks=(), kind: str = "train", parent: str | None
                                            "reward_after": a["reward"]}
                                           for b, a in zip(before_samples, after_samples)])
         _finish(run, setup, before, after, state)
+        finish(run, record)
     return run
 
 
@@ -266,4 +266,3 @@ def _finish(run: RunDir, setup: Setup, before: dict, after: dict, state: LoopSta
                   eval_sampling={"temperature": p.temperature, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens,
                                  "seed": cfg.train.seed},
                   rollouts=state.step * p.rollout_batch)
-    run.set_status("completed")

@@ -9,7 +9,6 @@ decides the loop: its examples through ``loop.run_loop``, or its own (``Task.loo
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,16 +19,17 @@ from ..config import Config
 from ..configure import load_config
 from ..data import PreparedData
 from ..errors import ConfigError, RunError
+from ..fs import fsync_dir
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
-from ..rundir import RunDir, is_main_process, new_run_dir
+from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
 from . import ppo
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
-from .session import absolute_refs, tracked, write_inputs, write_metrics
+from .session import absolute_refs, finish, recover, tracked, write_inputs, write_metrics
 
 LOOPS = {"rollouts": ppo.train_ppo}  # tasks that sample their own data; the rest go through run_loop
 
@@ -69,57 +69,74 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     if not is_main_process():  # the other processes of a launch only train; the main one writes
         run_loop(job, callbacks=callbacks)
         return run
-    run.set_status("running")
-    record = Recording(run.path, cfg, kind, parent)  # the run registry; a registry error only warns
-    write_inputs(run, cfg, tokenizer, data.report, data.rejects,
-                 {s: len(getattr(data, s).rows) for s in ("train", "eval", "test")}, data.labels)
-    if data.labels and job.task.icl_baselines and cfg.eval.icl_shots:
-        extras.prompting = lambda: prompting_baselines(cfg, resolve_model(cfg.model), tokenizer, data.train.rows,
-                                                       data.eval.rows, data.labels)
-    return _execute(job, run, resume=False, callbacks=callbacks, record=record, extras=extras)
+    return _start(cfg, job, data, tokenizer, extras, Recording(run.path, cfg, kind, parent), callbacks)
 
 
 def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
+    """Go on with a run that stopped (interrupted, failed or killed at any moment): from its last
+    checkpoint, or from its first step if it stopped before one; the result equals an uninterrupted
+    run's. A run that a crash stopped after its commit record (metrics.json) is only completed."""
     run = RunDir(Path(path))
     if run.status() == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
+    if not run.config.is_file():
+        raise RunError(f"{run.path}: no config.yaml, so no run to resume (a run writes it first; is this a "
+                       "deltatune run directory?); start one with deltatune train")
     cfg = load_config(run.config)
     if tasks.get(cfg.task).loop in LOOPS:
         raise RunError(f"{run.path}: {cfg.task} runs keep no checkpoints and cannot be resumed; start a new run")
+    if is_main_process():
+        recover(run)
+    barrier()  # in a multi-process launch the others read the folder once the main process recovered it
+    if run.complete():  # a crash cut the finish short after its commit record
+        if is_main_process():
+            finish(run, Recording(run.path, cfg))
+        return run
     job, data, tokenizer = build_job(cfg, run)
     extras = build_extras(cfg, job.task, tokenizer)
-    extras.before = run.read_json("baseline.json").get("general_text")
-    if run.read_json("data.json")["fingerprint"] != data.fingerprint:
+    if (run.path / "data.json").is_file() and run.read_json("data.json")["fingerprint"] != data.fingerprint:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
                        "resuming would mix two data sets. Start a new run instead")
+    from_checkpoint = (run.checkpoint / "state.json").is_file()
     if not is_main_process():
-        run_loop(job, resume=True, callbacks=callbacks)
+        run_loop(job, resume=from_checkpoint, callbacks=callbacks)
         return run
+    record = Recording(run.path, cfg)
+    if not from_checkpoint:  # stopped before its first checkpoint: start again, in the same directory
+        run.log.unlink(missing_ok=True)
+        return _start(cfg, job, data, tokenizer, extras, record, callbacks)
     run.set_status("running")
-    return _execute(job, run, resume=True, callbacks=callbacks, record=Recording(run.path, cfg), extras=extras)
-
-
-def _execute(job: Job, run: RunDir, resume: bool, callbacks, record: Recording, extras: Extras) -> RunDir:
+    extras.before = run.read_json("baseline.json").get("general_text")
     with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
-        if not resume:
-            base = job.method.untouched(job.model)
-            baseline = job.task.evaluate(base, job.eval_examples)
-            extras.measure_before(base)
-            if extras.prompting:
-                run.write_json("prompting.json", extras.prompting())
-            run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
-        best, state = run_loop(job, resume=resume, callbacks=callbacks)
-        _finish(job, run, best, state, extras.report(job.model))
+        best, state = run_loop(job, resume=True, callbacks=callbacks)
+        _finish(job, run, best, state, extras.report(job.model), record)
     return run
 
 
-def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict) -> None:
-    if run.delta.exists():
-        shutil.rmtree(run.delta)
-    os.replace(run.best, run.delta)
+def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras, record: Recording,
+           callbacks) -> RunDir:
+    """A run from its first step: its inputs and baseline written, then the loop."""
+    run = job.run
+    with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
+        write_inputs(run, cfg, tokenizer, data.report, data.rejects,
+                     {s: len(getattr(data, s).rows) for s in ("train", "eval", "test")}, data.labels)
+        base = job.method.untouched(job.model)
+        baseline = job.task.evaluate(base, job.eval_examples)
+        extras.measure_before(base)
+        if data.labels and job.task.icl_baselines and cfg.eval.icl_shots:
+            run.write_json("prompting.json", prompting_baselines(cfg, resolve_model(cfg.model), tokenizer,
+                                                                 data.train.rows, data.eval.rows, data.labels))
+        run.write_json("baseline.json", {**baseline, **({"general_text": extras.before} if extras.before else {})})
+        best, state = run_loop(job, callbacks=callbacks)
+        _finish(job, run, best, state, extras.report(job.model), record)
+    return run
+
+
+def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict, record: Recording) -> None:
+    """The best delta becomes the run's delta, then the commit record: metrics.json."""
+    os.replace(run.best, run.delta)  # resume (session.recover) puts it back if a crash comes before metrics.json
+    fsync_dir(run.path)
     trainable, total = count_parameters(job.model)
     prompting = run.read_json("prompting.json") if (run.path / "prompting.json").is_file() else {}
     write_metrics(run, job.task, best, run.read_json("baseline.json"), trainable, total, state, **extra, **prompting)
-    shutil.rmtree(run.checkpoint, ignore_errors=True)
-    (run.path / "best_metrics.json").unlink(missing_ok=True)
-    run.set_status("completed")
+    finish(run, record)

@@ -7,8 +7,11 @@ inputs, and write metrics.json when it completes. ``train/run.py`` (the loop ove
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import resource
+import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +21,7 @@ import torch
 from .. import __version__
 from ..config import Config, dump_yaml
 from ..data.report import render_html
+from ..fs import atomic_dir, atomic_write_text, clean_temporaries, recover_dir
 from ..registry_db import Recording, ending
 from ..rundir import RunDir
 from ..tasks.base import Task
@@ -34,34 +38,64 @@ def absolute_refs(cfg: Config) -> Config:
 
 def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: list[dict], rows: dict[str, int],
                  labels: list[str] | None = None) -> None:
-    """The resolved config, tokenizer, labels, data summary and report, rejects and versions."""
-    run.config.write_text(dump_yaml(cfg), encoding="utf-8")
-    tokenizer.save_pretrained(run.tokenizer)
+    """The resolved config (first: from then on the directory can be resumed), the run's status,
+    tokenizer, labels, data summary and report, rejects and versions."""
+    atomic_write_text(run.config, dump_yaml(cfg))
+    run.set_status("running")
+    atomic_dir(run.tokenizer, tokenizer.save_pretrained)
     if labels:
         run.write_json("labels.json", {"labels": labels})
     run.write_json("data.json", {"fingerprint": report["fingerprint"], "mode": report["mode"],
                                  **{f"{split}_rows": n for split, n in rows.items()},
                                  "train": cfg.data.train, "eval": cfg.data.eval})
     run.write_json("data_report.json", report)
-    (run.path / "data_report.html").write_text(render_html(report), encoding="utf-8")
+    atomic_write_text(run.path / "data_report.html", render_html(report))
     if rejects:
         run.write_jsonl("rejects.jsonl", rejects)
     run.write_json("env.json", environment())
 
 
+def recover(run: RunDir) -> None:
+    """Put a run directory that a crash interrupted back into a state the run can go on from: finish
+    or undo a folder swap, remove half-written files, and undo a finish that did not reach its commit
+    record (``delta/`` in place but no metrics.json: the delta goes back to ``best/``, and the run
+    repeats its last steps from its checkpoint, which reproduces them exactly)."""
+    for folder in (run.checkpoint, run.best, run.delta, run.tokenizer):
+        recover_dir(folder)
+    clean_temporaries(run.path)
+    if run.delta.is_dir() and not (run.path / "metrics.json").is_file():
+        if run.best.exists():
+            shutil.rmtree(run.delta)
+        else:
+            os.replace(run.delta, run.best)
+
+
+def finish(run: RunDir, record: Recording) -> None:
+    """The last steps of a run whose commit record (metrics.json) is written: drop what only a
+    resume needed and say it completed. Repeated by ``--resume`` if a crash cut them short."""
+    shutil.rmtree(run.checkpoint, ignore_errors=True)
+    shutil.rmtree(run.best, ignore_errors=True)
+    (run.path / "best_metrics.json").unlink(missing_ok=True)
+    run.set_status("completed")
+    record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
+
+
 @contextmanager
 def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
-    """The run's status.json and registry record follow how the block ends: completed, interrupted
-    (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed with the error."""
+    """An error or interruption inside the block is recorded in the run's status.json and registry
+    record: interrupted (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed
+    with the error. The block itself ends with ``finish`` when the run completes."""
     try:
         yield
     except BaseException as exc:
         status, error = ending(exc)
         details = {"interrupted": interrupted, "failed": {"error": error}}.get(status, {"reason": error})
-        run.set_status(status, **details)
+        try:
+            run.set_status(status, **details)
+        except OSError as write_error:  # e.g. the disk is full: the original error matters more
+            print(f"warning: {run.path}: could not record status {status}: {write_error}", file=sys.stderr)
         record.end(status, error=error)
         raise
-    record.end("completed")  # reads metrics.json, env.json, data.json and delta/ from the run directory
 
 
 def write_metrics(run: RunDir, task: Task, after: dict, before: dict, trainable: int, total: int, state,
@@ -78,6 +112,7 @@ def write_metrics(run: RunDir, task: Task, after: dict, before: dict, trainable:
         "steps": state.step,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_fingerprint": run.read_json("data.json")["fingerprint"],
+        **({"nonfinite_steps_skipped": state.skipped} if state.skipped else {}),  # train.on_nonfinite=skip
         **extra,
     })
 

@@ -154,6 +154,12 @@ class DataConfig:
                             "restart per example, so no attention crosses an example boundary).")
     on_error: str = doc("fail", "A malformed or invalid row: 'fail' stops with an error naming it; 'skip' writes "
                                 "it to rejects.jsonl with its file, row and reason, and goes on.")
+    control_chars: str = doc("reject", "Control characters (C0/C1 such as NUL, DEL; not tab or line breaks) in a "
+                                       "label or tag: 'reject' makes the row a bad row (data.on_error: fail names "
+                                       "file, row and column; skip writes it to rejects.jsonl), since 'positive\\x00' "
+                                       "would silently become a class of its own; text columns are kept as they are. "
+                                       "'strip': remove them from labels, tags and text columns; the data report "
+                                       "counts the rows changed (control_chars_stripped).")
     tasks: dict[str, dict[str, str]] = doc({}, "Multi-task classification: task name -> {train, eval, text_column, "
                                                  "label_column} (eval and the columns optional; data.* fills them). "
                                                  "One model learns every task; metrics are reported per task.")
@@ -184,6 +190,7 @@ class DataConfig:
                 problems.append(f"data.{key}: must be at least 1, got {value}")
         problems += _one_of("data.format", self.format, ("columns", "instruction"))
         problems += _one_of("data.on_error", self.on_error, ("fail", "skip"))
+        problems += _one_of("data.control_chars", self.control_chars, ("reject", "strip"))
         for section in (self.clean, self.dedup, self.pii, self.augment):
             problems += section.problems()
         return problems

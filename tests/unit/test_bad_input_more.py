@@ -129,6 +129,11 @@ def test_control_characters_stripped_or_skipped(tiny_bert, tmp_path):
     assert any("\x07" in r["text"] for s in skipped.splits.values() for r in s)
 
 
+def test_the_option_is_documented(capsys):
+    assert main(["validate", "--explain"]) == 0
+    assert "data.control_chars = 'reject'" in capsys.readouterr().out
+
+
 def test_control_character_in_a_tag(tiny_bert, tmp_path, capsys):
     rows = [{"tokens": ["good", "film"], "tags": ["POS", "O"]}, {"tokens": ["bad", "film"], "tags": ["NEG\x1b", "O"]}]
     data = write_jsonl(tmp_path / "tags.jsonl", rows * 5)

@@ -193,20 +193,19 @@ class RowStage:
         for column in ([fields.label] if fields.label else []) + (fields.inputs if strip else []):
             value = row.get(column)
             values = value if isinstance(value, list) else [value]
-            for v in values:
-                at = clean.find_control(v) if isinstance(v, str) else -1
-                if at < 0:
-                    continue
-                if not strip:
-                    return (f"{_what(self.d, column)} column {column!r} holds {_snippet(v, at)}, which has a control "
-                            f"character (U+{ord(v[at]):04X} at position {at + 1}): it would be a "
-                            f"{'tag' if fields.per_word else 'label'} of its own, "
-                            f"not {clean.strip_control(v).strip()!r}; remove it from the file, or set "
-                            "data.control_chars=strip to remove control characters")
-                changed = True
-            if strip and changed:
-                cleaned = [clean.strip_control(v) if isinstance(v, str) else v for v in values]
-                row[column] = cleaned if isinstance(value, list) else cleaned[0]
+            found = next(((v, at) for v in values if isinstance(v, str) for at in [clean.find_control(v)]
+                          if at >= 0), None)
+            if found is None:
+                continue
+            if not strip:
+                v, at = found
+                return (f"{_what(self.d, column)} column {column!r} holds {_snippet(v, at)}, which has a control "
+                        f"character (U+{ord(v[at]):04X} at position {at + 1}): it would be a "
+                        f"{'tag' if fields.per_word else 'label'} of its own, not {clean.strip_control(v).strip()!r}; "
+                        "remove it from the file, or set data.control_chars=strip to remove control characters")
+            cleaned = [clean.strip_control(v) if isinstance(v, str) else v for v in values]
+            row[column] = cleaned if isinstance(value, list) else cleaned[0]
+            changed = True
         self.ledger.control_chars += changed
         return None
 

@@ -110,10 +110,10 @@ def check_format(path: Path, suffix: str) -> None:
     if not head:
         return  # empty: the reader says "no data rows"
     kind = f"a {suffix} file must be UTF-8 text"
-    for signature, what, fix in SIGNATURES:
-        if head.startswith(signature) and (signature != b"BZh" or head[4:10] == b"1AY&SY"):
-            raise DataError(f"{path}: not a text file but {what} (bytes {head[:len(signature)].hex(' ')} at byte 0); "
-                            f"{kind}: {fix}")
+    known = _signature(head)
+    if known:
+        signature, what, fix = known
+        raise DataError(f"{path}: not a text file but {what} (bytes {signature.hex(' ')} at byte 0); {kind}: {fix}")
     for bom, encoding in BOMS:
         if head.startswith(bom):
             name = encoding[:6].upper()
@@ -138,12 +138,20 @@ def check_format(path: Path, suffix: str) -> None:
         found = [f"byte {bad} (0x{head[bad]:02x}) is not UTF-8"] if bad >= 0 else []
         if nul >= 0:
             found.append(f"it has NUL bytes (first at byte {nul})")
-        if controls * 10 > len(head) or not found:
+        if not found:
             found.append(f"{controls} of its first {len(head)} bytes are control bytes (first at byte "
                          f"{_first_control(head)})")
         raise DataError(f"{path}: not a text file: {', and '.join(found)}; {kind}. It looks like binary data: if "
                         "it is a Parquet file, name it .parquet; if it is compressed, decompress it; if it is a "
                         "spreadsheet, export it as 'CSV UTF-8'")
+
+
+def _signature(head: bytes) -> tuple[bytes, str, str] | None:
+    """The entry of SIGNATURES whose signature ``head`` starts with, if any."""
+    for signature, what, fix in SIGNATURES:
+        if head.startswith(signature) and (signature != b"BZh" or head[4:10] == b"1AY&SY"):  # bzip2's block magic
+            return signature, what, fix
+    return None
 
 
 def _first_control(head: bytes) -> int:
@@ -159,10 +167,10 @@ def _check_parquet(path: Path, head: bytes, tail: bytes) -> None:
                             "but does not end with it (no footer); write the file again in full")
         return
     what, fix = "", "write the data as Parquet, or give the file the suffix of its real format"
-    for signature, name, how in SIGNATURES:
-        if head.startswith(signature):
-            what, fix = f"; it is {name}", how
-    if not what and 0 > head.find(b"\x00"):
+    known = _signature(head)
+    if known:
+        what, fix = f"; it is {known[1]}", known[2]
+    elif head.find(b"\x00") < 0:
         try:
             text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip("\ufeff \t\r\n")
         except UnicodeDecodeError:

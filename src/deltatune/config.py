@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ def doc(default: Any, help: str) -> Any:
 
 
 MISSING_POLICIES = ("error", "drop", "fill")
+# train.lr above this is refused; at or above LARGE_LR only soft prompts are usually trained (configure warns).
+MAX_LR = 10.0
+LARGE_LR = 1.0
 # The choices of data.pii.types and data.augment.operations; data/pii.py and data/augment.py use these.
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ip", "name")
 EDA_OPERATIONS = ("synonym", "insert", "swap", "delete")
@@ -150,6 +154,12 @@ class DataConfig:
                             "restart per example, so no attention crosses an example boundary).")
     on_error: str = doc("fail", "A malformed or invalid row: 'fail' stops with an error naming it; 'skip' writes "
                                 "it to rejects.jsonl with its file, row and reason, and goes on.")
+    control_chars: str = doc("reject", "Control characters (C0/C1 such as NUL, DEL; not tab or line breaks) in a "
+                                       "label or tag: 'reject' makes the row a bad row (data.on_error: fail names "
+                                       "file, row and column; skip writes it to rejects.jsonl), since 'positive\\x00' "
+                                       "would silently become a class of its own; text columns are kept as they are. "
+                                       "'strip': remove them from labels, tags and text columns; the data report "
+                                       "counts the rows changed (control_chars_stripped).")
     tasks: dict[str, dict[str, str]] = doc({}, "Multi-task classification: task name -> {train, eval, text_column, "
                                                  "label_column} (eval and the columns optional; data.* fills them). "
                                                  "One model learns every task; metrics are reported per task.")
@@ -180,6 +190,7 @@ class DataConfig:
                 problems.append(f"data.{key}: must be at least 1, got {value}")
         problems += _one_of("data.format", self.format, ("columns", "instruction"))
         problems += _one_of("data.on_error", self.on_error, ("fail", "skip"))
+        problems += _one_of("data.control_chars", self.control_chars, ("reject", "strip"))
         for section in (self.clean, self.dedup, self.pii, self.augment):
             problems += section.problems()
         return problems
@@ -229,6 +240,10 @@ class TrainConfig:
         problems += _zero_or_more({"train.max_steps": self.max_steps, "train.weight_decay": self.weight_decay,
                                    "train.max_grad_norm": self.max_grad_norm, "train.eval_every": self.eval_every,
                                    "train.save_every": self.save_every})
+        if self.lr > MAX_LR:
+            problems.append(f"train.lr: {self.lr:g} is far too large to train with (every update would overshoot); "
+                            f"use at most {MAX_LR:g}: typical values are 1e-5 to 1e-4 for full fine-tuning, "
+                            "1e-4 to 1e-3 for LoRA and adapters, up to 0.3 for prompt tuning")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not isinstance(self.bf16, bool) and self.bf16 != "auto":
@@ -360,7 +375,15 @@ class Config:
     def problems(self) -> list[str]:
         """Every section's own problems. Not ppo.*: only task ppo reads it, so configure.task_problems
         checks it for that task; nor the method's options (configure builds them through its registry)."""
-        return [p for section in (self.data, self.train, self.eval, self.reward, self.dpo) for p in section.problems()]
+        problems = []
+        if self.output_dir is not None and not self.output_dir.strip():
+            problems.append(EMPTY_OUTPUT_DIR)
+        return problems + [p for section in (self.data, self.train, self.eval, self.reward, self.dpo)
+                           for p in section.problems()]
+
+
+EMPTY_OUTPUT_DIR = ("output_dir: empty; give the run directory (e.g. output_dir=runs/my-run), or leave output_dir "
+                    "out for runs/<name>-<timestamp>")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -373,7 +396,14 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError([f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)"],
                               source="command line")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        if not raw.strip() and key.strip() == "output_dir":  # `output_dir=$OUT` with OUT unset
+            raise ConfigError([EMPTY_OUTPUT_DIR], source="command line")
+        try:
+            value = load_yaml(raw, "command line", key.strip()) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__}: "
+                               f"{getattr(exc, 'problem', None) or exc}); quote it, e.g. {key}='...'"],
+                              source="command line") from exc
         node = tree
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -395,12 +425,78 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class DuplicateKeys(yaml.YAMLError):
+    def __init__(self, found: list[tuple[str, list[int]]]):
+        super().__init__(f"keys given more than once: {found}")
+        self.found = found
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key written twice in one mapping (plain YAML keeps the
+    later value without a word). Keys brought in by a merge (``<<: *defaults``) may still be
+    overridden, as YAML intends."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        found = sorted(_duplicate_keys(node, "", set()), key=lambda f: f[1])
+        if found:
+            raise DuplicateKeys(found)
+        return self.construct_document(node)
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(node: yaml.Node, path: str, seen: set[int]):
+    """(key path, line numbers) of every key written more than once in one mapping, at any depth."""
+    if id(node) in seen:  # an alias of a node already walked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple, list[int]] = {}
+        for key, value in node.value:
+            if key.tag == _MERGE:
+                yield from _duplicate_keys(value, path, seen)
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else "<complex key>"
+            if isinstance(key, yaml.ScalarNode):  # `lr` and `"lr"` are one key, `1` and `"1"` are two
+                lines.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+            yield from _duplicate_keys(value, f"{path}.{name}" if path else str(name), seen)
+        for (_, name), at in lines.items():
+            if len(at) > 1:
+                yield (f"{path}.{name}" if path else str(name)), at
+
+
+def load_yaml(text: str, source: str, prefix: str = "") -> Any:
+    """YAML text -> data, refusing keys given twice. ``prefix``: the key path the text sits under
+    (an override's key). Raises yaml.YAMLError for text that is not YAML."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except DuplicateKeys as exc:
+        problems = []
+        for key, at in exc.found:
+            key = f"{prefix}.{key}" if prefix else key
+            where = "" if prefix else f" (lines {', '.join(map(str, at[:-1]))} and {at[-1]})"
+            problems.append(f"{key}: given {_times(len(at))}{where}; YAML would silently keep only the last "
+                            "value. Keep one")
+        raise ConfigError(problems, source=source) from None
+
+
+def _times(n: int) -> str:
+    return "twice" if n == 2 else f"{n} times"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"], source=str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot parse YAML: {exc}"], source=str(path)) from exc
     if not isinstance(data, dict):
@@ -514,14 +610,19 @@ def coerce(value: Any, kind: Any) -> Any:
             return int(value)
         raise ValueError(f"expected a whole number, got {value!r}")
     if kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"expected a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(number):  # .nan / .inf in YAML, nan / inf / 1e999 on the command line
+            raise ValueError(f"expected a finite number, got {value!r}; nan and infinity are never valid settings")
+        return number
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -9,12 +9,13 @@ reports every problem of both kinds at once, in one ConfigError.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
 from . import assets
 from .components import supports, tasks_of
-from .config import Config, MethodConfig, build_section, did_you_mean, parse_config
+from .config import LARGE_LR, Config, MethodConfig, build_section, did_you_mean, parse_config
 from .data.multitask import check_tasks
 from .errors import ConfigError
 from .methods import registry
@@ -31,7 +32,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         problems += [f"method.{p}" for p in cfg.method.options.problems()]
     if problems:
         raise ConfigError(problems, source=parsed.source)
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     return cfg
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably a mistake (the run goes ahead)."""
+    method = registry.get(cfg.method.name)
+    if cfg.train.lr >= LARGE_LR and not method.prepends_virtual_tokens:
+        return [f"train.lr: {cfg.train.lr:g} is unusually large for {method.name} (only soft prompts are trained "
+                "with rates near 1); the loss will likely diverge. Typical: 1e-5 to 1e-4 for full fine-tuning, "
+                "1e-4 to 1e-3 for LoRA and adapters"]
+    return []
 
 
 def _build_method(raw: dict | None, problems: list[str]) -> MethodConfig:

@@ -11,6 +11,8 @@ import unicodedata
 from html.parser import HTMLParser
 
 _SPACE = re.compile(r"[^\S\n]+")       # whitespace other than line breaks
+# C0 and C1 control characters and DEL; tab, line feed and carriage return are formatting in text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _LINE_EDGES = re.compile(r" ?\n ?")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -85,3 +87,14 @@ def normalize_label(value: object, lowercase: bool, mapping: dict[str, str]) -> 
     if lowercase:
         label = label.lower()
     return mapping.get(label, label)
+
+
+def find_control(text: str) -> int:
+    """Where the first control character (C0, DEL, C1; not tab or line breaks) is, or -1."""
+    found = _CONTROL.search(text)
+    return found.start() if found else -1
+
+
+def strip_control(text: str) -> str:
+    """``text`` without control characters (tab, line feed and carriage return stay)."""
+    return _CONTROL.sub("", text)

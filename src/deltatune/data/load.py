@@ -13,6 +13,7 @@ there with its file, row and reason and skipped. A file that cannot be read at a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from pathlib import Path
@@ -54,6 +55,7 @@ def iter_table(path: str | Path, rejects: list[dict] | None = None) -> Iterator[
                ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(readers)}")
+    check_format(path, suffix)
     try:
         yield from readers[suffix](path, _Rows(path, rejects))
     except RecursionError as exc:  # json nesting thousands deep
@@ -66,6 +68,121 @@ def load_table(path: str | Path, rejects: list[dict] | None = None) -> list[dict
     if not rows and not (rejects and len(rejects) > before):
         raise DataError(f"{path}: the file has no data rows; a data set needs at least one example")
     return rows
+
+
+# ----------------------------------------------------------------------------- is the file what its name says
+
+SNIFF = 64 * 1024  # bytes read from the start of a file to tell text from binary
+# (signature at byte 0, what the file is, what to do). Checked before reading, so a file of the wrong
+# kind is named for what it is instead of failing later as "not UTF-8" or "no data rows".
+SIGNATURES = [
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k FILE) and point the config at the result"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k FILE)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k FILE)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd FILE)"),
+    (b"PK\x03\x04", "a ZIP archive (an Excel .xlsx workbook is one)",
+     "export the sheet as 'CSV UTF-8', or unzip the archive and use the data file inside"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Office document (an Excel .xls workbook?)",
+     "export the sheet as 'CSV UTF-8'"),
+    (b"PAR1", "a Parquet file", "give it the .parquet suffix"),
+    (b"ARROW1", "an Arrow IPC file", "write it as Parquet (.parquet) or save it with datasets' save_to_disk"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as CSV or JSONL"),
+    (b"%PDF-", "a PDF document", "extract the data into a CSV or JSONL file"),
+]
+BOMS = [(b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+        (b"\xfe\xff", "utf-16-be")]
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\x0b\x0c")
+
+
+def check_format(path: Path, suffix: str) -> None:
+    """Raise a DataError naming what ``path`` really is when it cannot be a ``suffix`` file: binary
+    data (NUL bytes, control bytes, not UTF-8), a compressed or Office file, UTF-16, or (for
+    .parquet) anything without Parquet's signature. Reads only the first and last bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(SNIFF)
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - 4))
+        tail = fh.read()
+    if suffix == ".parquet":
+        _check_parquet(path, head, tail)
+        return
+    if not head:
+        return  # empty: the reader says "no data rows"
+    kind = f"a {suffix} file must be UTF-8 text"
+    known = _signature(head)
+    if known:
+        signature, what, fix = known
+        raise DataError(f"{path}: not a text file but {what} (bytes {signature.hex(' ')} at byte 0); {kind}: {fix}")
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            name = encoding[:6].upper()
+            raise DataError(f"{path}: {name} text (byte-order mark {bom.hex(' ')} at byte 0), not UTF-8; {kind}: "
+                            f"re-save it as UTF-8 (e.g. iconv -f {name} -t UTF-8 FILE > NEW{suffix})")
+    nul = head.find(b"\x00")
+    odd, even = head[1::2].count(0), head[0::2].count(0)
+    if len(head) >= 8 and max(odd, even) * 4 >= len(head) and min(odd, even) * 20 < len(head):
+        order = "LE" if odd > even else "BE"  # ASCII as UTF-16: every other byte is 0
+        raise DataError(f"{path}: looks like UTF-16 text without a byte-order mark (every other byte is 0, first at "
+                        f"byte {nul}), not UTF-8; {kind}: re-save it as UTF-8 (e.g. iconv -f UTF-16{order} -t UTF-8 "
+                        f"FILE > NEW{suffix})")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=size <= SNIFF)
+        bad = -1
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    controls = sum(head.count(b) for b in _CONTROL_BYTES)
+    first_line = head.split(b"\n", 1)[0]
+    if (0 <= nul and (bad >= 0 or b"\x00" in first_line)) or controls * 10 > len(head) \
+            or (bad >= 0 and controls * 20 > len(head)):
+        found = [f"byte {bad} (0x{head[bad]:02x}) is not UTF-8"] if bad >= 0 else []
+        if nul >= 0:
+            found.append(f"it has NUL bytes (first at byte {nul})")
+        if not found:
+            found.append(f"{controls} of its first {len(head)} bytes are control bytes (first at byte "
+                         f"{_first_control(head)})")
+        raise DataError(f"{path}: not a text file: {', and '.join(found)}; {kind}. It looks like binary data: if "
+                        "it is a Parquet file, name it .parquet; if it is compressed, decompress it; if it is a "
+                        "spreadsheet, export it as 'CSV UTF-8'")
+
+
+def _signature(head: bytes) -> tuple[bytes, str, str] | None:
+    """The entry of SIGNATURES whose signature ``head`` starts with, if any."""
+    for signature, what, fix in SIGNATURES:
+        if head.startswith(signature) and (signature != b"BZh" or head[4:10] == b"1AY&SY"):  # bzip2's block magic
+            return signature, what, fix
+    return None
+
+
+def _first_control(head: bytes) -> int:
+    return min((i for i in (head.find(bytes([b])) for b in _CONTROL_BYTES) if i >= 0), default=-1)
+
+
+def _check_parquet(path: Path, head: bytes, tail: bytes) -> None:
+    if not head:
+        raise DataError(f"{path}: an empty file (0 bytes), not a Parquet file; write the data again")
+    if head.startswith(b"PAR1"):
+        if tail != b"PAR1":
+            raise DataError(f"{path}: a damaged or truncated Parquet file: it starts with the Parquet signature "
+                            "but does not end with it (no footer); write the file again in full")
+        return
+    what, fix = "", "write the data as Parquet, or give the file the suffix of its real format"
+    known = _signature(head)
+    if known:
+        what, fix = f"; it is {known[1]}", known[2]
+    elif head.find(b"\x00") < 0:
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(head).lstrip("\ufeff \t\r\n")
+        except UnicodeDecodeError:
+            text = ""
+        if text[:1] in ("{", "["):
+            what, fix = "; it looks like JSON text", "name it .jsonl (one object per line) or .json"
+        elif text:
+            first = text.split("\n", 1)[0]
+            what = "; it looks like " + ("TSV" if "\t" in first else "CSV") + " text"
+            fix = f"name it {'.tsv' if chr(9) in first else '.csv'}"
+    raise DataError(f"{path}: not a Parquet file: it does not start with the Parquet signature 'PAR1' "
+                    f"(byte 0 is 0x{head[0]:02x}){what}; {fix}")
 
 
 def _decode(path: Path) -> str:

@@ -74,6 +74,7 @@ class Ledger:
     pii: Counter = field(default_factory=Counter)
     augmented: Counter = field(default_factory=Counter)
     limited: int = 0                                    # left out by train_limit / eval_limit / shots
+    control_chars: int = 0                              # rows whose control characters were stripped (kept)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RowStage:
         """The file's usable rows, one at a time (a file larger than memory streams through)."""
         malformed: list[dict] | None = [] if self.d.on_error == "skip" else None
         fields = None
+        wrong_types: list[tuple[dict, str, object]] = []  # on_error=fail: gathered for one message, then raised
         for row in iter_table(path, malformed):
             self.ledger.rows_in += 1
             if fields is None:
@@ -119,8 +121,20 @@ class RowStage:
                 require_columns([row], path, columns)
             if self.templates.compiled and not self._keep(row, self.templates.render(row)):
                 continue
-            if self._keep(row, self._clean(row, fields)):
+            wrong = _wrong_type(row, fields)
+            if wrong and self.d.on_error == "fail":
+                wrong_types.append((row, *wrong))
+                if len(wrong_types) == WRONG_TYPE_EXAMPLES:
+                    break
+                continue
+            if wrong_types:  # failing: only look for more rows of the wrong type
+                continue
+            if wrong:
+                self._keep(row, f"{_what(self.d, wrong[0])} column {wrong[0]!r} holds {_kind(wrong[1])}, not text")
+            elif self._keep(row, self._clean(row, fields)):
                 yield row
+        if wrong_types:
+            raise DataError(_wrong_types_message(path, self.d, wrong_types))
         self.ledger.rejects += malformed or []
         self.ledger.rows_in += len(malformed or [])
         if fields is None and not malformed:
@@ -140,6 +154,9 @@ class RowStage:
     def _clean(self, row: dict, fields: Fields) -> str | None:
         """None to keep the row; 'dropped' / 'filtered' when a policy removes it; else the reason."""
         c = self.d.clean
+        problem = self._control_chars(row, fields)
+        if problem:
+            return problem
         for column in fields.columns:
             if clean.is_missing(row.get(column)):
                 policy = c.missing.get(column, "error")
@@ -168,6 +185,30 @@ class RowStage:
             return "filtered"
         return None
 
+    def _control_chars(self, row: dict, fields: Fields) -> str | None:
+        """Control characters in a label or tag: the reason to reject the row (data.control_chars=reject),
+        or (strip) removed from labels, tags and text columns, the row counted."""
+        strip = self.d.control_chars == "strip"
+        changed = False
+        for column in ([fields.label] if fields.label else []) + (fields.inputs if strip else []):
+            value = row.get(column)
+            values = value if isinstance(value, list) else [value]
+            found = next(((v, at) for v in values if isinstance(v, str) for at in [clean.find_control(v)]
+                          if at >= 0), None)
+            if found is None:
+                continue
+            if not strip:
+                v, at = found
+                return (f"{_what(self.d, column)} column {column!r} holds {_snippet(v, at)}, which has a control "
+                        f"character (U+{ord(v[at]):04X} at position {at + 1}): it would be a "
+                        f"{'tag' if fields.per_word else 'label'} of its own, not {clean.strip_control(v).strip()!r}; "
+                        "remove it from the file, or set data.control_chars=strip to remove control characters")
+            cleaned = [clean.strip_control(v) if isinstance(v, str) else v for v in values]
+            row[column] = cleaned if isinstance(value, list) else cleaned[0]
+            changed = True
+        self.ledger.control_chars += changed
+        return None
+
     def _text(self, value):
         if isinstance(value, list):  # token lists: clean and redact word by word, keeping the alignment
             return [self._text(v) for v in value]
@@ -190,6 +231,64 @@ def _what(d, column: str) -> str:
 
 def _key(d, column: str) -> str:
     return f"{_what(d, column)}_column"
+
+
+WRONG_TYPE_EXAMPLES = 5  # rows named when a text column holds something else
+
+
+def _wrong_type(row: dict, fields: Fields) -> tuple[str, object] | None:
+    """(column, value) of a text column holding something other than text (a number, a list, ...), or
+    of a label column holding a list or mapping. Missing values are the missing-value policy's.
+    Word and tag lists (token classification) are checked by ``_tagged``."""
+    if fields.per_word:
+        return None
+    for column in fields.inputs:
+        value = row.get(column)
+        if not isinstance(value, str) and not clean.is_missing(value):
+            return column, value
+    value = row.get(fields.label) if fields.label else None
+    if isinstance(value, (list, tuple, dict)) and not clean.is_missing(value):
+        return fields.label, value
+    return None
+
+
+def _kind(value: object) -> str:
+    kinds = {bool: "true/false (bool)", int: "a number (int)", float: "a number (float)", list: "a list",
+             tuple: "a list", dict: "a mapping"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _short(value: object, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _snippet(text: str, at: int, width: int = 40) -> str:
+    """repr of ``text``, or of the part around position ``at`` when it is long."""
+    if len(text) <= 2 * width:
+        return repr(text)
+    start = max(0, at - width // 2)
+    return f"{'...' if start else ''}{text[start:start + width]!r}..."
+
+
+def _wrong_types_message(path: str, d, found: list[tuple[dict, str, object]]) -> str:
+    column = found[0][1]
+    rows = [(row, value) for row, col, value in found if col == column]
+    kinds = sorted({_kind(v) for _, v in rows})
+    shown = ", ".join(f"row {row[ROW]} ({_short(v)})" for row, v in rows)
+    more = " and possibly more" if len(found) == WRONG_TYPE_EXAMPLES else ""
+    what = _what(d, column)
+    if what == "label":
+        fix = "give one label per row (text or a whole-number class id)"
+    elif any(isinstance(v, (list, tuple)) for _, v in rows):
+        fix = (f"join the list into one string (e.g. ' '.join(words)); for one tag per word use "
+               f"task=token_classification; or set data.{_key(d, column)} to the column that holds the text")
+    else:
+        fix = (f"write the column as strings (e.g. pandas: df[{column!r}] = df[{column!r}].astype(str)) if the values "
+               f"are meant as text, or set data.{_key(d, column)} to the column that holds the text")
+    return (f"{path}: {what} column {column!r} (data.{_key(d, column)}) must hold "
+            f"{'one label' if what == 'label' else 'text'} in every row, but these rows hold {' or '.join(kinds)}: "
+            f"{shown}{more}. {fix[0].upper()}{fix[1:]}")
 
 
 def _tagged(row: dict, fields: Fields) -> str | None:

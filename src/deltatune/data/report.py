@@ -60,6 +60,7 @@ def build_report(cfg: Config, splits, fields, ledger, files: dict, tokenizer) ->
         "missing_handled": {"dropped": dict(ledger.dropped), "filled": dict(ledger.filled),
                             "total": sum(ledger.dropped.values()) + sum(ledger.filled.values())},
         "length_filtered": ledger.length_filtered,
+        "control_chars_stripped": ledger.control_chars,
         "exact_duplicates_removed": sum(ledger.exact.values()),
         "near_duplicates_removed": sum(ledger.near.values()),
         "duplicates_by_split": {s: {"exact": ledger.exact[s], "near": ledger.near[s]} for s in splits},
@@ -163,11 +164,11 @@ def _table(pairs: list[tuple[str, object]]) -> str:
 
 def render_html(report: dict) -> str:
     keys = ["task", "mode", "rows_in", "rows_out", "rows_per_split", "rejected_rows", "missing_handled",
-            "length_filtered", "exact_duplicates_removed", "near_duplicates_removed", "conflicting_labels",
-            "leakage_found", "leakage_removed", "pii_redacted", "augmented_rows", "augmented_by_kind",
+            "length_filtered", "control_chars_stripped", "exact_duplicates_removed", "near_duplicates_removed",
+            "conflicting_labels", "leakage_found", "leakage_removed", "pii_redacted", "augmented_rows", "augmented_by_kind",
             "left_out_by_limits", "fingerprint"]
     body = [f"<h1>Data report</h1><p>{html.escape(', '.join(f'{k}: {v}' for k, v in report['files'].items()))}</p>",
-            _table([(k, report[k]) for k in keys])]
+            _table([(k, report[k]) for k in keys if k in report])]  # older reports lack newer keys
     if report.get("tasks"):  # multi-task data (data/multitask.py): each task's own figures
         body.append("<h2>Tasks</h2>" + _table([(task, {k: t[k] for k in ("rows_per_split", "exact_duplicates_removed",
                                                                           "leakage_found", "left_out_by_limits")})

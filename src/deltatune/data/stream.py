@@ -174,7 +174,7 @@ def _report(cfg: Config, sink: _Sink, ledger: Ledger, files: dict, tokenizer) ->
         "rejected_rows": len(ledger.rejects),
         "missing_handled": {"dropped": dict(ledger.dropped), "filled": dict(ledger.filled),
                             "total": sum(ledger.dropped.values()) + sum(ledger.filled.values())},
-        "length_filtered": ledger.length_filtered,
+        "length_filtered": ledger.length_filtered, "control_chars_stripped": ledger.control_chars,
         "exact_duplicates_removed": sum(ledger.exact.values()), "near_duplicates_removed": 0,
         "duplicates_by_split": {s: {"exact": ledger.exact[s], "near": 0} for s in SPLITS},
         "conflicting_labels": None, "leakage_found": {s: dict(c) for s, c in ledger.leaks.items()},

@@ -24,6 +24,16 @@ class IA3Options:
     feedforward_modules: list[str] | None = doc(None, "Which of target_modules are feed-forward layers (scaled "
                                                       "at their input); default: peft's choice.")
 
+    def problems(self) -> list[str]:
+        out = [f"{key}: empty; name layers (e.g. [key, value]) or leave it unset for peft's choice"
+               for key in ("target_modules", "feedforward_modules") if getattr(self, key) == []]
+        if self.target_modules and self.feedforward_modules:
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                out.append(f"feedforward_modules: {', '.join(map(repr, extra))} not in method.target_modules; every "
+                           "feed-forward layer to rescale must also be a target")
+        return out
+
 
 @register
 class IA3(PeftMethod):

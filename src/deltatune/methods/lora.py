@@ -30,6 +30,9 @@ class LoraOptions:
             out.append(f"r: must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.target_modules == []:
+            out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
+                       "for peft's choice for the architecture")
         return out
 
 

@@ -12,7 +12,7 @@ from .base import Task
 
 # The data settings a preference file ignores (the cleaning pipeline does not run on it).
 UNUSED = ("test", "test_fraction", "kfold", "shots_per_class", "templates", "format", "tasks",
-          "clean", "dedup", "pii", "augment")
+          "clean", "dedup", "pii", "augment", "control_chars")
 
 
 class PreferenceTask(Task):

@@ -135,6 +135,13 @@ def test_written_folder_trains_and_is_atomic(planted, tmp_path, tiny_bert):
     with pytest.raises(DataError, match="not a prepared data folder"):
         write_prepared(prepared, tmp_path / "taken", "")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").write_text("mine too")  # a user's file inside an earlier output: never deleted
+    with pytest.raises(DataError, match=r"also holds files data prepare did not write \(notes.txt\)"):
+        write_prepared(prepared, out, "")
+    assert (out / "notes.txt").read_text() == "mine too"
+    (out / "notes.txt").unlink()
+    assert write_prepared(prepared, out, "model: y\n") == out  # an earlier output alone is replaced
+    assert (out / "config.yaml").read_text() == "model: y\n"
 
 
 class _Tags(HTMLParser):

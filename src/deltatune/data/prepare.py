@@ -471,12 +471,8 @@ def write_prepared(prepared: PreparedRows, out: Path, config_yaml: str) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..fs import atomic_dir
     from .report import render_html
 
-    out = Path(out)
-    if out.exists() and not (out / REPORT).is_file():
-        raise DataError(f"{out}: exists and is not a prepared data folder; choose another --out")
     columns = prepared.fields.columns + [ROW, FILE, AUGMENTED]
 
     def build(tmp: Path) -> None:
@@ -490,4 +486,30 @@ def write_prepared(prepared: PreparedRows, out: Path, config_yaml: str) -> Path:
                                                    for r in prepared.rejects), encoding="utf-8")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
-    return atomic_dir(out, build)
+    return replace_prepared(Path(out), build)
+
+
+PREPARED_FILES = {f"{split}.parquet" for split in SPLITS} | {REPORT, "data_report.html", "rejects.jsonl", "config.yaml"}
+
+
+def replace_prepared(out: Path, build) -> Path:
+    """Write a prepared data folder (``data prepare --out``): into a missing or empty folder, or over an
+    earlier prepared folder holding only what ``data prepare`` writes; never over anything else."""
+    from ..fs import replace_dir
+
+    check_prepared_out(out)
+    return replace_dir(out, build, owned=True)
+
+
+def check_prepared_out(out: Path) -> None:
+    from ..fs import foreign_entries
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / REPORT).is_file():
+            raise DataError(f"{out}: exists and is not a prepared data folder; choose another --out")
+        foreign = foreign_entries(out, lambda p: p.name in PREPARED_FILES)
+        if foreign:
+            raise DataError(f"{out}: a prepared data folder, but it also holds files data prepare did not write "
+                            f"({', '.join(foreign[:5])}); move them out or choose another --out")

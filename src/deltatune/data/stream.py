@@ -23,9 +23,8 @@ from pathlib import Path
 from ..assets import resolve_data
 from ..config import Config, dump_yaml, to_dict
 from ..errors import ConfigError, DataError
-from ..fs import atomic_dir
 from .load import FILE, ROW
-from .prepare import AUGMENTED, REPORT, SPLITS, Fields, FieldsFor, Ledger, RowStage
+from .prepare import AUGMENTED, REPORT, SPLITS, Fields, FieldsFor, Ledger, RowStage, check_prepared_out, replace_prepared
 from .report import render_html
 
 SAMPLE = 5000  # rows kept (reservoir) for the token-length figures
@@ -121,8 +120,7 @@ def prepare_stream(cfg: Config, out: Path, fields_for: FieldsFor, tokenizer=None
     _refuse_unsupported(cfg)
     d, seed = cfg.data, cfg.train.seed
     out = Path(out)
-    if out.exists() and not (out / REPORT).is_file():
-        raise DataError(f"{out}: exists and is not a prepared data folder; choose another --out")
+    check_prepared_out(out)  # before the work: the folder must be new, empty, or an earlier output
     files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval), ("test", d.test)) if ref}
     eval_share = 0.0 if d.eval else d.eval_fraction
     test_share = 0.0 if d.test else d.test_fraction
@@ -159,7 +157,7 @@ def prepare_stream(cfg: Config, out: Path, fields_for: FieldsFor, tokenizer=None
                                            encoding="utf-8")
         (tmp / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
 
-    atomic_dir(out, build)
+    replace_prepared(Path(out), build)
     return result
 
 

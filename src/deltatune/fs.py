@@ -88,6 +88,7 @@ def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}", dir=final.parent))
     new, old = _sibling(final, NEW), _sibling(final, OLD)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir makes it (mkdtemp's is private)
         build(tmp)
         fsync_tree(tmp)
         shutil.rmtree(new, ignore_errors=True)
@@ -130,6 +131,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open makes it (mkstemp's is private)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -238,6 +240,12 @@ def clean_temporaries(folder: Path) -> list[Path]:
         shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
         removed.append(item)
     return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def _sibling(final: Path, suffix: str) -> Path:

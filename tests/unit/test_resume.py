@@ -103,3 +103,17 @@ def test_an_error_while_writing_inputs_never_leaves_status_running(tiny_bert, cl
     status = json.loads((tmp_path / "r" / "status.json").read_text())
     assert status["status"] == "failed" and "No space left" in status["error"]
     assert not (tmp_path / "r" / "tokenizer").exists() and not list((tmp_path / "r").glob(".tokenizer*"))
+
+
+def test_run_files_get_the_usual_permissions(tiny_bert, cls_csv, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run = train(config(tiny_bert, "classification", "lora", cls_csv, tmp_path / "r", "train.max_steps=2"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((run.path / "status.json").stat().st_mode) == 0o644  # not a temp file's 0600
+    assert stat.S_IMODE((run.path / "config.yaml").stat().st_mode) == 0o644
+    assert stat.S_IMODE(run.delta.stat().st_mode) == 0o755 and stat.S_IMODE(run.tokenizer.stat().st_mode) == 0o755

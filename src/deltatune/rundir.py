@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -75,10 +76,37 @@ class RunDir:
         if self.complete():  # first: a complete run stays usable even if its status.json was damaged
             return
         status = self.status()
+        if status == "running" and not self.alive():
+            raise RunError(f"{self.path}: run was killed while it trained (its process is gone); resume it with: "
+                           f"deltatune train --resume {self.path}")
         if status != "completed":
-            hint = (f"resume it with: deltatune train --resume {self.path}" if status in ("interrupted", "failed")
-                    else "is this a deltatune run directory?")
+            hint = {"interrupted": f"resume it with: deltatune train --resume {self.path}",
+                    "failed": f"resume it with: deltatune train --resume {self.path}",
+                    "running": "it is still training; wait for it to finish"}.get(
+                        status, "is this a deltatune run directory?")
             raise RunError(f"{self.path}: run is {status}, not completed; {hint}")
+
+    def mark_running(self) -> None:
+        """status.json says running, and which process on which machine, so a run killed on this machine
+        can be told from one still training (``alive``)."""
+        self.set_status("running", pid=os.getpid(), host=socket.gethostname())
+
+    def alive(self) -> bool:
+        """False when status.json names a process on this machine that no longer exists (the run was
+        killed); True otherwise (running elsewhere, or nothing to tell)."""
+        try:
+            state = self.read_json("status.json")
+        except (RunError, ValueError):
+            return True
+        if state.get("host") != socket.gethostname() or not isinstance(state.get("pid"), int):
+            return True
+        try:
+            os.kill(state["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process
+            return True
+        return True
 
 
 def _complete_line(line: str) -> bool:

@@ -117,3 +117,25 @@ def test_run_files_get_the_usual_permissions(tiny_bert, cls_csv, tmp_path):
     assert stat.S_IMODE((run.path / "status.json").stat().st_mode) == 0o644  # not a temp file's 0600
     assert stat.S_IMODE((run.path / "config.yaml").stat().st_mode) == 0o644
     assert stat.S_IMODE(run.delta.stat().st_mode) == 0o755 and stat.S_IMODE(run.tokenizer.stat().st_mode) == 0o755
+
+
+def test_a_killed_run_is_told_apart_from_a_running_one(tiny_bert, cls_csv, tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+
+    from deltatune.cli import main
+    from deltatune.errors import RunError
+
+    _interrupted(tiny_bert, cls_csv, tmp_path / "r", 3)
+    run = tmp_path / "r"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer exists
+    for pid, expected in ((gone.pid, "was killed while it trained"), (os.getpid(), "still training")):
+        (run / "status.json").write_text(json.dumps({"status": "running", "pid": pid, "host": socket.gethostname()}))
+        assert main(["predict", str(run), "--text", "good"]) == 2
+        assert expected in capsys.readouterr().err
+    with pytest.raises(RunError, match="still training .*stop it first"):
+        resume(run)  # status names this live process: a second writer is refused
+    (run / "status.json").write_text(json.dumps({"status": "running", "pid": gone.pid, "host": socket.gethostname()}))
+    assert json.loads((resume(run).path / "status.json").read_text())["status"] == "completed"

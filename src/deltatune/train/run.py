@@ -79,6 +79,11 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     run = RunDir(Path(path))
     if run.status() == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
+    if run.status() == "running" and run.alive():
+        state = run.read_json("status.json")
+        raise RunError(f"{run.path}: this run is still training (process {state.get('pid', '?')} on "
+                       f"{state.get('host', 'another machine')}); two processes must never write one run: "
+                       "stop it first (Ctrl-C), then resume")
     if not run.config.is_file():
         raise RunError(f"{run.path}: no config.yaml, so no run to resume (a run writes it first; is this a "
                        "deltatune run directory?); start one with deltatune train")
@@ -105,7 +110,7 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     if not from_checkpoint:  # stopped before its first checkpoint: start again, in the same directory
         run.log.unlink(missing_ok=True)
         return _start(cfg, job, data, tokenizer, extras, record, callbacks)
-    run.set_status("running")
+    run.mark_running()
     extras.before = run.read_json("baseline.json").get("general_text")
     with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
         best, state = run_loop(job, resume=True, callbacks=callbacks)

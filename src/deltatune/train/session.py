@@ -41,7 +41,7 @@ def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: lis
     """The resolved config (first: from then on the directory can be resumed), the run's status,
     tokenizer, labels, data summary and report, rejects and versions."""
     atomic_write_text(run.config, dump_yaml(cfg))
-    run.set_status("running")
+    run.mark_running()
     atomic_dir(run.tokenizer, tokenizer.save_pretrained)
     if labels:
         run.write_json("labels.json", {"labels": labels})

@@ -259,13 +259,14 @@ def _config_args(args) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     from .configure import load_config
-    from .rundir import is_main_process
+    from .rundir import end_launch, is_main_process
     from .train.run import resume, train
 
     if args.resume:
         run = resume(args.resume)
     else:
         run = train(load_config(*_config_args(args)))
+    end_launch()  # a multi-process launch: every process waits for the main one's writes, then leaves together
     if not is_main_process():  # another process of a multi-process launch: the main one reports
         return 0
     metrics = json.loads((run.path / "metrics.json").read_text())

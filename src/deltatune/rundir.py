@@ -177,6 +177,16 @@ def barrier() -> None:
         _joined_state().wait_for_everyone()
 
 
+def end_launch() -> None:
+    """The end of a multi-process launch: all processes meet, then close the process group in order.
+    (A process that left while the main one still wrote its run would exit with the group's
+    threads running, and abort: seen under load.)"""
+    if distributed():
+        state = _joined_state()
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def _joined_state():
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, dump_yaml
+from .config import Config, dump_yaml, read_yaml
 from .configure import load_config
 from .errors import ConfigError, OutputError, Stopped
 from .fs import atomic_write_text, foreign_entries, is_temporary
@@ -82,8 +82,8 @@ def parse_objectives(text: str | None, task: str) -> list[tuple[str, str]]:
 def read_space(path: str | None) -> dict:
     if path is None:
         return default_space()
-    space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-    if not isinstance(space, dict) or not space:
+    space = read_yaml(path)  # a missing file, YAML errors and keys given twice: named
+    if not space:
         raise ConfigError([f"{path}: expected a mapping of config keys to choices (see `deltatune tune --help`)"])
     for key, choice in space.items():
         if not (isinstance(choice, list) and choice) and not (isinstance(choice, dict) and {"low", "high"} <= set(choice)):

@@ -120,6 +120,14 @@ def test_suggest_and_space_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"train.lr": {"low": 1}}))
     with pytest.raises(ConfigError, match="train.lr"):
         read_space(str(bad))
+    bad.write_text("train.lr: [1e-4]\ntrain.lr: [1e-3]\n")  # given twice: refused, not the later one kept
+    with pytest.raises(ConfigError, match=r"train.lr: given twice \(lines 1 and 2\)"):
+        read_space(str(bad))
+    bad.write_text("train.lr: [1e-4\n")
+    with pytest.raises(ConfigError, match="cannot parse YAML"):
+        read_space(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_space(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown metric 'acc'"):
         parse_objectives("acc", "classification")
 

@@ -51,7 +51,7 @@ def preference_rows(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_bert, tiny_llama, tmp_path_factory):
+def runs(tiny_bert, tiny_llama, tiny_t5, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-runs")
     cls = write_csv(root / "cls.csv", sentiment_rows(24))
     yes_no = write_csv(root / "yes_no.csv", [{"text": r["text"], "label": {"positive": "yes", "negative": "no"}[
@@ -61,10 +61,12 @@ def runs(tiny_bert, tiny_llama, tmp_path_factory):
     prefs = write_jsonl(root / "prefs.jsonl", preference_rows(24))
     plan = {"cls_a": (tiny_bert, "classification", "lora", cls), "cls_b": (tiny_bert, "classification", "lora", yes_no),
             "cls_full": (tiny_bert, "classification", "full", cls),
+            "cls_prompt": (tiny_bert, "classification", "prompt", cls),
             "tags": (tiny_bert, "token_classification", "lora", tagged),
             "reward": (tiny_bert, "reward", "lora", prefs),
             "lm_a": (tiny_llama, "causal_lm", "lora", qa), "lm_b": (tiny_llama, "causal_lm", "lora", qa),
-            "lm_ia3": (tiny_llama, "causal_lm", "ia3", qa), "lm_prompt": (tiny_llama, "causal_lm", "prompt", qa)}
+            "lm_ia3": (tiny_llama, "causal_lm", "ia3", qa), "lm_prompt": (tiny_llama, "causal_lm", "prompt", qa),
+            "lm_full": (tiny_llama, "causal_lm", "full", qa), "s2s": (tiny_t5, "seq2seq", "lora", qa)}
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DELTATUNE_REGISTRY", str(root / "registry.sqlite"))
@@ -93,7 +95,7 @@ def greedy_reference(model, tokenizer, prompt_ids: list[int], n: int) -> list[in
     ids = torch.tensor([prompt_ids])
     gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                          pad_token_id=tokenizer.pad_token_id)
-    return gen[0, ids.shape[1]:].tolist()
+    return gen[0, 1 if model.config.is_encoder_decoder else ids.shape[1]:].tolist()  # a decoder starts anew
 
 
 async def collect(stream) -> tuple[str, list[int], list]:
@@ -114,11 +116,11 @@ def assert_same_predictions(got: list[dict], want: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- what is served
 
-def test_served_names_share_bases(engine, tiny_bert, tiny_llama):
+def test_served_names_share_bases(engine, tiny_bert, tiny_llama, tiny_t5):
     served = {s.name: s for s in engine.served()}
     bert, llama = f"base:{tiny_bert.name}", f"base:{tiny_llama.name}"
-    assert set(served) == {bert, llama, "cls_a", "cls_b", "cls_full", "tags", "reward", "lm_a", "lm_b", "lm_ia3",
-                           "lm_prompt"}
+    assert set(served) == {bert, llama, f"base:{tiny_t5.name}", "cls_a", "cls_b", "cls_full", "cls_prompt", "tags",
+                           "reward", "lm_a", "lm_b", "lm_ia3", "lm_prompt", "lm_full", "s2s"}
     assert served[bert].kind == "embed" and served[llama].kind == "generate" and served[llama].method is None
     assert served["cls_b"].labels == ["no", "yes"] and served["cls_b"].kind == "classify"
     assert (served["tags"].kind, served["reward"].kind, served["lm_a"].kind) == ("tag", "score", "generate")
@@ -128,7 +130,8 @@ def test_served_names_share_bases(engine, tiny_bert, tiny_llama):
     assert members["cls_a"].group is members["cls_b"].group is members[bert].group
     assert members["lm_a"].group is members["lm_b"].group is members[llama].group
     assert members["lm_ia3"].group is not members["lm_a"].group  # peft holds one adapter type per model
-    assert members["cls_full"].group.peft_type is None
+    assert members["cls_full"].group.peft_type is None and members["lm_full"].group.peft_type is None
+    assert members["cls_prompt"].group is not members["cls_a"].group
 
 
 def test_unknown_model_wrong_kind_and_too_long(engine):
@@ -155,8 +158,9 @@ def test_unknown_model_wrong_kind_and_too_long(engine):
 def test_classification_matches_predict(engine, loaded):
     async def both():
         return await asyncio.gather(engine.classify("cls_a", TEXTS), engine.classify("cls_b", TEXTS[:3]),
-                                    engine.classify("cls_full", TEXTS))
-    a, b, full = run(both())
+                                    engine.classify("cls_full", TEXTS), engine.classify("cls_prompt", TEXTS))
+    a, b, full, prompt = run(both())
+    assert_same_predictions(prompt, predict(loaded["cls_prompt"], TEXTS))
     assert_same_predictions(a, predict(loaded["cls_a"], TEXTS))
     assert_same_predictions(b, predict(loaded["cls_b"], TEXTS[:3]))
     assert set(b[0]["probabilities"]) == {"no", "yes"}
@@ -190,7 +194,7 @@ def test_base_embeddings_pool_the_encoder(engine, loaded, tiny_bert):
     assert tuned.shape == got.shape and not torch.allclose(tuned, got)
 
 
-@pytest.mark.parametrize("name", ["lm_a", "lm_b", "lm_ia3", "lm_prompt"])
+@pytest.mark.parametrize("name", ["lm_a", "lm_b", "lm_ia3", "lm_prompt", "lm_full", "s2s"])
 def test_greedy_generation_matches_predict(engine, loaded, name):
     ref = loaded[name]
     for prompt in PROMPTS[:3]:
@@ -215,7 +219,7 @@ def test_base_generation_is_the_untouched_model(engine, tiny_llama, loaded):
 # ----------------------------------------------------------------------------- batching
 
 def test_mixed_deltas_in_concurrent_requests_answer_as_alone(engine, tiny_llama, tiny_bert):
-    gen_names = ["lm_a", "lm_b", f"base:{tiny_llama.name}", "lm_ia3", "lm_prompt"]
+    gen_names = ["lm_a", "lm_b", f"base:{tiny_llama.name}", "lm_ia3", "lm_prompt", "lm_full", "s2s"]
     jobs = [(n, p) for p in PROMPTS[:3] for n in gen_names]
 
     async def alone():
@@ -370,10 +374,12 @@ def test_hot_load_and_unload_while_others_run(engine, runs, loaded):
 
 
 def test_drain_finishes_running_work_then_refuses(runs):
-    eng = Engine({"lm": runs["lm_a"]})
+    eng = Engine({"lm": runs["lm_full"]})  # a run of its own; its base then loads plainly, as "base"
 
     async def go():
         await eng.start()
+        assert [s.name for s in eng.served()] == ["base", "lm"]
+        assert eng._members["base"].group.peft_type is None and eng._members["base"].group.key[0] == "base"
         streams = [await eng.generate("lm", chat(eng, "lm", p), Sampling(max_tokens=30, temperature=0))
                    for p in PROMPTS[:3]]
         results = asyncio.gather(*(collect(s) for s in streams))

@@ -10,6 +10,7 @@ only slow each other down, and one queue keeps the order of arrival across bases
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +25,8 @@ from ..tasks.reward import response_scores
 from ..tasks.token_classification import token_logits
 from .generation import DecodeBatch, EncoderDecoderRun, Sequence, prefill
 from .requests import Overloaded, Request, UnknownModel
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -98,10 +101,13 @@ class Scheduler:
                 self.controls.clear()
             for fn, future in controls:
                 _run_into(future, fn)
-            with torch.no_grad():
-                self._admit()
-                self._one_shot()
-                self._decode()
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    self._one_shot()
+                    self._decode()
+            except Exception:  # noqa: BLE001 - a bug here must not stop the worker (requests fail one by one)
+                log.exception("serve worker")
 
     def _until_ready(self) -> float | None:
         oldest = next((r for r in self.waiting if r.op != "generate"), None)
@@ -128,7 +134,7 @@ class Scheduler:
             return None
         key = group.batch_key(request.member, decoding=True)
         for batch in self.running:
-            if isinstance(batch, DecodeBatch) and batch.group is group and batch.key == key:
+            if isinstance(batch, DecodeBatch) and batch.group is group and batch.key == key and not batch.solo:
                 return batch if len(batch) < self.max_batch else False
         return None
 
@@ -264,7 +270,7 @@ class Scheduler:
         self._count("prefill", 1)
         self._deliver(sequence, chunk)
         if sequence.finish is None:
-            if batch is None:
+            if batch is None or not batch.takes(item):
                 batch = DecodeBatch(group, group.batch_key(member, decoding=True))
                 self.running.append(batch)
             batch.join(item)

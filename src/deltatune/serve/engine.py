@@ -145,8 +145,10 @@ class Engine:
         if member.group.encoder_decoder and member.group.prompt_learning:
             raise WrongKind(f"{name}: generation with a soft prompt on an encoder-decoder is not served; use "
                             "deltatune predict")
-        if not prompt_ids:
-            raise ArgumentError(f"{name}: the prompt is empty")
+        vocab = member.group.vocab_size
+        if not prompt_ids or (vocab and not all(0 <= i < vocab for i in prompt_ids)):
+            raise ArgumentError(f"{name}: the prompt must be token ids from 0 to {vocab - 1 if vocab else '?'}, and "
+                                "at least one")
         self._check_length(name, prompt_ids)
         if sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
             raise ArgumentError(f"sampling: max_tokens must be at least 1, temperature at least 0 and top_p in "

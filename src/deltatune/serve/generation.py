@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Prefilled:
     sequence: Sequence
     cache: DynamicCache
     length: int  # cached positions (a soft prompt's virtual tokens included)
+    device: torch.device
 
 
 @torch.no_grad()
@@ -139,7 +141,7 @@ def prefill(model, sequence: Sequence, prompt_ids: list[int], device) -> tuple[P
     cache = out.past_key_values
     length = cache.get_seq_length()
     sequence.position = length
-    return Prefilled(sequence, cache, length), sequence.accept(out.logits[0, -1].float().cpu())
+    return Prefilled(sequence, cache, length, device), sequence.accept(out.logits[0, -1].float().cpu())
 
 
 class DecodeBatch:
@@ -150,20 +152,24 @@ class DecodeBatch:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, columns) 1 where a row has a cached position
+        self.solo = False  # a cache that cannot be merged (e.g. sliding-window layers): one sequence only
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def takes(self, item: Prefilled) -> bool:
+        return not self.rows or (not self.solo and mergeable(item.cache))
+
     def join(self, item: Prefilled) -> None:
-        new = [(layer.keys, layer.values) for layer in item.cache.layers]
-        ones = torch.ones(1, item.length, dtype=torch.long, device=new[0][0].device)
+        ones = torch.ones(1, item.length, dtype=torch.long, device=item.device)
         if not self.rows:
-            self.rows, self.cache, self.mask = [item.sequence], DynamicCache(ddp_cache_data=new), ones
+            self.rows, self.cache, self.mask = [item.sequence], item.cache, ones
+            self.solo = not mergeable(item.cache)
             return
         width = max(self.mask.shape[1], item.length)
-        for layer, (keys, values) in zip(self.cache.layers, new):
-            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(keys, width)])
-            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(values, width)])
+        for layer, new in zip(self.cache.layers, item.cache.layers):
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(ones, width)])
         self.rows.append(item.sequence)
 
@@ -199,6 +205,13 @@ class DecodeBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
+
+
+
+def mergeable(cache) -> bool:
+    """Rows of this cache can be stacked with others': plain per-layer key/value tensors."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -91,6 +91,11 @@ class Group:
             MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     @property
+    def vocab_size(self) -> int | None:
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        return getattr(embeddings, "num_embeddings", None)
+
+    @property
     def mixable(self) -> bool:
         """Rows of different deltas share a forward (peft's mixed batches: LoRA only)."""
         return self.peft_type == "LORA"
@@ -175,7 +180,7 @@ class Routed:
 
 
 def kind_of(task: Task) -> str:
-    if task.generates:
+    if task.generates or task.head in ("causal", "seq2seq"):
         return "generate"
     if task.scores_responses:
         return "score"

@@ -78,9 +78,6 @@ class Scheduler:
         with self.cv:
             self.cv.wait_for(predicate)
 
-    def idle(self) -> bool:
-        return not self.waiting and not self.running
-
     def stop(self) -> None:
         with self.cv:
             self.closed = self.stopping = True
@@ -109,34 +106,40 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a bug here must not stop the worker (requests fail one by one)
                 log.exception("serve worker")
 
+    def _pending(self) -> dict[tuple, list]:
+        """Waiting one-shot requests by batch key, in order of arrival: [first arrival, items]."""
+        out: dict[tuple, list] = {}
+        for r in self.waiting:
+            if r.op != "generate":
+                out.setdefault(_one_shot_key(r), [r.arrived, 0])[1] += len(r.items)
+        return out
+
     def _until_ready(self) -> float | None:
-        oldest = next((r for r in self.waiting if r.op != "generate"), None)
-        return None if oldest is None else max(0.0, oldest.arrived + self.batch_wait - time.monotonic())
+        pending = self._pending()
+        if not pending:
+            return None
+        return max(0.0, min(first for first, _ in pending.values()) + self.batch_wait - time.monotonic())
 
     def _ready(self) -> tuple | None:
-        """The batch key of one-shot requests to run now: full, or the oldest has waited long enough."""
-        oldest = next((r for r in self.waiting if r.op != "generate"), None)
-        if oldest is None:
-            return None
-        key = _one_shot_key(oldest)
-        items = sum(len(r.items) for r in self.waiting if r.op != "generate" and _one_shot_key(r) == key)
-        if items >= self.max_batch or time.monotonic() - oldest.arrived >= self.batch_wait or self.stopping:
-            return key
+        """The batch key of one-shot requests to run now: ``max_batch`` items, or one waited ``batch_wait_ms``."""
+        now = time.monotonic()
+        for key, (first, items) in self._pending().items():
+            if items >= self.max_batch or now - first >= self.batch_wait or self.stopping:
+                return key
         return None
 
     def _admissible(self) -> bool:
         return any(r.op == "generate" and self._batch_for(r) is not False for r in self.waiting)
 
     def _batch_for(self, request: Request):
-        """The running batch a generation request joins, None for a new one, False when its batch is full."""
+        """The running batch a generation request joins, None for a new one, False while ``max_batch`` sequences
+        of its batch key are running."""
         group = request.member.group
-        if group.encoder_decoder:
-            return None
         key = group.batch_key(request.member, decoding=True)
-        for batch in self.running:
-            if isinstance(batch, DecodeBatch) and batch.group is group and batch.key == key and not batch.solo:
-                return batch if len(batch) < self.max_batch else False
-        return None
+        same = [b for b in self.running if b.group is group and b.key == key]
+        if sum(len(b) for b in same) >= self.max_batch:
+            return False
+        return next((b for b in same if isinstance(b, DecodeBatch) and not b.solo), None)
 
     def _take(self, chosen: Callable[[Request], bool], limit: int | None = None) -> list[Request]:
         with self.cv:
@@ -262,7 +265,8 @@ class Scheduler:
                             position_limit(group.model))
         if group.encoder_decoder:
             start = group.model.config.decoder_start_token_id
-            self.running.append(EncoderDecoderRun(group, member.adapter, sequence, request.items, start))
+            key = group.batch_key(member, decoding=True)
+            self.running.append(EncoderDecoderRun(group, key, sequence, request.items, start))
             return
         with group.routed([member.adapter]) as model:
             device = next(model.parameters()).device

@@ -19,11 +19,11 @@ from typing import AsyncIterator
 
 from ..data.examples import conversation_ids
 from ..errors import ArgumentError, DeltatuneError
-from ..inference import RunParts
+from ..inference import RunParts, read_run
 from .batching import Scheduler
 from .generation import Chunk, Sampling
 from .loading import (Group, Member, Served, base_folder, base_member, group_key, load_group, load_plain_base,
-                      member_for, read_run)
+                      member_for)
 from .requests import Overloaded, Request, TooLong, UnknownModel, WrongKind
 
 __all__ = ["Engine", "Served", "Sampling", "Chunk", "UnknownModel", "WrongKind", "Overloaded", "TooLong"]

@@ -25,12 +25,11 @@ from typing import Iterator
 from torch import nn
 
 from ..assets import resolve_model
-from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device, read_run
+from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device
 from ..methods.peft_common import PeftMethod
 from ..tasks.base import Task
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-KINDS = ("generate", "classify", "tag", "embed", "score")
 
 
 @dataclass
@@ -77,7 +76,7 @@ class Group:
     folder: Path  # the base model's folder
     peft_type: str | None = None  # None: a plain model (a base, or a run loaded as its own model)
     members: list[Member] = field(default_factory=list)
-    adapters: int = 0  # adapters loaded so far (their names: d0, d1, ...)
+    adapters: int = 0  # adapters loaded so far (peft's "default" first, then d1, d2, ...)
     _active: str | None = None
 
     @property
@@ -237,6 +236,3 @@ def base_member(group: Group, name: str) -> Member:
     return Member(Served(name, kind, task, None, None, name, None), group, None, group.tokenizer,
                   max_length=max_length)
 
-
-__all__ = ["Group", "Member", "Served", "Routed", "load_group", "load_plain_base", "base_member", "member_for",
-           "group_key", "read_run", "KINDS"]

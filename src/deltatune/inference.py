@@ -17,6 +17,7 @@ from .config import Config
 from .configure import load_config
 from .errors import RunError
 from .methods import registry as methods
+from .methods.base import Method
 from .models import load_tokenizer
 from .rundir import RunDir, check_safetensors
 from .tasks import registry as tasks
@@ -40,9 +41,24 @@ class LoadedRun:
         return next(self.model.parameters()).device
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """A completed run's model (base + delta), tokenizer and task. A missing, truncated or corrupted
-    delta or tokenizer is a ``RunError`` naming the file and what to do, not a library's traceback."""
+@dataclass
+class RunParts:
+    """What a completed run is, without its model: config, tokenizer, method, and its task bound to the run's
+    settings and labels (``serve`` reads these to decide which runs can share a base)."""
+    run: RunDir
+    cfg: Config
+    tokenizer: object
+    method: Method
+    task: Task
+
+    def build_base(self) -> nn.Module:
+        """The untouched base model with the task's head, loaded as the method loads it (QLoRA: quantized)."""
+        return self.task.build_model(self.cfg.model, **self.method.load_kwargs(self.cfg.method.options))
+
+
+def read_run(path: str | Path) -> RunParts:
+    """A completed run's config, tokenizer, method and task; a truncated or corrupted tokenizer is a
+    ``RunError`` naming the file and what to do."""
     run = RunDir(Path(path))
     run.require_complete()
     cfg = load_config(run.config, check_paths=False)
@@ -54,10 +70,20 @@ def load_run(path: str | Path) -> LoadedRun:
                        f"{damaged_hint(run, 'tokenizer')}") from exc
     method = methods.get(cfg.method.name)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id, labels=labels)
-    base = task.build_model(cfg.model, **method.load_kwargs(cfg.method.options))
-    model = load_delta(run, method, base, cfg, task, damaged_hint(run))
-    model.to(PartialState().device).eval()  # the GPU when there is one, as in training
-    return LoadedRun(run, cfg, model, tokenizer, task)
+    return RunParts(run, cfg, tokenizer, method, task)
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """A completed run's model (base + delta), tokenizer and task. A missing, truncated or corrupted
+    delta or tokenizer is a ``RunError`` naming the file and what to do, not a library's traceback."""
+    parts = read_run(path)
+    model = load_delta(parts.run, parts.method, parts.build_base(), parts.cfg, parts.task, damaged_hint(parts.run))
+    return LoadedRun(parts.run, parts.cfg, on_device(model), parts.tokenizer, parts.task)
+
+
+def on_device(model: nn.Module) -> nn.Module:
+    """The model on the GPU when there is one, as in training, in evaluation mode."""
+    return model.to(PartialState().device).eval()
 
 
 def damaged_hint(run: RunDir, part: str = "delta") -> str:
@@ -71,6 +97,17 @@ def damaged_hint(run: RunDir, part: str = "delta") -> str:
 def load_delta(run: RunDir, method, base: nn.Module, cfg: Config, task: Task, hint: str) -> nn.Module:
     """``method.load_delta`` with the delta's files checked first: a missing folder or weights file,
     a truncated or corrupted one, is a ``RunError``."""
+    check_delta(run, hint)
+    from safetensors import SafetensorError
+
+    try:
+        return method.load_delta(base, run.delta, cfg.method.options, task)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # e.g. a missing or damaged adapter_config.json
+        raise RunError(f"{run.delta}: the run's delta cannot be loaded ({_first_line(exc)}); {hint}") from exc
+
+
+def check_delta(run: RunDir, hint: str) -> None:
+    """A ``RunError`` when the run's delta folder or weights are missing, truncated or corrupted."""
     if not run.delta.is_dir():
         raise RunError(f"{run.delta}: the run's delta folder is missing; {hint}")
     weights = sorted(run.delta.rglob("*.safetensors"))
@@ -78,12 +115,6 @@ def load_delta(run: RunDir, method, base: nn.Module, cfg: Config, task: Task, hi
         raise RunError(f"{run.delta}: no .safetensors weights file in the run's delta; {hint}")
     for file in weights:
         check_safetensors(file, hint)
-    from safetensors import SafetensorError
-
-    try:
-        return method.load_delta(base, run.delta, cfg.method.options, task)
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # e.g. a missing or damaged adapter_config.json
-        raise RunError(f"{run.delta}: the run's delta cannot be loaded ({_first_line(exc)}); {hint}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

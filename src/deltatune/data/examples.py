@@ -107,16 +107,26 @@ def encode_classification(rows: list[dict], tokenizer, cfg: Config, labels: list
 
 def prompt_text(tokenizer, prompt: str, use_chat_template: bool) -> str:
     """The text the model sees before it answers (shared by training and predict)."""
+    return conversation_text(tokenizer, [{"role": "user", "content": prompt}], use_chat_template)
+
+
+def conversation_text(tokenizer, messages: list[dict], use_chat_template: bool) -> str:
+    """The text before the model's next answer in a conversation (``role``/``content`` messages): the chat
+    template with its generation prompt, or without one each message's content on a line."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt + "\n"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in messages)
 
 
 def prompt_ids(tokenizer, prompt: str, use_chat_template: bool) -> list[int]:
     """Token ids of ``prompt_text``: what training puts before a response and generation continues
     (a BOS token first when there is no chat template to hold the special tokens)."""
-    ids = tokenizer(prompt_text(tokenizer, prompt, use_chat_template), add_special_tokens=False)["input_ids"]
+    return conversation_ids(tokenizer, [{"role": "user", "content": prompt}], use_chat_template)
+
+
+def conversation_ids(tokenizer, messages: list[dict], use_chat_template: bool) -> list[int]:
+    """Token ids of ``conversation_text``, framed as ``prompt_ids`` frames one prompt."""
+    ids = tokenizer(conversation_text(tokenizer, messages, use_chat_template), add_special_tokens=False)["input_ids"]
     chat = use_chat_template and getattr(tokenizer, "chat_template", None)
     return ids if chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id] + ids
 

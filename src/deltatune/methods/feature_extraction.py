@@ -33,6 +33,15 @@ class FeatureOptions:
         return [] if self.pooling in ("mean", "cls") else [f"pooling: use mean or cls, got {self.pooling!r}"]
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """One vector per text from ``(texts, tokens, hidden)`` states: the mean over its real tokens
+    (``attention_mask``), or the first token's (``cls``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class FeatureClassifier(nn.Module):
     """Frozen backbone + linear head; reads precomputed ``features`` when the batch has them."""
 
@@ -58,10 +67,7 @@ class FeatureClassifier(nn.Module):
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return pool(hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids=None, attention_mask=None, features=None, **_):
         if features is None:

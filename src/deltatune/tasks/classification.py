@@ -75,16 +75,28 @@ class Classification(Task):
             return {"loss": mean, **multitask_metrics(y_true, logits.numpy(), self.labels)}
         return {"loss": mean, **classification_metrics(y_true, logits.argmax(-1).tolist(), self.labels)}
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
-        device = next(model.parameters()).device
-        enc = tokenizer(texts, truncation=True, max_length=self.cfg.train.max_length, padding=True,
-                        return_tensors="pt").to(device)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        probs = torch.softmax(logits.float(), -1).cpu()
+        return self.labelled(texts, class_probabilities(model, tokenizer, self.text_ids(tokenizer, texts)))
+
+    def text_ids(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, truncated as in training."""
+        return tokenizer(texts, truncation=True, max_length=self.cfg.train.max_length)["input_ids"]
+
+    def labelled(self, texts: list[str], probs: torch.Tensor) -> list[dict]:
+        """What ``predict`` prints per text: the label and every class's probability."""
         return [{"text": text, "label": self.labels[int(p.argmax())],
                  "probabilities": {name: round(float(v), 6) for name, v in zip(self.labels, p)}}
                 for text, p in zip(texts, probs)]
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, tokenizer, ids: list[list[int]]) -> torch.Tensor:
+    """``(texts, classes)`` softmax of the head for token-id lists, padded into one batch as the tokenizer
+    pads (``serve`` batches several runs' texts through here, with a model that routes rows to deltas)."""
+    device = next(model.parameters()).device
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    return torch.softmax(logits.float(), -1).cpu()
 
 
 @lru_cache(maxsize=8)

@@ -93,16 +93,25 @@ class Reward(PreferenceTask):
         raise RunError("a reward model scores a prompt and a response together; use "
                        "deltatune.inference.score(loaded, prompts, responses)")
 
-    @torch.no_grad()
     def score(self, model: nn.Module, tokenizer, prompts: list[str], responses: list[str]) -> list[float]:
         """Each (prompt, response)'s score, formatted and truncated as in training."""
+        ids = self.pair_ids(tokenizer, prompts, responses)
+        out: list[float] = []
+        for start in range(0, len(ids), self.batch_size):
+            out += response_scores(model, tokenizer.pad_token_id, ids[start:start + self.batch_size])
+        return out
+
+    def pair_ids(self, tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
+        """The token ids a reward model reads for each (prompt, response)."""
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses; give one response "
                              "per prompt")
-        ids = reward_ids(tokenizer, prompts, responses, self.cfg.data.chat_template, self.cfg.train.max_length)
-        device = next(model.parameters()).device
-        out: list[float] = []
-        for start in range(0, len(ids), self.batch_size):
-            input_ids, mask = pad(ids[start:start + self.batch_size], tokenizer.pad_token_id)
-            out += rewards(model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}).cpu().tolist()
-        return out
+        return reward_ids(tokenizer, prompts, responses, self.cfg.data.chat_template, self.cfg.train.max_length)
+
+
+@torch.no_grad()
+def response_scores(model: nn.Module, pad_id: int, ids: list[list[int]]) -> list[float]:
+    """The reward of each token-id list, in one right-padded batch."""
+    device = next(model.parameters()).device
+    input_ids, mask = pad(ids, pad_id)
+    return rewards(model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}).cpu().tolist()

@@ -56,20 +56,40 @@ class TokenClassification(Task):
         mean = evaluate_logits(model, self.batches(examples), token_loss, keep)
         return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels)}
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         """One tag per whitespace-separated word."""
-        device = next(model.parameters()).device
         out = []
-        for text in texts:
-            words = text.split()
-            enc = tokenizer(words, is_split_into_words=True, truncation=True,
-                            max_length=self.cfg.train.max_length, return_tensors="pt")
-            logits = model(**enc.to(device)).logits[0, -enc["input_ids"].shape[1]:]
-            first = {}
-            for position, word in enumerate(enc.word_ids(0)):
-                if word is not None and word not in first:
-                    first[word] = position
-            tags = [self.labels[int(logits[first[w]].argmax())] for w in sorted(first)]
-            out.append({"text": text, "tokens": words[: len(tags)], "tags": tags})
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            encoded = self.word_ids(tokenizer, chunk)
+            logits = token_logits(model, tokenizer, [ids for ids, _ in encoded])
+            out += [self.tagged(text, words, rows) for text, (_, words), rows in zip(chunk, encoded, logits)]
         return out
+
+    def word_ids(self, tokenizer, texts: list[str]) -> list[tuple[list[int], list[int | None]]]:
+        """Per text (split at whitespace into words): its token ids, truncated as in training, and the word
+        each token belongs to (None for special tokens)."""
+        enc = tokenizer([text.split() for text in texts], is_split_into_words=True, truncation=True,
+                        max_length=self.cfg.train.max_length)
+        return [(enc["input_ids"][i], enc.word_ids(i)) for i in range(len(texts))]
+
+    def tagged(self, text: str, word_ids: list[int | None], logits: torch.Tensor) -> dict:
+        """What ``predict`` prints for a text: its words and a tag each, read at each word's first token
+        (``logits``: one row per token)."""
+        first = {}
+        for position, word in enumerate(word_ids):
+            if word is not None and word not in first:
+                first[word] = position
+        tags = [self.labels[int(logits[first[w]].argmax())] for w in sorted(first)]
+        return {"text": text, "tokens": text.split()[: len(tags)], "tags": tags}
+
+
+@torch.no_grad()
+def token_logits(model: nn.Module, tokenizer, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Each sequence's ``(tokens, tags)`` logits from one padded batch (virtual tokens a soft prompt puts
+    before the text left out)."""
+    device = next(model.parameters()).device
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+    logits = logits[:, -enc["input_ids"].shape[1]:].float().cpu()
+    return [row[mask.bool()] for row, mask in zip(logits, enc["attention_mask"])]

@@ -1,0 +1,255 @@
+"""Step-level batched decoding: sequences decode one token per step together, with one KV cache.
+
+A new sequence is prefilled alone (batch of one, no padding: its first token is exactly what the model
+gives it alone), then joins the running batch at the next step. The batch's cache is right-aligned:
+row i holds its ``L_i`` cached positions in the last ``L_i`` columns, left padding before them masked
+out by the attention mask, and each row reads its own position ids, so a row computes what it would
+alone (up to the last bits of fp32 arithmetic: a matrix product over more rows may round differently).
+A finished sequence leaves at once; columns that no remaining row uses are cut off.
+
+Encoder-decoder models decode each sequence on its own (their decoders' relative positions come from
+the cache length, which left padding would shift).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. ``temperature`` 0 is greedy; ``stop`` strings end the text (cut off
+    before them); ``seed`` makes sampling repeatable."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed answer: text that decodes cleanly, the token ids generated since the last chunk,
+    and on the last chunk why generation ended ("stop": an end token or stop string; "length")."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """The next token from one row of logits: the argmax, or a sample at ``temperature`` from the smallest
+    set of tokens whose probability reaches ``top_p``."""
+    if sampling.temperature <= 0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # up to and including the crossing token
+        probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+class TextStream:
+    """Generated tokens -> text deltas. Text is released only when it decodes cleanly (a multi-byte
+    character split over tokens waits for its last byte) and cannot be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text released so far
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text, whether a stop string ended it)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of it
+            return "", False
+        self.text = text
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            return self._release(cut), True
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._release(max(self.sent, len(text) - held)), False
+
+    def flush(self) -> str:
+        """What was held back (the start of a stop string that did not come)."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+class Sequence:
+    """One generation request while it decodes."""
+
+    def __init__(self, request, tokenizer, eos: set[int], limit: int | None):
+        self.request = request
+        self.sampling: Sampling = request.sampling
+        self.generator = None
+        if self.sampling.temperature > 0:
+            seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator().manual_seed(seed)
+        self.stream = TextStream(tokenizer, self.sampling.stop)
+        self.eos, self.limit = eos, limit  # limit: the model's largest position
+        self.generated: list[int] = []
+        self.pending: list[int] = []  # token ids not yet sent in a chunk
+        self.next_token = 0  # chosen, not yet in the cache
+        self.position = 0  # where next_token goes
+        self.finish: str | None = None
+
+    def accept(self, logits: torch.Tensor) -> Chunk | None:
+        """Choose the next token from its logits; the chunk to send, if any."""
+        token = choose(logits, self.sampling, self.generator)
+        self.generated.append(token)
+        self.pending.append(token)
+        self.next_token = token
+        text, stopped = ("", False) if token in self.eos else self.stream.push(token)
+        if token in self.eos or stopped:
+            self.finish = "stop"
+        elif len(self.generated) >= self.sampling.max_tokens or (self.limit and self.position >= self.limit):
+            self.finish = "length"
+        if self.finish and not stopped:
+            text += self.stream.flush()
+        if not text and not self.finish:
+            return None
+        chunk, self.pending = Chunk(text, self.pending, self.finish), []
+        return chunk
+
+
+@dataclass
+class Prefilled:
+    sequence: Sequence
+    cache: DynamicCache
+    length: int  # cached positions (a soft prompt's virtual tokens included)
+    device: torch.device
+
+
+@torch.no_grad()
+def prefill(model, sequence: Sequence, prompt_ids: list[int], device) -> tuple[Prefilled, Chunk | None]:
+    """The prompt through the model alone; the first token chosen."""
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    cache = out.past_key_values
+    length = cache.get_seq_length()
+    sequence.position = length
+    return Prefilled(sequence, cache, length, device), sequence.accept(out.logits[0, -1].float().cpu())
+
+
+class DecodeBatch:
+    """Sequences decoding together on one cache (one group, one batch key)."""
+
+    def __init__(self, group, key):
+        self.group, self.key = group, key
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, columns) 1 where a row has a cached position
+        self.solo = False  # a cache that cannot be merged (e.g. sliding-window layers): one sequence only
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def takes(self, item: Prefilled) -> bool:
+        return not self.rows or (not self.solo and mergeable(item.cache))
+
+    def join(self, item: Prefilled) -> None:
+        ones = torch.ones(1, item.length, dtype=torch.long, device=item.device)
+        if not self.rows:
+            self.rows, self.cache, self.mask = [item.sequence], item.cache, ones
+            self.solo = not mergeable(item.cache)
+            return
+        width = max(self.mask.shape[1], item.length)
+        for layer, new in zip(self.cache.layers, item.cache.layers):
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(ones, width)])
+        self.rows.append(item.sequence)
+
+    @torch.no_grad()
+    def step(self, model) -> list[Chunk | None]:
+        """One token for every row; the chunks to send (rows that finish are then dropped by ``keep``)."""
+        device = self.mask.device
+        ids = torch.tensor([[s.next_token] for s in self.rows], device=device)
+        positions = torch.tensor([[s.position] for s in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=device)], 1)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
+                    use_cache=True)
+        logits = out.logits[:, -1].float().cpu()
+        chunks = []
+        for row, sequence in enumerate(self.rows):
+            sequence.position += 1
+            chunks.append(sequence.accept(logits[row]))
+        return chunks
+
+    def keep(self, wanted) -> None:
+        """Keep only the rows for which ``wanted(sequence)``; cut columns no row uses any more."""
+        rows = [i for i, s in enumerate(self.rows) if wanted(s)]
+        if len(rows) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in rows]
+        if not rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask[index]
+        start = int(mask.any(0).nonzero()[0])
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+
+def mergeable(cache) -> bool:
+    """Rows of this cache can be stacked with others': plain per-layer key/value tensors."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` (rows, [heads,] columns[, dim]) with zero columns before it up to ``width`` columns."""
+    extra = width - (t.shape[1] if t.dim() == 2 else t.shape[2])
+    if extra == 0:
+        return t
+    return F.pad(t, (extra, 0)) if t.dim() == 2 else F.pad(t, (0, 0, extra, 0))
+
+
+class EncoderDecoderRun:
+    """One sequence of an encoder-decoder model, decoded on its own."""
+
+    def __init__(self, group, key, sequence: Sequence, source: list[int], start_token: int):
+        self.group, self.key = group, key
+        self.rows = [sequence]
+        self.source = source
+        self.start_token = start_token
+        self.cache = None
+        self.encoded = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def step(self, model) -> list[Chunk | None]:
+        (sequence,) = self.rows
+        device = next(model.parameters()).device
+        source = torch.tensor([self.source], device=device)
+        decoder_ids = torch.tensor([[self.start_token if self.cache is None else sequence.next_token]], device=device)
+        out = model(input_ids=None if self.encoded else source, attention_mask=torch.ones_like(source),
+                    encoder_outputs=self.encoded, decoder_input_ids=decoder_ids, past_key_values=self.cache,
+                    use_cache=True)
+        if self.encoded is None:
+            self.encoded = (out.encoder_last_hidden_state,)
+        self.cache = out.past_key_values
+        sequence.position += 1
+        return [sequence.accept(out.logits[0, -1].float().cpu())]
+
+    def keep(self, wanted) -> None:
+        self.rows = [s for s in self.rows if wanted(s)]

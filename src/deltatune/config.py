@@ -632,6 +632,22 @@ def coerce(value: Any, kind: Any) -> Any:
     raise ValueError(f"expected {kind}, got {value!r}")
 
 
+def describe(cls: type, prefix: str = "", note: str = "") -> list[str]:
+    """Every field of dataclass ``cls`` (sections walked into) with its default and ``help``: what
+    ``--explain`` prints, one key per entry."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "options":
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{prefix}{f.name}.", note)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{f.name}{note} = {default!r}\n    {f.metadata.get('help', '')}")
+    return lines
+
+
 def did_you_mean(word: str, choices: list[str]) -> str:
     """`` (did you mean 'lr'?)`` for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)

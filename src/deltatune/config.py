@@ -491,7 +491,8 @@ def _times(n: int) -> str:
     return "twice" if n == 2 else f"{n} times"
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, keys: str = "model:, task:, method:, ...") -> dict:
+    """A YAML file whose top level is a mapping (``keys``: examples of its keys, for the message)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"], source=str(path))
@@ -500,7 +501,7 @@ def read_yaml(path: str | Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot parse YAML: {exc}"], source=str(path)) from exc
     if not isinstance(data, dict):
-        raise ConfigError(["the top level must be a mapping of keys (model:, task:, method:, ...)"],
+        raise ConfigError([f"the top level must be a mapping of keys ({keys})"],
                           source=str(path))
     return data
 

@@ -29,12 +29,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+from annotated_types import Interval
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -129,25 +131,34 @@ class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="Send a last chunk with usage (and 'usage': null in the others).")
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 1.0; strict pydantic would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Integer(ge: int, le: int) -> Any:
+    """An integer in [ge, le] (in the schema as minimum and maximum)."""
+    return Annotated[int, Interval(ge=ge, le=le), BeforeValidator(_integral)]
+
 StopText = Annotated[str, Field(min_length=1)]
 MODEL_DOC = "A served name: GET /v1/models lists them (a run's name, or 'base')."
-SEED_MAX = 2**63 - 1
+SEED_MAX = 2**53 - 1  # the largest integer every JSON reader keeps exactly
 
 
 def _request_models(limits) -> dict[str, type[BaseModel]]:
     """Request bodies; their maxima are this server's limits, so the OpenAPI schema states them."""
     Inputs = str | Annotated[list[str], Field(min_length=1, max_length=limits.max_inputs)]
-    MaxTokens = Annotated[int, Field(ge=1, le=limits.max_tokens)]
+    MaxTokens = Integer(1, limits.max_tokens)
 
     class SamplingFields(_Strict):
         model: str = Field(min_length=1, description=MODEL_DOC)
         temperature: float = Field(1.0, ge=0, le=2, description="0: greedy (the most likely token at each step).")
         top_p: float = Field(1.0, gt=0, le=1, description="Sample from the smallest set of tokens with this much "
                                                           "probability.")
-        n: int = Field(1, ge=1, le=limits.max_n, description="Independent completions per prompt.")
+        n: Integer(1, limits.max_n) = Field(1, description="Independent completions per prompt.")
         stop: StopText | Annotated[list[StopText], Field(min_length=1, max_length=4)] | None = Field(
             None, description="Up to 4 sequences where generation stops (they are not part of the text).")
-        seed: int | None = Field(None, ge=0, le=SEED_MAX, description="The same request with the same seed gives "
+        seed: Integer(0, SEED_MAX) | None = Field(None, description="The same request with the same seed gives "
                                                                       "the same completions (choice i uses seed + i).")
         stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format, ending with "
                                                 "'data: [DONE]'.")
@@ -341,9 +352,62 @@ class Ready(BaseModel):
     models: list[str]
 
 
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": (
-    "With stream: true. Lines 'data: {chunk}' (OpenAI's chat.completion.chunk or text_completion chunk shape), "
-    "then 'data: [DONE]'. An error after the stream started is sent as 'data: {\"error\": {...}}'.")}}}
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta = Field(description="The choice's first chunk: role and empty content; then content; "
+                                          "its last chunk: {} with the finish_reason.")
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream (OpenAI's chat.completion.chunk)."""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice] = Field(description="Empty only in the usage chunk.")
+    usage: Usage | None = Field(None, description="With stream_options.include_usage: null, and set in a last "
+                                                  "chunk without choices.")
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a completions stream (OpenAI's text_completion, finish_reason null until the end)."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+STREAM_MODELS = (ChatCompletionChunk, CompletionChunk)
+
+
+def _sse_content(chunk: type[BaseModel]) -> dict:
+    """The OpenAPI content of a stream: each event's data is a chunk (JSON), an error, or [DONE] last."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "description": "One server-sent event (stream: true): 'data: CHUNK' lines, then 'data: [DONE]'. An error "
+                       "after the stream started is an event with OpenAI's error JSON.",
+        "properties": {"data": {"type": "string", "anyOf": [
+            {"const": "[DONE]"}, {"contentMediaType": "application/json", "contentSchema": payload}]}}}}}
 
 
 # ----------------------------------------------------------------------------- state and guard
@@ -705,7 +769,7 @@ async def _generate(state: ServerState, request: Request, body, prompts: list[li
     """Chat and text completions: n generations per prompt, gathered or streamed."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     jobs = [(p * body.n + i, ids, Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                           stop=list(stop), seed=None if body.seed is None else body.seed + i))
+                                           stop=list(stop), seed=None if body.seed is None else (body.seed + i) % (SEED_MAX + 1)))
             for p, ids in enumerate(prompts) for i in range(body.n)]
     prompt_tokens = sum(len(ids) for ids in prompts)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -894,8 +958,8 @@ def create_app(engine: EngineLike, settings: ServeConfig, *, reload: Callable[[]
 
     generation_errors = _responses(400, 403, 404, *guarded)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": SSE},
-                                                                               **generation_errors}, **v1)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": _sse_content(ChatCompletionChunk)}, **generation_errors}, **v1)
     async def chat_completions(body: ChatRequest, request: Request):
         """Chat with a causal-LM run (its chat template formats the messages, as in training)."""
         _resolve(state, request, body.model, ("generate",), "/v1/chat/completions")
@@ -906,8 +970,8 @@ def create_app(engine: EngineLike, settings: ServeConfig, *, reload: Callable[[]
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
         return await _generate(state, request, body, [ids], max_tokens, chat=True)
 
-    @app.post("/v1/completions", response_model=Completion, responses={200: {"content": SSE}, **generation_errors},
-              **v1)
+    @app.post("/v1/completions", response_model=Completion,
+              responses={200: {"content": _sse_content(CompletionChunk)}, **generation_errors}, **v1)
     async def completions(body: CompletionRequest, request: Request):
         """Continue a prompt (plain text, no chat template)."""
         _resolve(state, request, body.model, ("generate",), "/v1/completions")
@@ -1038,9 +1102,18 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for item in schema.get("paths", {}).values():
             for operation in item.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.get("responses", {})
+                responses.pop("422", None)
+                for status, response in responses.items():  # errors are JSON, also where the success is text
+                    content = response.get("content", {})
+                    if not status.startswith("2") and content and "application/json" not in content:
+                        response["content"] = {"application/json": next(iter(content.values()))}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        _, chunks = models_json_schema([(m, "serialization") for m in STREAM_MODELS],
+                                       ref_template="#/components/schemas/{model}")
+        components.update(chunks.get("$defs", {}))
         app.openapi_schema = schema
     return app.openapi_schema
 

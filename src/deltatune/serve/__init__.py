@@ -2,6 +2,9 @@
 
 ``engine``: loads bases once, attaches deltas by name, batches requests per base (a scheduler per
 base: dynamic batching for classify/embeddings/score, step-level batching for generation).
-``app``: the FastAPI application (endpoints, OpenAI shapes, keys, limits, metrics) on an engine.
-``config``: the serve config (YAML, validated like training configs).
+``types``: what the engine and the HTTP layer share (errors, Served, Sampling, Chunk, the interface).
+``app``: the FastAPI application (endpoints, OpenAI shapes, keys, limits, metrics) on an engine;
+``auth``: API keys and rate limits; ``metrics``: /metrics; ``config``: the serve config (YAML,
+validated like training configs). app, auth, config and metrics never import engine (import-linter).
+``server``: uvicorn, signals (SIGTERM drains, SIGHUP reloads), ``deltatune serve``.
 """

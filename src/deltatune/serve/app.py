@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+import anyio
 from annotated_types import Interval
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -111,8 +112,8 @@ def _responses(*codes: int) -> dict:
 # ----------------------------------------------------------------------------- request shapes
 
 class _Strict(BaseModel):
-    # Strict: "2" is not a number, 1.0 not an integer, as the schema says. Unknown fields are ignored (as
-    # OpenAI-compatible servers do; docs/serving.md lists what is supported).
+    # Strict: "2" is not a number and true is not 1, as the schema says (1.0 is an integer, as in JSON Schema).
+    # Unknown fields are ignored, as OpenAI-compatible servers do (docs/serving.md lists what is supported).
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -892,14 +893,15 @@ async def _events(state: ServerState, request: Request, body, indices: list[int]
                                                           "completion_tokens": completion_tokens,
                                                           "total_tokens": prompt_tokens + completion_tokens}})
         yield DONE
-    finally:
+    finally:  # also when the client went away: stop the generations, let the engine free their slots
+        state.metrics.tokens(body.model, prompt_tokens, completion_tokens)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for it in iterators:
-            await _close(it)
-        state.metrics.tokens(body.model, prompt_tokens, completion_tokens)
+        with anyio.CancelScope(shield=True):
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for it in iterators:
+                await _close(it)
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -1130,7 +1132,7 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        message = {404: f"no such endpoint: {request.method} {request.url.path[:200]}",
+        message = {404: f"no such endpoint: {request.method} {_short(request.url.path)}",
                    405: f"method {request.method} not allowed here"}.get(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
 

@@ -169,6 +169,8 @@ def run_problems(runs: dict[str, str]) -> list[str]:
     """Each run directory must hold a completed run (rundir.RunDir.require_complete); the message names it."""
     problems = []
     for name, run in runs.items():
+        if name_problem(name):  # said already; its directory is not looked at
+            continue
         if not Path(run).expanduser().is_dir():
             problems.append(f"runs.{name}: {run} is not a directory; give a completed run directory "
                             "(deltatune train prints its path)")

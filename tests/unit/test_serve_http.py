@@ -25,17 +25,18 @@ import time
 from pathlib import Path
 
 import pytest
+import schemathesis
 import yaml
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-fastapi = pytest.importorskip("fastapi")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from deltatune.errors import ConfigError  # noqa: E402
-from deltatune.serve.app import create_app  # noqa: E402
-from deltatune.serve.auth import Caller, Keys, RateLimiter, hash_key  # noqa: E402
-from deltatune.serve.config import Limits, ServeConfig, explain, load_serve_config  # noqa: E402
-from deltatune.serve.types import Chunk, Overloaded, Sampling, Served, TooLong, UnknownModel  # noqa: E402
+from deltatune.errors import ConfigError
+from deltatune.serve.app import create_app
+from deltatune.serve.auth import Caller, Keys, RateLimiter, hash_key
+from deltatune.serve.config import Limits, ServeConfig, explain, load_serve_config
+from deltatune.serve.types import Chunk, Overloaded, Sampling, Served, TooLong, UnknownModel
 
 ROOT = Path(__file__).parents[2]
 WORDS = ["hello", " world"]
@@ -48,6 +49,7 @@ class FakeEngine:
                  **_):
         self.max_prompt_tokens = max_prompt_tokens
         self.token_delay = token_delay
+        self.words = list(WORDS)  # what generate streams, one token each
         self.models: dict[str, Served] = {
             "base": Served("base", "generate", "causal_lm", None, None, "tiny-llm", None),
             "chat": Served("chat", "generate", "causal_lm", "lora", "/runs/chat", "tiny-llm", None),
@@ -111,7 +113,8 @@ class FakeEngine:
         self.in_flight += 1
         try:
             text = ""
-            for i, word in enumerate(WORDS[: sampling.max_tokens]):
+            words = self.words
+            for i, word in enumerate(words[: sampling.max_tokens]):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 stop = next((s for s in sampling.stop if s in text + word), None)
@@ -119,8 +122,8 @@ class FakeEngine:
                     yield Chunk((text + word)[: (text + word).index(stop)][len(text):], [100 + i], "stop")
                     return
                 text += word
-                last = i == len(WORDS) - 1 or i == sampling.max_tokens - 1
-                yield Chunk(word, [100 + i], None if not last else "stop" if i == len(WORDS) - 1 else "length")
+                last = i == len(words) - 1 or i == sampling.max_tokens - 1
+                yield Chunk(word, [100 + i], None if not last else "stop" if i == len(words) - 1 else "length")
         finally:
             self.in_flight -= 1
 
@@ -881,6 +884,35 @@ def test_the_official_openai_client_against_a_real_server(live_server):
             model="chat", messages=messages)
 
 
+def test_a_real_server_refuses_big_bodies_and_frees_a_stream_the_client_left(live_server):
+    import httpx
+
+    url, engine = live_server
+    headers = {**auth(), "Content-Type": "application/json"}
+
+    def body():  # chunked transfer: no Content-Length to check, the server counts what arrives
+        yield b'{"model": "chat", "messages": [{"role": "user", "content": "'
+        for _ in range(300):
+            yield b"x" * 8192
+
+    response = httpx.post(f"{url}/v1/chat/completions", content=body(), headers=headers, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"{" + b" " * 1_100_000 + b"}", headers=headers)
+    assert response.status_code == 413
+
+    engine.token_delay, engine.words = 0.1, [" tok"] * 200  # 20 s if nobody stopped it
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 500},
+                      headers=headers, timeout=30) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()  # held: a dropped iterator would close the response at once
+        assert next(lines).startswith("data: ")
+        assert engine.in_flight == 1
+    deadline = time.monotonic() + 3  # the client hung up: the generation is stopped, its slot freed
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+
+
 SERVER_SCRIPT = """
 import sys
 from deltatune.serve.config import load_serve_config
@@ -963,10 +995,6 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_0(tmp_path):
 
 # ----------------------------------------------------------------------------- the OpenAPI schema holds
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
-
 # A positive case names a model of the right kind (a random name would only ever test the 404).
 MODEL_FOR = {"/v1/chat/completions": "chat", "/v1/completions": "base", "/v1/embeddings": "embedder",
              "/v1/classify": "sentiment", "/v1/score": "reward"}
@@ -997,7 +1025,7 @@ schema.app = _without_lifespan
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_responses_match_the_openapi_schema(case):
     """No 5xx, every status declared, every body and header as the schema says; invalid input is refused,
     valid input accepted; a declared key is enforced."""

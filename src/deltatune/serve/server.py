@@ -84,6 +84,7 @@ class Server(uvicorn.Server):
         self.start_error: BaseException | None = None
         self.url: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._signalled = False
 
     async def startup(self, sockets=None) -> None:
         try:  # before uvicorn's own startup: an engine that cannot load is one error line, not a traceback
@@ -122,10 +123,12 @@ class Server(uvicorn.Server):
     def drain(self) -> None:
         """Refuse new requests, let the engine and the open responses finish, then stop (a second signal:
         stop now)."""
-        if self.serve_state.draining:
+        if self._signalled:
             log.warning("second signal: stopping without waiting")
             self.force_exit = self.should_exit = True
             return
+        self._signalled = True
+        self.serve_state.draining = True  # from now on: 503, /ready too
         log.info("draining: new requests get 503; finishing the requests in flight")
         timeout = self.serve_state.settings.limits.request_timeout_s + 5
 

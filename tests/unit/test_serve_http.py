@@ -140,10 +140,9 @@ class FakeEngine:
     async def score(self, name, prompts, responses) -> list[float]:
         return [float(len(p) - len(r)) for p, r in zip(prompts, responses)]
 
-    def stats(self) -> dict:
-        return {"queue_depth": 1, "queue_size": 256, "in_flight": self.in_flight, "batch_sizes": {1: 3, 4: 2},
-                "generated_tokens": 12, "prompt_tokens": 30,
-                "per_model": {"chat": {"requests": 3, "generated_tokens": 12}, "sentiment": {"requests": 2}}}
+    def stats(self) -> dict:  # the real engine's shape
+        return {"queue_depth": 1, "running_sequences": self.in_flight, "tokens_generated": 12,
+                "batch_sizes": {"classify": {1: 3, 4: 2}, "generate": {2: 1}}, "requests": {"chat": 3, "sentiment": 2}}
 
     def count_tokens(self, name, text) -> int:
         return len(text.split())
@@ -553,9 +552,34 @@ def test_unknown_model_is_404_listing_the_names(served):
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}), 404, "model_not_found")
     assert error["param"] == "model" and "'nope'" in error["message"]
     assert all(name in error["message"] for name in ("base", "chat", "sentiment"))
-    error = assert_error(client.post("/v1/classify", json={"model": "x" * 5000, "input": "a"}, headers=auth("bob")),
-                         404)
-    assert "sentiment" in error["message"] and "chat" not in error["message"] and len(error["message"]) < 300
+    error = assert_error(client.post("/v1/classify", json={"model": "x" * 5000, "input": "a"}), 404)
+    assert len(error["message"]) < 300  # a request's text is quoted cut short
+    # a key limited to some models hears 403 for any other name, existing or not, and only of its own names
+    for name in ("chat", "nope"):
+        error = assert_error(client.post("/v1/classify", json={"model": name, "input": "a"}, headers=auth("bob")),
+                             403, "model_not_allowed")
+        assert error["message"].endswith("it may use: sentiment")
+
+
+def test_any_name_the_engine_lists_is_served(served):
+    """The engine names a base model 'base', or 'base:<folder>' when the runs have several bases."""
+    client, engine = served
+    engine.models["base:tiny-llm"] = dataclasses.replace(engine.models["base"], name="base:tiny-llm")
+    body = client.post("/v1/completions", json={"model": "base:tiny-llm", "prompt": "x"}).json()
+    assert body["choices"][0]["text"] == "hello world"
+    assert client.get("/v1/models/base:tiny-llm").json()["id"] == "base:tiny-llm"
+
+
+def test_the_engines_own_refusals_are_400_and_other_errors_500(served):
+    from deltatune.errors import ArgumentError, RunError
+
+    client, engine = served
+    engine.fail = ArgumentError("sentiment: the prompt must be token ids")
+    assert_error(client.post("/v1/classify", json={"model": "sentiment", "input": "x"}), 400, "invalid_value")
+    engine.fail = RunError("/home/me/runs/x: corrupted")  # may name files: not for clients
+    response = client.post("/v1/classify", json={"model": "sentiment", "input": "x"})
+    assert_error(response, 500, "internal_error")
+    assert "/home/me" not in response.text
 
 
 def test_traversal_names_are_404_and_never_touch_the_file_system(served, monkeypatch):
@@ -674,9 +698,24 @@ def test_metrics_are_prometheus_text(served):
     assert dict(samples["deltatune_completion_tokens_total"])['model="chat"'] == 2
     buckets = [v for labels, v in samples["deltatune_request_duration_seconds"] if 'le="+Inf"' in labels]
     assert buckets and all(v >= 1 for v in buckets)
-    assert dict(samples["deltatune_batch_size"])['le="4"'] == 5
+    assert dict(samples["deltatune_batch_size"])['op="classify",le="4"'] == 5
     assert dict(samples["deltatune_engine_queue_depth"])[""] == 1
+    assert dict(samples["deltatune_engine_tokens_generated_total"])[""] == 12
     assert dict(samples["deltatune_engine_requests_total"])['model="chat"'] == 3
+
+
+def test_metrics_read_other_stats_shapes_and_never_fail():
+    from deltatune.serve.metrics import Metrics
+
+    text = Metrics().render({"batch_sizes": {1: 3, 4: 2}, "per_model": {"chat": {"prompt_tokens": 7}},
+                             "queue_depth": 2, "odd": [1, 2], "broken": {"x": "y"}, "label": 'a"b\\c\n'})
+    samples = parse_prometheus(text)
+    assert dict(samples["deltatune_batch_size"])['le="4"'] == 5
+    assert dict(samples["deltatune_engine_prompt_tokens_total"])['model="chat"'] == 7
+    assert Metrics().render({"batch_sizes": {"generate": {"two": 1}}, "queue_depth": 1}).count("queue_depth") == 3
+    metrics = Metrics()
+    metrics.observe('/v1/x"\n', 'name"with\\odd\nchars', 200, 0.1)
+    parse_prometheus(metrics.render({}))  # label values are escaped
 
 
 def test_cors_is_off_unless_configured(tmp_path):

@@ -41,9 +41,9 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import ConfigError, DeltatuneError
+from ..errors import ArgumentError, ConfigError, DeltatuneError
 from .auth import NOBODY, Caller, Keys, RateLimiter, retry_after
-from .config import NAME, ServeConfig
+from .config import ServeConfig
 from .metrics import CONTENT_TYPE, Metrics
 from .types import Chunk, EngineLike, Overloaded, Sampling, Served, TooLong, UnknownModel, WrongKind
 
@@ -637,20 +637,21 @@ def _replay(body: bytes, receive):
 # ----------------------------------------------------------------------------- helpers of the endpoints
 
 def _resolve(state: ServerState, request: Request, name: str, kinds: tuple[str, ...], endpoint: str) -> Served:
-    """The served model a request names, if this key may use it and it can do ``kinds``. A name that is
-    not a simple name is refused here, without asking the engine: names never become paths."""
+    """The served model a request names, if this key may use it and it can do ``kinds``. A name that is not
+    one the engine lists is refused here, without asking the engine for it: names never become paths."""
     caller: Caller = request.state.caller
+    served_now = state.engine.served()
 
     def available(kind: tuple[str, ...] | None = None) -> str:
-        names = [s.name for s in state.engine.served() if caller.may_use(s.name) and (kind is None or s.kind in kind)]
+        names = [s.name for s in served_now if caller.may_use(s.name) and (kind is None or s.kind in kind)]
         return ", ".join(names) or "none"
 
-    if not NAME.fullmatch(name):
-        raise ApiError(404, f"model {_short(name)} does not exist; available: {available()}", "model_not_found",
-                       "model")
-    if not caller.may_use(name):
+    if not caller.may_use(name):  # before the 404: a key learns nothing about names it may not use
         raise ApiError(403, f"this API key may not use model {_short(name)}; it may use: {available()}",
                        "model_not_allowed", "model")
+    if name not in {s.name for s in served_now}:
+        raise ApiError(404, f"model {_short(name)} does not exist; available: {available()}", "model_not_found",
+                       "model")
     try:
         served = state.engine.get(name)
     except UnknownModel:
@@ -1072,7 +1073,7 @@ def create_app(engine: EngineLike, settings: ServeConfig, *, reload: Callable[[]
     @app.post("/admin/unload", response_model=Deleted, responses=admin_errors, **admin)
     async def admin_unload(body: UnloadRequest) -> Deleted:
         """Stop serving a name (requests in flight finish)."""
-        if not NAME.fullmatch(body.name):
+        if body.name not in {s.name for s in engine.served()}:
             raise ApiError(404, f"model {_short(body.name)} is not served", "model_not_found", "name")
         await engine.unload(body.name)
         return Deleted(id=body.name, deleted=True)
@@ -1156,12 +1157,16 @@ def _install_handlers(app: FastAPI) -> None:
         return error_response(503, "the server is overloaded; retry later", "overloaded",
                               headers={"Retry-After": retry_after(getattr(exc, "retry_after", 1.0))})
 
+    @app.exception_handler(ArgumentError)
+    async def bad_argument(request: Request, exc: ArgumentError):  # the engine's own checks of a request
+        return error_response(400, str(exc), "invalid_value")
+
     @app.exception_handler(DeltatuneError)
     async def deltatune_error(request: Request, exc: DeltatuneError):
         if request.url.path.startswith("/admin/"):  # an admin sees why a configured run cannot load
             message = "\n".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
             return error_response(400, message, "cannot_load")
-        raise exc  # anywhere else it is unexpected: the guard logs it and answers 500
+        raise exc  # anywhere else it is unexpected (its message may name files): the guard logs it, answers 500
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # reached only if the guard itself failed

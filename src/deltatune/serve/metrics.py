@@ -92,42 +92,59 @@ class Metrics:
         return "\n".join(out) + "\n"
 
     def _engine(self, stats: dict) -> list[str]:
+        """The engine's stats (types.EngineStats; the shape is read loosely, and what is not understood is
+        left out): numbers become gauges (counters when they count tokens or requests), ``batch_sizes``
+        ({size: batches}, or {operation: {size: batches}}) a histogram, {name: number} and
+        {name: {count: number}} per-model counters."""
         out: list[str] = []
         seen: set[str] = set()
 
         def add(name: str, kind: str, help: str, samples: list[tuple[str, dict, float]]) -> None:
             name = _metric_name(name)
-            if name in seen:
+            if name in seen or not samples:
                 return
             seen.add(name)
             out.append(f"# HELP {PREFIX}{name} {help}")
             out.append(f"# TYPE {PREFIX}{name} {kind}")
             out.extend(f"{PREFIX}{name}{suffix}{_labels(labels)} {_number(value)}" for suffix, labels, value in samples)
 
-        sizes = stats.get("batch_sizes")
-        if isinstance(sizes, dict) and sizes:
-            items = sorted((int(k), int(v)) for k, v in sizes.items())
-            samples, running = [], 0
-            for size, count in items:
-                running += count
-                samples.append(("_bucket", {"le": str(size)}, running))
-            samples += [("_bucket", {"le": "+Inf"}, running), ("_sum", {}, sum(s * c for s, c in items)),
-                        ("_count", {}, running)]
-            add("batch_size", "histogram", "Requests per batch the engine ran.", samples)
-        per_model = stats.get("per_model")
-        if isinstance(per_model, dict):
-            keys = sorted({k for v in per_model.values() if isinstance(v, dict) for k in v})
-            for key in keys:
-                samples = [("", {"model": str(m)}, v[key]) for m, v in sorted(per_model.items())
-                           if isinstance(v, dict) and _is_number(v.get(key))]
-                add(f"engine_{key}_total", "counter", f"Engine {key.replace('_', ' ')} by model, since start.",
-                    samples)
         for key, value in sorted(stats.items()):
-            if _is_number(value):
-                kind = "counter" if key.endswith("_tokens") or key.endswith("_total") else "gauge"
-                name = f"engine_{key}" + ("_total" if kind == "counter" and not key.endswith("_total") else "")
-                add(name, kind, f"Engine {key.replace('_', ' ')}.", [("", {}, value)])
+            try:
+                if key == "batch_sizes" and isinstance(value, dict):
+                    add("batch_size", "histogram", "Requests per batch the engine ran.", _batch_histogram(value))
+                elif _is_number(value):
+                    counter = any(word in key for word in ("tokens", "requests", "total"))
+                    name = f"engine_{key}" + ("_total" if counter and not key.endswith("_total") else "")
+                    add(name, "counter" if counter else "gauge", f"Engine: {key.replace('_', ' ')}.", [("", {}, value)])
+                elif isinstance(value, dict) and all(_is_number(v) for v in value.values()):
+                    add(f"engine_{key}_total".replace("_total_total", "_total"), "counter",
+                        f"Engine: {key.replace('_', ' ')} by model, since start.",
+                        [("", {"model": str(m)}, v) for m, v in sorted(value.items(), key=lambda kv: str(kv[0]))])
+                elif isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+                    for count in sorted({k for v in value.values() for k in v}):
+                        add(f"engine_{count}_total".replace("_total_total", "_total"), "counter",
+                            f"Engine: {count.replace('_', ' ')} by model, since start.",
+                            [("", {"model": str(m)}, v[count]) for m, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                             if _is_number(v.get(count))])
+            except (TypeError, ValueError):  # a shape this reader does not know: leave it out, never fail /metrics
+                continue
         return out
+
+
+def _batch_histogram(sizes: dict) -> list[tuple[str, dict, float]]:
+    """{size: batches} or {operation: {size: batches}} -> histogram samples (label op for the latter)."""
+    groups = sizes.items() if sizes and all(isinstance(v, dict) for v in sizes.values()) else [(None, sizes)]
+    samples: list[tuple[str, dict, float]] = []
+    for op, counts in sorted(groups, key=lambda kv: str(kv[0])):
+        base = {} if op is None else {"op": str(op)}
+        items = sorted((int(k), int(v)) for k, v in counts.items())
+        running = 0
+        for size, count in items:
+            running += count
+            samples.append(("_bucket", {**base, "le": str(size)}, running))
+        samples += [("_bucket", {**base, "le": "+Inf"}, running), ("_sum", base, sum(s * c for s, c in items)),
+                    ("_count", base, running)]
+    return samples
 
 
 def _is_number(value) -> bool:

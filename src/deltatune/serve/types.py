@@ -72,15 +72,13 @@ class Chunk:
 
 
 class EngineStats(TypedDict, total=False):
-    """What ``Engine.stats()`` returns, as /metrics reads it (every key optional; other top-level numbers
-    are exported as ``deltatune_engine_<key>`` gauges)."""
-    queue_depth: int                      # requests waiting now
-    queue_size: int                       # the bound
-    in_flight: int                        # requests being computed now
-    batch_sizes: dict[int, int]           # batch size -> batches run with it (since start)
-    prompt_tokens: int                    # since start
-    generated_tokens: int                 # since start
-    per_model: dict[str, dict[str, int]]  # name -> {requests, prompt_tokens, generated_tokens, ...} since start
+    """What ``Engine.stats()`` returns, as /metrics reads it (every key optional; metrics.py also takes other
+    numbers, {name: number} and {name: {count: number}}, and leaves out what it does not understand)."""
+    queue_depth: int                          # requests waiting now
+    running_sequences: int                    # generations in the running batches now
+    batch_sizes: dict[str, dict[int, int]]    # operation -> batch size -> batches run (or just size -> batches)
+    tokens_generated: int                     # since start
+    requests: dict[str, int]                  # served name -> requests since start
 
 
 class EngineLike(Protocol):

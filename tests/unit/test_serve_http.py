@@ -32,7 +32,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.serve.app import create_app
 from deltatune.serve.auth import Caller, Keys, RateLimiter, hash_key
 from deltatune.serve.config import Limits, ServeConfig, explain, load_serve_config
@@ -67,6 +67,7 @@ class FakeEngine:
         self.overloaded = False
         self.fail: Exception | None = None
         self.loads: list[tuple[str, str]] = []
+        self.unloaded: dict[str, Served] = {}
         self.samplings: list[Sampling] = []
 
     async def start(self):
@@ -86,14 +87,16 @@ class FakeEngine:
         return self.models[name]
 
     async def load(self, name, run_dir) -> Served:
+        if name in self.models:  # as the real engine: unload first
+            raise DeltatuneError(f"{name!r} is served already; unload it first")
         self.loads.append((name, str(run_dir)))
-        old = self.models.get(name) or Served(name, "classify", "classification", "lora", "", "tiny-bert", ["a", "b"])
+        old = self.unloaded.get(name) or Served(name, "classify", "classification", "lora", "", "tiny-bert", ["a", "b"])
         self.models[name] = dataclasses.replace(old, run=str(run_dir))
         return self.models[name]
 
     async def unload(self, name):
         self.get(name)
-        del self.models[name]
+        self.unloaded[name] = self.models.pop(name)
 
     def chat_prompt(self, name, messages) -> list[int]:
         return self.text_prompt(name, " ".join(f"{m['role']}: {m['content']}" for m in messages))
@@ -450,6 +453,8 @@ def test_admin_load_only_loads_runs_the_config_names(tmp_path):
         assert error["param"] == "run"
         body = client.post("/admin/load", json={"name": "extra", "run": str(extra)}).json()
         assert body["id"] == "extra" and engine.loads == [("extra", str(extra))]
+        assert client.post("/admin/load", json={"name": "extra"}).json()["id"] == "extra"  # served already
+        assert engine.loads == [("extra", str(extra))]
         (extra / "metrics.json").unlink()  # the config now names a run that failed
         (extra / "status.json").write_text(json.dumps({"status": "failed"}))
         error = assert_error(client.post("/admin/load", json={"name": "extra"}), 400)
@@ -470,6 +475,7 @@ def test_reload_loads_and_unloads_the_difference(tmp_path):
     assert body == {"loaded": ["fresh", "sentiment"], "unloaded": ["chat", "embedder", "ner", "reward"],
                     "unchanged": []}
     assert set(engine.models) == {"base", "sentiment", "fresh"}
+    assert engine.models["sentiment"].run == runs["sentiment"] and engine.models["sentiment"].kind == "classify"
 
 
 # ----------------------------------------------------------------------------- limits

@@ -444,6 +444,16 @@ class ServerState:
         """The serve config as it is on disk now (validated; ConfigError lists what is wrong)."""
         return self.reload() if self.reload is not None else self.settings
 
+    async def load(self, name: str, run: str) -> Served:
+        """Serve ``run`` as ``name``: nothing to do if it is served already; a name served from another run
+        directory is unloaded first (its requests in flight finish) and loaded again."""
+        current = next((s for s in self.engine.served() if s.name == name), None)
+        if current is not None:
+            if _same_path(current.run, run):
+                return current
+            await self.engine.unload(name)
+        return await self.engine.load(name, run)
+
     async def reload_config(self) -> dict[str, list[str]]:
         """Read the config again and make the served runs match it: load the new (or moved) ones,
         unload those no longer listed; re-read the keys file. In-flight requests are not dropped."""
@@ -464,7 +474,7 @@ class ServerState:
                 if name in served and _same_path(served[name].run, run):
                     result["unchanged"].append(name)
                     continue
-                await self.engine.load(name, run)
+                await self.load(name, run)
                 result["loaded"].append(name)
             self.settings.runs = dict(cfg.runs)
             log.info("serve config read again: loaded %s, unloaded %s", result["loaded"] or "none",
@@ -1058,7 +1068,8 @@ def create_app(engine: EngineLike, settings: ServeConfig, *, reload: Callable[[]
 
     @app.post("/admin/load", response_model=Model, responses=admin_errors, **admin)
     async def admin_load(body: LoadRequest) -> Model:
-        """Load (or reload) a run the serve config lists; the config is read again from disk first."""
+        """Serve a run the serve config lists (the config is read again from disk first); a name served from
+        another directory than the config's now is loaded again from the config's."""
         cfg = await asyncio.to_thread(state.read_config)
         if body.name not in cfg.runs:
             raise ApiError(404, f"{_short(body.name)} is not a run in the serve config (it lists: "
@@ -1068,7 +1079,7 @@ def create_app(engine: EngineLike, settings: ServeConfig, *, reload: Callable[[]
             raise ApiError(400, f"run: the serve config names {run} for {body.name!r}; admin load only loads the "
                                 "configured run (edit the config, then load it or send SIGHUP)", "run_not_configured",
                            "run")
-        return _model(await engine.load(body.name, run), state.created)
+        return _model(await state.load(body.name, run), state.created)
 
     @app.post("/admin/unload", response_model=Deleted, responses=admin_errors, **admin)
     async def admin_unload(body: UnloadRequest) -> Deleted:

@@ -108,6 +108,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--judge", metavar="RUN_DIR", help="no person: a classification or reward-model run ranks them")
     f.add_argument("--judge-label", help="with a classification judge: the label whose log-odds is the score")
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for completed runs (docs/serving.md)")
+    sv.add_argument("config", nargs="?", help="serve config YAML (--explain lists its keys)")
+    sv.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="serve a completed run under NAME (repeatable; adds to the config's runs)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    sv.add_argument("--api-keys", metavar="FILE", help="YAML file of hashed API keys (docs/serving.md)")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="allow a non-loopback --host without --api-keys (only behind something that authenticates)")
+    sv.add_argument("--explain", action="store_true", help="list every serve config key with its documentation")
+    sv.add_argument("--hash-key", action="store_true", help="print the SHA-256 of a key read from stdin (for the "
+                                                            "keys file) and exit")
+
     r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("list", help="recorded runs, newest first")
@@ -204,7 +217,7 @@ def _output_of(args) -> str | None:
 
 # Arguments that are paths (a file name may be any bytes); every other string argument is text.
 PATH_ARGS = {"config", "run_dir", "input", "output", "out", "data", "prompts", "model", "judge", "space", "resume",
-             "file", "id", "ids", "storage"}
+             "file", "id", "ids", "storage", "run", "api_keys"}
 
 
 def _check_text_args(args) -> None:
@@ -544,6 +557,12 @@ def cmd_feedback(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.server import serve_command
+
+    return serve_command(args)
+
+
 def cmd_runs(args) -> int:
     from . import registry_db as db
 
@@ -629,7 +648,7 @@ def _compare_table(runs: list[dict]):
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "tasks": cmd_tasks, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
-            "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan}
+            "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -491,7 +491,8 @@ def _times(n: int) -> str:
     return "twice" if n == 2 else f"{n} times"
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, keys: str = "model:, task:, method:, ...") -> dict:
+    """A YAML file whose top level is a mapping (``keys``: examples of its keys, for the message)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"], source=str(path))
@@ -500,7 +501,7 @@ def read_yaml(path: str | Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot parse YAML: {exc}"], source=str(path)) from exc
     if not isinstance(data, dict):
-        raise ConfigError(["the top level must be a mapping of keys (model:, task:, method:, ...)"],
+        raise ConfigError([f"the top level must be a mapping of keys ({keys})"],
                           source=str(path))
     return data
 
@@ -630,6 +631,22 @@ def coerce(value: Any, kind: Any) -> Any:
     if isinstance(kind, type) and isinstance(value, kind):
         return value
     raise ValueError(f"expected {kind}, got {value!r}")
+
+
+def describe(cls: type, prefix: str = "", note: str = "") -> list[str]:
+    """Every field of dataclass ``cls`` (sections walked into) with its default and ``help``: what
+    ``--explain`` prints, one key per entry."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "options":
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{prefix}{f.name}.", note)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{f.name}{note} = {default!r}\n    {f.metadata.get('help', '')}")
+    return lines
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:

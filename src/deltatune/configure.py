@@ -8,14 +8,12 @@ reports every problem of both kinds at once, in one ConfigError.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 
 from . import assets
 from .components import supports, tasks_of
-from .config import LARGE_LR, Config, MethodConfig, build_section, did_you_mean, parse_config
+from .config import LARGE_LR, Config, MethodConfig, build_section, describe, did_you_mean, parse_config
 from .data.multitask import check_tasks
 from .errors import ConfigError
 from .methods import registry
@@ -100,20 +98,7 @@ def _check_data_folder(path: Path, key: str) -> list[str]:
 
 def explain() -> str:
     """Every config key with its default and documentation (printed by `validate --explain`)."""
-    lines = []
-
-    def walk(cls: type, prefix: str, note: str = "") -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "options":
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name}{note} = {default!r}\n    {f.metadata.get('help', '')}")
-
-    walk(Config, "")
+    lines = describe(Config)
     for name in registry.names():
-        walk(registry.get(name).Options, "method.", f"  (method.name={name})")
+        lines += describe(registry.get(name).Options, "method.", f"  (method.name={name})")
     return "\n".join(lines)

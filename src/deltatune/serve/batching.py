@@ -24,7 +24,8 @@ from ..tasks.classification import class_probabilities
 from ..tasks.reward import response_scores
 from ..tasks.token_classification import token_logits
 from .generation import DecodeBatch, EncoderDecoderRun, Sequence, prefill
-from .requests import Overloaded, Request, UnknownModel
+from .requests import Request
+from .types import Overloaded, UnknownModel
 
 log = logging.getLogger(__name__)
 

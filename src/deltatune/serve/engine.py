@@ -21,10 +21,10 @@ from ..data.examples import conversation_ids
 from ..errors import ArgumentError, DeltatuneError
 from ..inference import RunParts, read_run
 from .batching import Scheduler
-from .generation import Chunk, Sampling
-from .loading import (Group, Member, Served, base_folder, base_member, group_key, load_group, load_plain_base,
+from .loading import (Group, Member, base_folder, base_member, group_key, load_group, load_plain_base,
                       member_for)
-from .requests import Overloaded, Request, TooLong, UnknownModel, WrongKind
+from .requests import Request
+from .types import Chunk, Overloaded, Sampling, Served, TooLong, UnknownModel, WrongKind
 
 __all__ = ["Engine", "Served", "Sampling", "Chunk", "UnknownModel", "WrongKind", "Overloaded", "TooLong"]
 

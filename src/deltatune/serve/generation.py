@@ -14,32 +14,14 @@ the cache length, which left padding would shift).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-
-@dataclass
-class Sampling:
-    """How the next token is chosen. ``temperature`` 0 is greedy; ``stop`` strings end the text (cut off
-    before them); ``seed`` makes sampling repeatable."""
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
-class Chunk:
-    """A piece of a streamed answer: text that decodes cleanly, the token ids generated since the last chunk,
-    and on the last chunk why generation ended ("stop": an end token or stop string; "length")."""
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
+from .types import Chunk, Sampling
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

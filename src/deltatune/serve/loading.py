@@ -28,20 +28,9 @@ from ..assets import resolve_model
 from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device
 from ..methods.peft_common import PeftMethod
 from ..tasks.base import Task
+from .types import Served
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
-@dataclass
-class Served:
-    """A name the engine answers to."""
-    name: str
-    kind: str  # generate | classify | tag | embed | score
-    task: str
-    method: str | None  # None: a base model
-    run: str | None  # the run directory; None: a base model
-    base: str  # the served name of its base model
-    labels: list[str] | None
 
 
 @dataclass(eq=False)

@@ -6,29 +6,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from ..errors import DeltatuneError
 from .generation import Sampling
 from .loading import Member
-
-
-class UnknownModel(DeltatuneError):
-    """No model is served under this name (HTTP 404)."""
-
-    def __init__(self, name: str, available: list[str]):
-        self.name, self.available = name, available
-        super().__init__(f"no model named {name!r} is served; available: {', '.join(available) or 'none'}")
-
-
-class WrongKind(DeltatuneError):
-    """The named model cannot do what was asked, e.g. classify with a decoder (HTTP 400)."""
-
-
-class Overloaded(DeltatuneError):
-    """The request queue is full, or the engine is draining (HTTP 503 with Retry-After)."""
-
-
-class TooLong(DeltatuneError):
-    """A prompt is longer than the engine accepts (HTTP 400)."""
 
 
 @dataclass(eq=False)

@@ -22,6 +22,17 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 @pytest.fixture(autouse=True)
+def _no_flush_denormal_after_training():
+    """Training sets torch.set_flush_denormal(True) for the process (faster CPU steps); hypothesis (and
+    schemathesis on top of it) then refuses to generate floats. Each test starts from the default."""
+    yield
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
 def _private_run_registry(tmp_path_factory, monkeypatch):
     """Every test records its runs in its own registry file, never in the user's."""
     monkeypatch.setenv("DELTATUNE_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))

@@ -13,8 +13,9 @@ from an httpx client with a fixed number of requests in flight.
   `/v1/chat/completions`. Baseline: the same kind of request one at a time, `model.generate` of the
   plain transformers model with the delta's peft adapter (set per request), in this process.
 - classify: Pang & Lee sentences, `/v1/classify` on the MiniLM run. Baseline: one forward per text.
-- unmerged vs merged: tokens/s of requests all to one LoRA delta against all to the base (a merged
-  LoRA model has exactly the base's shape and cost, so the base stands for it).
+- unmerged vs merged: tokens/s of the same requests all to one LoRA delta against all to its merged
+  export (served as a run of method full: a copy of the run whose delta is `export --merge`'s folder),
+  interleaved twice.
 - memory: the server's RSS with 1 base + 10 LoRA deltas against 10 merged copies (10 x the RSS growth
   of loading one merged model).
 
@@ -64,6 +65,28 @@ def _runs(folder: Path, extra_loras: int) -> dict[str, Path]:
             train(load_config(ROOT / "configs" / cfg, [*quick, *extra, f"output_dir={out}"]))
         runs[name] = out
     return runs
+
+
+def _merged_run(run: Path) -> Path:
+    """A copy of a LoRA run whose delta is its merged export (``deltatune export --merge``), as a run of
+    method ``full``: the server loads it as its own model, so the same requests compare unmerged against
+    merged with the same answers."""
+    import shutil
+
+    import yaml
+
+    from deltatune.export import export
+
+    out = run.parent / f"{run.name}-merged"
+    if (out / "metrics.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("delta"))
+    export(run, out / "delta", merge=True, force=False)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["method"], cfg["output_dir"] = {"name": "full"}, str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
 
 
 def _free_port() -> int:
@@ -236,7 +259,8 @@ def main() -> int:
     result = {"machine": os.cpu_count(), "new_tokens": NEW_TOKENS}
 
     chat_runs = {n: p for n, p in runs.items() if n.startswith("smol-") and int(n.split("-")[1]) <= SMOL_RUNS}
-    server = Server({**chat_runs, "minilm-cls": runs["minilm-cls"]})
+    merged = _merged_run(runs["smol-1"])
+    server = Server({**chat_runs, "smol-1-merged": merged, "minilm-cls": runs["minilm-cls"]})
     try:
         server.wait_ready()
         result["server_rss_mb"] = round(server.rss_mb(), 1)
@@ -255,12 +279,10 @@ def main() -> int:
                                                args.classify_concurrency))
         print("classify:", json.dumps(result["classify"]), file=sys.stderr)
         questions = _questions(args.merged_requests)
-        one_delta = _chat_bodies(questions, ["smol-1"])
-        on_base = _chat_bodies(questions, [smol_base])
-        result["unmerged_lora"] = asyncio.run(_load(server.url, "/v1/chat/completions", one_delta,
-                                                    args.chat_concurrency))
-        result["base_as_merged"] = asyncio.run(_load(server.url, "/v1/chat/completions", on_base,
-                                                     args.chat_concurrency))
+        for key, model in (("unmerged_lora", "smol-1"), ("merged", "smol-1-merged"),
+                           ("unmerged_lora_again", "smol-1"), ("merged_again", "smol-1-merged")):  # interleaved
+            result[key] = asyncio.run(_load(server.url, "/v1/chat/completions", _chat_bodies(questions, [model]),
+                                            args.chat_concurrency))
     finally:
         server.stop()
 
@@ -271,8 +293,11 @@ def main() -> int:
                                              / result["baseline_chat"]["generated_tokens_per_s"], 2),
         "classify_requests_per_s": round(result["classify"]["requests_per_s"]
                                          / result["baseline_classify"]["requests_per_s"], 2),
-        "unmerged_over_merged_tokens_per_s": round(result["unmerged_lora"]["generated_tokens_per_s"]
-                                                   / result["base_as_merged"]["generated_tokens_per_s"], 3),
+        "unmerged_over_merged_tokens_per_s": round(
+            statistics.median([result["unmerged_lora"]["generated_tokens_per_s"],
+                               result["unmerged_lora_again"]["generated_tokens_per_s"]])
+            / statistics.median([result["merged"]["generated_tokens_per_s"],
+                                 result["merged_again"]["generated_tokens_per_s"]]), 3),
     }
     if args.memory:
         ten = {n: p for n, p in runs.items() if n.startswith("smol-")}

@@ -9,7 +9,8 @@ or wrap the base weights and load as their own model (``inference.load_run``): a
 distinct base model is also served by name; without a peft group to hold it, it is loaded plainly.
 
 A batch names its rows' deltas. LoRA computes mixed batches in one forward (peft's ``adapter_names``,
-``"__base__"`` for the base); other adapter types run one delta per batch (``set_adapter``, the base with
+``"__base__"`` for the base), and a batch of one delta through peft's plain path (``set_adapter``: the
+mixed path costs a hook on every adapted layer per forward); other adapter types run one delta per batch (``set_adapter``, the base with
 the adapter switched off). Soft prompts differ only in what the first forward puts before the text:
 once their virtual tokens are in the KV cache, decoding is the base model's and their rows mix freely.
 """
@@ -109,9 +110,9 @@ class Group:
         model = self.model
         if self.peft_type is None:
             yield model
-        elif self.mixable:
+        elif self.mixable and len(set(adapters)) > 1:
             yield Routed(model, [a or BASE for a in adapters])
-        else:
+        else:  # one delta for the whole batch: peft's plain path (adapter_names costs hooks on every layer)
             (adapter,) = set(adapters)
             if adapter is None and self.prompt_learning:
                 yield model.get_base_model()  # the virtual tokens live outside the wrapped model

@@ -16,8 +16,8 @@ from an httpx client with a fixed number of requests in flight.
 - unmerged vs merged: tokens/s of the same requests all to one LoRA delta against all to its merged
   export (served as a run of method full: a copy of the run whose delta is `export --merge`'s folder),
   interleaved twice.
-- memory: the server's RSS with 1 base + 10 LoRA deltas against 10 merged copies (10 x the RSS growth
-  of loading one merged model).
+- memory: the server's RSS with 1 base + 10 LoRA deltas against the weights of 10 merged copies
+  (10 x one model's fp32 parameter bytes; the runtime itself not counted for them).
 
 Reported: errors (must be 0), p50/p95/p99 latency, requests/s, generated tokens/s, and the ratios
 against the baselines, measured in the same invocation.
@@ -316,11 +316,11 @@ def main() -> int:
 
 
 def _one_model_mb() -> float:
-    """RSS growth of loading one SmolLM2 (what each merged copy costs)."""
-    code = ("import torch,resource;from transformers import AutoModelForCausalLM;from deltatune.assets import "
-            "resolve_model;a=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+    """What each merged copy of SmolLM2 costs once it serves: its weights' bytes (fp32). (The RSS right
+    after loading says nothing: safetensors maps the file and pages come in only as a forward reads them.)"""
+    code = ("import torch;from transformers import AutoModelForCausalLM;from deltatune.assets import resolve_model;"
             "m=AutoModelForCausalLM.from_pretrained(resolve_model('smollm2-135m'),dtype=torch.float32);"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-a)/1024)")
+            "print(sum(p.numel()*p.element_size() for p in m.parameters())/2**20)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

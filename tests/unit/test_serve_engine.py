@@ -417,3 +417,14 @@ def test_closing_a_stream_ends_its_generation(engine):
         return [c async for c in stream]
 
     assert run(go()) == [] and engine.stats()["running_sequences"] == 0
+
+
+def test_sampling_at_extreme_temperature_and_top_p_is_a_token_not_an_error():
+    from deltatune.serve.generation import choose
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -50.0])
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((5e-324, 1.0), (1e-30, 0.5), (2.0, 0.0), (2.0, 1e-9)):
+        assert choose(logits, Sampling(temperature=temperature, top_p=top_p), g) == 1  # the argmax, no nan
+    seen = {choose(logits, Sampling(temperature=2.0, top_p=1.0), g) for _ in range(200)}
+    assert seen >= {0, 1, 2}

@@ -195,7 +195,10 @@ class Scheduler:
         """``fn(model, ids)`` over every request's rows in batches of ``max_batch``, each row with its delta."""
         group = requests[0].member.group
         adapters = [r.member.adapter for r, ids in zip(requests, rows) for _ in ids]
-        flat = [x for ids in rows for x in ids]
+        # A text that tokenizes to nothing ("" with a tokenizer that adds no [CLS]) reads one unknown token:
+        # a forward over zero positions would fail, and an empty text is a valid input
+        filler = [t for t in (group.tokenizer.unk_token_id, group.tokenizer.pad_token_id) if t is not None][:1]
+        flat = [x if len(x) else filler for ids in rows for x in ids]
         out = []
         for start in range(0, len(flat), self.max_batch):
             chunk = flat[start:start + self.max_batch]

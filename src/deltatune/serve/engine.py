@@ -124,6 +124,10 @@ class Engine:
                                    max_length=member.max_length)["input_ids"]
         else:
             ids = member.tokenizer(prompt)["input_ids"]
+        if not ids:  # an empty (or all-space) prompt: generate from the start token, as generate() does
+            start = member.tokenizer.bos_token_id if member.tokenizer.bos_token_id is not None \
+                else member.tokenizer.eos_token_id
+            ids = [start] if start is not None else ids
         return self._check_length(name, ids)
 
     def count_tokens(self, name: str, text: str) -> int:

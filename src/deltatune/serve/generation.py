@@ -24,15 +24,21 @@ from transformers.cache_utils import DynamicLayer
 from .types import Chunk, Sampling
 
 
+MIN_TEMPERATURE = 1e-4  # below it, greedy: dividing fp32 logits by less can overflow (or the scalar round to 0)
+
+
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """The next token from one row of logits: the argmax, or a sample at ``temperature`` from the smallest
     set of tokens whose probability reaches ``top_p``."""
-    if sampling.temperature <= 0 or generator is None:
+    if sampling.temperature < MIN_TEMPERATURE or generator is None:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    logits = logits.float()
+    # minus the maximum first: a tiny temperature then gives -inf (probability 0), never inf - inf = nan
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, -1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # up to and including the crossing token
+        keep[0] = True  # top_p 0 (or below the first token's share): the most likely token
         probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 

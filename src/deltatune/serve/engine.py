@@ -17,6 +17,7 @@ import asyncio
 from pathlib import Path
 from typing import AsyncIterator
 
+from ..assets import MODELS
 from ..data.examples import conversation_ids
 from ..errors import ArgumentError, DeltatuneError
 from ..inference import RunParts, read_run
@@ -56,7 +57,8 @@ class Engine:
         parts = {name: await asyncio.to_thread(read_run, path) for name, path in self._runs.items()}
         folders = list(dict.fromkeys(base_folder(p) for p in parts.values()))
         for folder in folders:
-            self._bases[folder] = "base" if len(folders) == 1 else self._base_name(folder)
+            first = next(p for p in parts.values() if base_folder(p) == folder)
+            self._bases[folder] = "base" if len(folders) == 1 else self._base_name(folder, first)
         for name, p in parts.items():
             await self._add(name, p)
         for folder in folders:
@@ -86,7 +88,7 @@ class Engine:
             parts = await asyncio.to_thread(read_run, run_dir)
             folder = base_folder(parts)
             if folder not in self._bases:
-                self._bases[folder] = "base" if not self._bases else self._base_name(folder)
+                self._bases[folder] = "base" if not self._bases else self._base_name(folder, parts)
                 await self._add(name, parts)
                 await self._serve_base(folder, parts)
             else:
@@ -228,11 +230,14 @@ class Engine:
         group.members.append(member)
         self._members[member.served.name] = member
 
-    def _base_name(self, folder: Path) -> str:
-        name, n = f"base:{folder.name}", 1
+    def _base_name(self, folder: Path, parts: RunParts) -> str:
+        """``base:<the model as the run's config names it>`` (a packaged alias such as minilm, else the folder)."""
+        ref = str(parts.cfg.model)
+        label = ref if ref in MODELS else folder.name
+        name, n = f"base:{label}", 1
         while name in self._members or name in self._bases.values():
             n += 1
-            name = f"base:{folder.name}-{n}"
+            name = f"base:{label}-{n}"
         return name
 
     def _load_lock(self) -> asyncio.Lock:

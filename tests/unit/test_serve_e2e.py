@@ -51,6 +51,11 @@ def server(runs):
     from deltatune.serve.engine import Engine
     from deltatune.serve.server import make_server
 
+    import torch
+
+    # Training (the runs fixture) turned flush-denormal on for this thread, and a new thread inherits it:
+    # the server would then read a subnormal number (say top_p 5e-324) as 0. `deltatune serve` trains nothing.
+    torch.set_flush_denormal(False)
     served = {k: str(v) for k, v in runs.items() if k != "merged-root"}
     settings = ServeConfig(runs=served, port=0, limits=Limits(rate_limit_per_minute=0))
     engine = Engine(settings.runs)

@@ -254,6 +254,8 @@ def test_mixed_deltas_in_concurrent_requests_answer_as_alone(engine, tiny_llama,
     assert torch.allclose(torch.tensor([e[0] for e in embeds]), torch.tensor(want_embed), atol=1e-5)
     grown = {size for size, count in after["generate"].items() if count > before["generate"].get(size, 0)}
     assert max(grown) >= 9  # lm_a, lm_b and the base: one LoRA batch (IA3 and the prompt: their own)
+    prefilled = {size for size, count in after["prefill"].items() if count > before["prefill"].get(size, 0)}
+    assert max(prefilled) >= 2  # new prompts prefilled together (left-padded) and still answered as alone
     shared = {size for size, count in after["classify"].items() if count > before["classify"].get(size, 0)}
     assert max(shared) >= 2
 

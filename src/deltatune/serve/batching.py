@@ -1,7 +1,8 @@
 """The worker: one thread runs every model forward, so the event loop never waits for torch.
 
 Each turn it (1) runs control work (attaching or dropping a delta) between forwards, (2) prefills
-waiting generation requests that fit into their running batch (``max_batch`` rows), (3) runs one
+waiting generation requests that fit into their running batch (``max_batch`` rows; those that share a
+batch key and a stackable cache in one forward), (3) runs one
 dynamic batch of one-shot requests (classify, embed, score) once ``max_batch`` items of one batch key
 are waiting or the oldest has waited ``batch_wait_ms``, and (4) advances every running generation
 batch by one token. One worker, not one per base: with a few cores, two threads doing matrix work
@@ -23,7 +24,7 @@ from ..methods.feature_extraction import FeatureClassifier, pool
 from ..tasks.classification import class_probabilities
 from ..tasks.reward import response_scores
 from ..tasks.token_classification import token_logits
-from .generation import DecodeBatch, EncoderDecoderRun, Sequence, prefill
+from .generation import DecodeBatch, EncoderDecoderRun, Sequence, mergeable, prefill, prefill_together
 from .requests import Request
 from .types import Overloaded, UnknownModel
 
@@ -254,13 +255,56 @@ class Scheduler:
                     return
                 self.waiting.remove(request)
                 batch = self._batch_for(request)
+                company = self._company(request, batch)  # more new requests that can prefill with it
             if request.cancelled:
                 self._done(request)
+                self._requeue(company)
+                continue
+            if company:
+                self._start_together([request, *company], batch)
                 continue
             try:
                 self._start(request, batch)
             except Exception as exc:  # noqa: BLE001
                 self._fail([request], exc)
+
+    def _company(self, request: Request, batch) -> list[Request]:
+        """Waiting generation requests that prefill in one forward with ``request`` and join its batch: same
+        group and batch key, a decoder-only model whose cache rows stack (no soft prompt), room left."""
+        group = request.member.group
+        if group.encoder_decoder or group.prompt_learning or (batch is not None and batch.solo):
+            return []
+        key = group.batch_key(request.member, decoding=True)
+        room = self.max_batch - 1 - sum(len(b) for b in self.running if b.group is group and b.key == key)
+        company = [r for r in self.waiting if r.op == "generate" and r.member.group is group and not r.cancelled
+                   and group.batch_key(r.member, decoding=True) == key][:max(room, 0)]
+        for r in company:
+            self.waiting.remove(r)
+        return company
+
+    def _requeue(self, requests: list[Request]) -> None:
+        with self.cv:
+            self.waiting.extendleft(reversed(requests))
+
+    def _start_together(self, requests: list[Request], batch: DecodeBatch | None) -> None:
+        group = requests[0].member.group
+        sequences = [Sequence(r, r.member.tokenizer, eos_ids(group.model, r.member.tokenizer), position_limit(group.model))
+                     for r in requests]
+        try:
+            with group.routed([r.member.adapter for r in requests]) as model:
+                device = next(model.parameters()).device
+                cache, mask, chunks = prefill_together(model, sequences, [r.items for r in requests], device)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(requests, exc)
+            return
+        self._count("prefill", len(requests))
+        for sequence, chunk in zip(sequences, chunks):
+            self._deliver(sequence, chunk)
+        if batch is None or not mergeable(cache):  # a cache that cannot stack with others' runs as its own batch
+            batch = DecodeBatch(group, group.batch_key(requests[0].member, decoding=True))
+            self.running.append(batch)
+        batch.join_rows(sequences, cache, mask)
+        batch.keep(lambda s: s.finish is None)
 
     def _start(self, request: Request, batch: DecodeBatch | None) -> None:
         member = request.member

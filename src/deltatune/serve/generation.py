@@ -1,7 +1,7 @@
 """Step-level batched decoding: sequences decode one token per step together, with one KV cache.
 
-A new sequence is prefilled alone (batch of one, no padding: its first token is exactly what the model
-gives it alone), then joins the running batch at the next step. The batch's cache is right-aligned:
+New sequences are prefilled together (``prefill_together``: left-padded, the padding masked, each row's
+positions from 0; one alone: ``prefill``), then join the running batch at the next step. The batch's cache is right-aligned:
 row i holds its ``L_i`` cached positions in the last ``L_i`` columns, left padding before them masked
 out by the attention mask, and each row reads its own position ids, so a row computes what it would
 alone (up to the last bits of fp32 arithmetic: a matrix product over more rows may round differently).
@@ -132,6 +132,25 @@ def prefill(model, sequence: Sequence, prompt_ids: list[int], device) -> tuple[P
     return Prefilled(sequence, cache, length, device), sequence.accept(out.logits[0, -1].float().cpu())
 
 
+@torch.no_grad()
+def prefill_together(model, sequences: list[Sequence], prompts: list[list[int]], device) -> tuple[DynamicCache,
+                                                                                              torch.Tensor, list]:
+    """Several prompts through the model in one forward, left-padded (the padding masked, each row's
+    positions from 0): the cache and mask in ``DecodeBatch``'s layout, and each row's first chunk. Each
+    row computes what it would alone, up to the last bits of fp32 (a matrix product over more rows)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits = out.logits[:, -1].float().cpu()
+    chunks = []
+    for row, (sequence, prompt) in enumerate(zip(sequences, prompts)):
+        sequence.position = len(prompt)
+        chunks.append(sequence.accept(logits[row]))
+    return out.past_key_values, mask, chunks
+
+
 class DecodeBatch:
     """Sequences decoding together on one cache (one group, one batch key)."""
 
@@ -149,17 +168,20 @@ class DecodeBatch:
         return not self.rows or (not self.solo and mergeable(item.cache))
 
     def join(self, item: Prefilled) -> None:
-        ones = torch.ones(1, item.length, dtype=torch.long, device=item.device)
+        self.join_rows([item.sequence], item.cache, torch.ones(1, item.length, dtype=torch.long, device=item.device))
+
+    def join_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Rows whose cache (right-aligned, ``mask`` 1 at their positions) joins the batch's."""
         if not self.rows:
-            self.rows, self.cache, self.mask = [item.sequence], item.cache, ones
-            self.solo = not mergeable(item.cache)
+            self.rows, self.cache, self.mask = list(sequences), cache, mask
+            self.solo = not mergeable(cache)
             return
-        width = max(self.mask.shape[1], item.length)
-        for layer, new in zip(self.cache.layers, item.cache.layers):
+        width = max(self.mask.shape[1], mask.shape[1])
+        for layer, new in zip(self.cache.layers, cache.layers):
             layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
             layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(ones, width)])
-        self.rows.append(item.sequence)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.rows += sequences
 
     @torch.no_grad()
     def step(self, model) -> list[Chunk | None]:

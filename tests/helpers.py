@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from deltatune.configure import load_config
 
@@ -14,3 +16,29 @@ def config(model: Path, task: str, method: str, train: Path, out: Path | None = 
     if out is not None:
         overrides.append(f"output_dir={out}")
     return load_config(None, overrides)
+
+
+@contextmanager
+def serving(engine, settings, start_seconds: float = 120) -> Iterator[str]:
+    """``deltatune serve``'s server for ``engine`` on a free loopback port, in a thread: its base URL."""
+    import threading
+    import time
+
+    from deltatune.serve.server import make_server
+
+    settings.port = 0
+    urls: list[str] = []
+    server = make_server(engine, settings, on_ready=urls.append)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_seconds
+    while not urls and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert urls, "the server did not start"
+    assert urls[0].startswith("http://127.0.0.1:")
+    try:
+        yield urls[0]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive()

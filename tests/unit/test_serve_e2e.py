@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-
 import pytest
 
 from deltatune.cli import main
@@ -18,7 +15,7 @@ from deltatune.inference import load_run, predict
 from deltatune.serve.config import Limits, ServeConfig
 from deltatune.train.run import train
 from tests.conftest import qa_rows, write_jsonl
-from tests.helpers import config
+from tests.helpers import config, serving
 from tests.unit.test_serve_engine import randomize
 
 QUESTIONS = ["what is 1 and 2", "hello", "what is 7", "my name is what"]
@@ -49,27 +46,15 @@ def runs(tiny_bert, tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(runs):
     from deltatune.serve.engine import Engine
-    from deltatune.serve.server import make_server
-
     import torch
 
     # Training (the runs fixture) turned flush-denormal on for this thread, and a new thread inherits it:
     # the server would then read a subnormal number (say top_p 5e-324) as 0. `deltatune serve` trains nothing.
     torch.set_flush_denormal(False)
     served = {k: str(v) for k, v in runs.items() if k != "merged-root"}
-    settings = ServeConfig(runs=served, port=0, limits=Limits(rate_limit_per_minute=0))
-    engine = Engine(settings.runs)
-    urls: list[str] = []
-    srv = make_server(engine, settings, on_ready=urls.append)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not urls and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert urls, "the server did not start"
-    yield urls[0]
-    srv.should_exit = True
-    thread.join(60)
+    settings = ServeConfig(runs=served, limits=Limits(rate_limit_per_minute=0))
+    with serving(Engine(settings.runs), settings) as url:
+        yield url
 
 
 def _greedy(run_dir, prompts, n=8):

@@ -37,6 +37,7 @@ from deltatune.serve.app import create_app
 from deltatune.serve.auth import Caller, Keys, RateLimiter, hash_key
 from deltatune.serve.config import Limits, ServeConfig, explain, load_serve_config
 from deltatune.serve.types import Chunk, Overloaded, Sampling, Served, TooLong, UnknownModel
+from tests.helpers import serving
 
 ROOT = Path(__file__).parents[2]
 WORDS = ["hello", " world"]
@@ -868,25 +869,10 @@ def test_cli_explain_and_hash_key(capsys, monkeypatch):
 
 @pytest.fixture
 def live_server(tmp_path):
-    """uvicorn on a free loopback port (port 0), in a thread: (base URL, engine)."""
-    from deltatune.serve.server import make_server
-
+    """uvicorn on a free loopback port, in a thread: (base URL, engine)."""
     engine = FakeEngine()
-    settings_ = make_settings(tmp_path)
-    settings_.port = 0
-    urls: list[str] = []
-    server = make_server(engine, settings_, on_ready=urls.append)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not urls and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert urls, "the server did not start"
-    assert urls[0].startswith("http://127.0.0.1:")
-    yield urls[0], engine
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    with serving(engine, make_settings(tmp_path), start_seconds=30) as url:
+        yield url, engine
 
 
 def test_the_official_openai_client_against_a_real_server(live_server):

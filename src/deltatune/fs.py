@@ -109,7 +109,7 @@ def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
 
 def recover_dir(final: Path) -> None:
     """Finish a swap by ``atomic_dir`` that a crash interrupted: a complete new version wins, else the
-    old one is put back; half-built versions are removed."""
+    old one is put back (``clean_temporaries`` then removes half-built versions)."""
     final = Path(final)
     new, old = _sibling(final, NEW), _sibling(final, OLD)
     if new.exists():
@@ -120,8 +120,6 @@ def recover_dir(final: Path) -> None:
     elif old.exists() and not final.exists():
         os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
-    for partial in final.parent.glob(f".{final.name}{PARTIAL}*"):
-        shutil.rmtree(partial, ignore_errors=True)
     fsync_dir(final.parent)
 
 

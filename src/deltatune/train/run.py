@@ -77,9 +77,10 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     checkpoint, or from its first step if it stopped before one; the result equals an uninterrupted
     run's. A run that a crash stopped after its commit record (metrics.json) is only completed."""
     run = RunDir(Path(path))
-    if run.status() == "completed":
+    status = run.status()
+    if status == "completed":
         raise RunError(f"{run.path}: this run already completed; nothing to resume")
-    if run.status() == "running" and run.alive():
+    if status == "running" and run.alive():
         state = run.read_json("status.json")
         raise RunError(f"{run.path}: this run is still training (process {state.get('pid', '?')} on "
                        f"{state.get('host', 'another machine')}); two processes must never write one run: "

@@ -20,7 +20,7 @@ from deltatune.data.examples import conversation_ids
 from deltatune.inference import load_run, predict, score
 from deltatune.models import load_model
 from deltatune.serve.engine import Engine, Overloaded, Sampling, TooLong, UnknownModel, WrongKind
-from deltatune.serve.generation import TextStream
+from deltatune.serve.generation import Sequence, TextStream
 from deltatune.train.run import train
 from tests.conftest import NEGATIVE, POSITIVE, qa_rows, sentiment_rows, tagged_rows, write_csv, write_jsonl
 from tests.helpers import config
@@ -430,3 +430,74 @@ def test_sampling_at_extreme_temperature_and_top_p_is_a_token_not_an_error():
         assert choose(logits, Sampling(temperature=temperature, top_p=top_p), g) == 1  # the argmax, no nan
     seen = {choose(logits, Sampling(temperature=2.0, top_p=1.0), g) for _ in range(200)}
     assert seen >= {0, 1, 2}
+
+
+def test_a_shared_prompt_beginning_is_computed_once_per_delta_and_answers_as_alone(engine, loaded, tiny_llama):
+    """Prompts that start alike (an application's instructions) reuse that beginning's keys and values,
+    per delta, alone or prefilled together, and answer token for token as without it."""
+    tok = loaded["lm_a"].tokenizer
+    instructions = "answer the question in a few words and be kind " * 3
+    prompts = [tok(instructions + q)["input_ids"] for q in ("what is 1", "what is 3 and 9", "hello there")]
+    names = ["lm_a", "lm_b", f"base:{tiny_llama.name}", "lm_full"]
+    base = load_model(tiny_llama, "causal").eval()
+    want = {(n, i): greedy_reference(loaded[n].model if n in loaded else base, tok, p, GREEDY.max_tokens)
+            for n in names for i, p in enumerate(prompts)}
+    before = engine.stats()["prompt_tokens_reused"]
+
+    async def alone():
+        return {(n, i): (await collect(engine.generate(n, p, GREEDY)))[1] for n in names for i, p in enumerate(prompts)}
+
+    async def together():
+        keys = [(n, i) for n in names for i in range(len(prompts))]
+        got = await asyncio.gather(*(collect(engine.generate(n, prompts[i], GREEDY)) for n, i in keys))
+        return {k: g[1] for k, g in zip(keys, got)}
+
+    assert run(alone()) == want
+    reused = engine.stats()["prompt_tokens_reused"] - before
+    assert reused >= 16 * (len(prompts) - 1) * len(names)  # learned from the first prompt, reused by the others
+    assert run(together()) == want
+    assert engine.stats()["prompt_tokens_reused"] - before > reused
+
+
+def test_prefill_after_a_cached_prefix_computes_the_whole_prompts_keys_and_values(loaded):
+    """The cache a prefix-reusing prefill leaves equals the one prefilling whole prompts leaves, at every
+    position each row holds (the padding between prefix and rest masked and skipped)."""
+    from deltatune.serve.generation import PrefixCache, prefill_together
+
+    model, tok = loaded["lm_a"].model, loaded["lm_a"].tokenizer
+    prompts = [tok("be brief and kind " * 4 + q)["input_ids"] for q in ("what is 1", "what is 3 and 9 and 4")]
+    prefixes = PrefixCache(min_length=8)
+    for p in prompts:
+        prefixes.learn(p)
+    prefix = prefixes.shared(prompts)
+    assert prefix is not None and 8 <= len(prefix) < min(map(len, prompts))
+
+    def sequences():
+        return [Sequence(_Req(), tok, set(), None) for _ in prompts]
+
+    whole, whole_mask, whole_chunks = prefill_together(model, sequences(), prompts, torch.device("cpu"))
+    cached = prefixes.cached(model, "default", prefix, torch.device("cpu"))
+    reused, mask, chunks = prefill_together(model, sequences(), prompts, torch.device("cpu"),
+                                            (len(prefix), [cached, cached]))
+    assert [c.token_ids for c in chunks] == [c.token_ids for c in whole_chunks]
+    for row in range(len(prompts)):
+        for a, b in zip(whole.layers, reused.layers):
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                torch.testing.assert_close(x[row][:, whole_mask[row].bool()], y[row][:, mask[row].bool()],
+                                           rtol=0, atol=1e-5)
+
+
+class _Req:
+    sampling = GREEDY
+
+
+def test_one_shot_rows_are_batched_by_length_at_the_least_padded_cost():
+    from deltatune.serve.batching import length_batches
+
+    lengths = [5, 60, 6, 58, 7, 61, 5, 59]
+    batches = length_batches(lengths, max_batch=8, forward_cost=36)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[5, 5, 6, 7], [58, 59, 60, 61]]
+    assert length_batches(lengths, max_batch=8, forward_cost=10_000) == [sorted(range(8), key=lambda i: lengths[i])]
+    assert all(len(b) <= 3 for b in length_batches(lengths, max_batch=3))
+    assert length_batches([], 4) == []

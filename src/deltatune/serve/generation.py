@@ -13,7 +13,10 @@ the cache length, which left padding would shift).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +128,7 @@ class Prefilled:
 def prefill(model, sequence: Sequence, prompt_ids: list[int], device) -> tuple[Prefilled, Chunk | None]:
     """The prompt through the model alone; the first token chosen."""
     ids = torch.tensor([prompt_ids], device=device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last_logits_only(model))
     cache = out.past_key_values
     length = cache.get_seq_length()
     sequence.position = length
@@ -133,22 +136,106 @@ def prefill(model, sequence: Sequence, prompt_ids: list[int], device) -> tuple[P
 
 
 @torch.no_grad()
-def prefill_together(model, sequences: list[Sequence], prompts: list[list[int]], device) -> tuple[DynamicCache,
-                                                                                              torch.Tensor, list]:
+def prefill_together(model, sequences: list[Sequence], prompts: list[list[int]], device,
+                     head: tuple[int, list[list[tuple]]] | None = None) -> tuple[DynamicCache, torch.Tensor, list]:
     """Several prompts through the model in one forward, left-padded (the padding masked, each row's
     positions from 0): the cache and mask in ``DecodeBatch``'s layout, and each row's first chunk. Each
-    row computes what it would alone, up to the last bits of fp32 (a matrix product over more rows)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    row computes what it would alone, up to the last bits of fp32 (a matrix product over more rows).
+
+    ``head``: (P, one cached prefix per row) when every prompt starts with the same P tokens whose keys and
+    values are known (``PrefixCache``): only the rest of each prompt goes through the model, after the
+    prefix, and the padding sits between the two (masked, as the left padding is)."""
+    start = head[0] if head else 0
+    rest = [p[start:] for p in prompts]
+    width = max(len(p) for p in rest)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in rest], device=device)
+    mask = torch.tensor([[1] * start + [0] * (width - len(p)) + [1] * len(p) for p in rest], device=device)
+    positions = (mask[:, start:].cumsum(1) - 1).clamp(min=0) + start
+    past = None
+    if head:
+        layers = zip(*head[1])  # per layer: every row's (keys, values)
+        past = DynamicCache(ddp_cache_data=[(torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows]))
+                                            for rows in layers])
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                **last_logits_only(model))
     logits = out.logits[:, -1].float().cpu()
     chunks = []
     for row, (sequence, prompt) in enumerate(zip(sequences, prompts)):
         sequence.position = len(prompt)
         chunks.append(sequence.accept(logits[row]))
     return out.past_key_values, mask, chunks
+
+
+class PrefixCache:
+    """Keys and values of prompt beginnings that many requests share (a chat template's system prompt, an
+    application's own instructions), per delta, so that a prefill computes them once.
+
+    Prefixes are learned, not configured: the longest common beginning of a prompt and the one before it,
+    once it is ``min_length`` tokens or more. A prompt reuses the longest known prefix it starts with (one
+    token at least left over); the keys and values are computed on first use for each delta. Both lists
+    are bounded (least recently used out). Correct whatever was learned: a causal model's keys and values
+    for a token depend only on the tokens before it, and a prefix matches token for token."""
+
+    def __init__(self, min_length: int = 16, prefixes: int = 8, entries: int = 32):
+        self.min_length, self.max_prefixes, self.max_entries = min_length, prefixes, entries
+        self.prefixes: OrderedDict[tuple[int, ...], None] = OrderedDict()
+        self.entries: OrderedDict[tuple, list[tuple]] = OrderedDict()  # (adapter, prefix) -> per layer (k, v)
+        self.last: list[int] = []
+
+    def learn(self, prompt: list[int]) -> None:
+        common = _common_length(prompt, self.last)
+        self.last = prompt
+        if common >= self.min_length:
+            prefix = tuple(prompt[:common])
+            self.prefixes[prefix] = None
+            self.prefixes.move_to_end(prefix)
+            while len(self.prefixes) > self.max_prefixes:
+                self.prefixes.popitem(last=False)
+
+    def shared(self, prompts: list[list[int]]) -> tuple[int, ...] | None:
+        """The longest known prefix every prompt starts with and goes beyond."""
+        shortest = min(len(p) for p in prompts)
+        fits = [q for q in self.prefixes if len(q) < shortest and all(tuple(p[:len(q)]) == q for p in prompts)]
+        return max(fits, key=len, default=None)
+
+    def cached(self, model, adapter, prefix: tuple[int, ...], device) -> list[tuple] | None:
+        """The prefix's keys and values under ``adapter`` (``model`` computes them with that delta), or
+        None when its cache is not plain per-layer tensors."""
+        key = (adapter, prefix)
+        if key not in self.entries:
+            ids = torch.tensor([prefix], device=device)
+            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                          **last_logits_only(model)).past_key_values
+            if not mergeable(cache):
+                return None
+            self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
+        self.prefixes.move_to_end(prefix)
+        return self.entries[key]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it: a prefill needs the last position's logits only (the
+    output layer over every prompt position is a large share of a small model's prefill)."""
+    inner = getattr(model, "model", model)  # Routed -> PeftModel
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(base)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(cls) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 class DecodeBatch:

@@ -78,6 +78,7 @@ class EngineStats(TypedDict, total=False):
     running_sequences: int                    # generations in the running batches now
     batch_sizes: dict[str, dict[int, int]]    # operation -> batch size -> batches run (or just size -> batches)
     tokens_generated: int                     # since start
+    prompt_tokens_reused: int                 # prompt positions taken from the shared-prefix cache, since start
     requests: dict[str, int]                  # served name -> requests since start
 
 

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -71,10 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tasks", help="list the registered tasks: main metric, head, loop, what they train")
     tk.add_argument("--json", action="store_true")
 
-    x = sub.add_parser("export", help="export a run: --merge writes a plain HF model")
+    x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta (see docs/export.md)")
     x.add_argument("run_dir")
-    x.add_argument("--merge", action="store_true", help="fold the delta into the base weights")
-    x.add_argument("--out", help="output folder (default RUN_DIR/merged or RUN_DIR/export); must be new or empty, "
+    x.add_argument("--format", dest="fmt", help="hf: merged transformers model; delta: the adapter alone "
+                                                "(the default without --merge)")
+    x.add_argument("--merge", action="store_true", help="the same as --format hf: fold the delta into the base")
+    x.add_argument("--quantize", help="the format's quantization (docs/export.md lists them)")
+    x.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the parity check by the format's runtime")
+    x.add_argument("--out", help="output folder (default RUN_DIR/merged, RUN_DIR/export, ...); must be new or empty, "
                                  "or a previous export of the same kind with --force")
     x.add_argument("--force", action="store_true", help="replace a previous export of the same kind at --out "
                                                         "(never a folder deltatune did not write)")
@@ -141,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed, for records such as a model card
     _quiet_libraries()
     try:
         _check_text_args(args)
@@ -362,13 +369,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .export.load import is_export, load_export
     from .inference import load_run, predict
 
     if args.max_new_tokens < 1:
         raise ArgumentError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.output:
         _check_output_file(Path(args.output), args.input, args.force)
-    loaded = load_run(args.run_dir)
+    loaded = load_export(args.run_dir) if is_export(args.run_dir) else load_run(args.run_dir)
     texts = args.text or _read_inputs(args.input, loaded)
     results = predict(loaded, texts, args.max_new_tokens)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
@@ -477,7 +485,11 @@ def cmd_methods(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(export(args.run_dir, args.out, args.merge, force=args.force))
+    if args.fmt and args.merge and args.fmt != "hf":
+        raise ArgumentError(f"--merge with --format {args.fmt}: --merge means --format hf; give one of them")
+    command = "deltatune " + shlex.join(args.argv)
+    print(export(args.run_dir, args.out, args.merge, force=args.force, fmt=args.fmt, quantize=args.quantize,
+                 check=args.check, command=command))
     return 0
 
 

@@ -51,3 +51,8 @@ class OutputError(DeltatuneError):
 
 class ArgumentError(DeltatuneError):
     """A command-line argument is out of range or not valid text."""
+
+
+class ExportError(DeltatuneError):
+    """A run cannot be exported in the asked format (the message says why and which format can), or the
+    runtime that will load the export does not give the run's answers (the parity check's figures)."""

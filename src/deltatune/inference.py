@@ -77,8 +77,13 @@ def load_run(path: str | Path) -> LoadedRun:
     """A completed run's model (base + delta), tokenizer and task. A missing, truncated or corrupted
     delta or tokenizer is a ``RunError`` naming the file and what to do, not a library's traceback."""
     parts = read_run(path)
+    return LoadedRun(parts.run, parts.cfg, tuned_model(parts), parts.tokenizer, parts.task)
+
+
+def tuned_model(parts: RunParts) -> nn.Module:
+    """The run's base with its delta, on the device, in evaluation mode."""
     model = load_delta(parts.run, parts.method, parts.build_base(), parts.cfg, parts.task, damaged_hint(parts.run))
-    return LoadedRun(parts.run, parts.cfg, on_device(model), parts.tokenizer, parts.task)
+    return on_device(model)
 
 
 def on_device(model: nn.Module) -> nn.Module:

@@ -1,63 +1,77 @@
-"""`deltatune export`: ship a run as a plain HF model (merged) or as its delta folder.
+"""`deltatune export`: ship a run in the format its runtime loads (``formats.FORMATS``).
 
-Every export holds ``export.json`` (its kind, the run, the deltatune version and the files it
-wrote). An existing non-empty ``--out`` is never deleted: it is replaced only when it is a previous
-export of the same kind holding nothing but its own files, and ``--force`` says to replace it
-(the new export is written next to it, then swapped in; see ``fs.replace_dir``).
+Every export holds the format's files, the run's ``config.yaml`` and ``labels.json`` (so that
+``deltatune predict`` runs the export as it runs the run), a model card (``README.md``) and
+``export.json``: its kind, format, quantization, the run, the deltatune version, the parity check's
+figures and every file with its SHA-256. The runtime's parity check runs on the folder under
+construction: a failed check leaves nothing behind (``--no-check`` writes without it). An existing
+non-empty ``--out`` is never deleted: it is replaced only when it is a previous export of the same kind
+holding nothing but its own files, and ``--force`` says to replace it (the new export is written next to
+it, then swapped in; see ``fs.replace_dir``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import OutputError, RunError
-from .fs import replace_dir
-from .inference import damaged_hint, load_run
-from .methods import registry
-from .rundir import RunDir, check_safetensors
+from .. import __version__
+from ..errors import ExportError, OutputError
+from ..fs import replace_dir
+from ..inference import read_run
+from ..rundir import RunDir
+from . import formats
+from .card import model_card
 
 MANIFEST = "export.json"
 
 
-def export(run_path: str | Path, out: str | Path | None, merge: bool, force: bool = False) -> Path:
+def export(run_path: str | Path, out: str | Path | None = None, merge: bool = False, force: bool = False, *,
+           fmt: str | None = None, quantize: str | None = None, check: bool = True,
+           command: str = "deltatune.export.export() (a library call)") -> Path:
+    """Export the run at ``run_path`` in format ``fmt`` (default: ``hf`` with ``merge``, else ``delta``);
+    ``command`` is what the model card says made it."""
+    form = formats.get(fmt or ("hf" if merge else "delta"))
     run = RunDir(Path(run_path))
     run.require_complete()
-    kind = "merged" if merge else "delta"
-    out = Path(out) if out else run.path / ("merged" if merge else "export")
+    quantize = form.quantization(quantize)
+    parts = read_run(run.path)
+    reason = form.refuse(parts)
+    if reason:
+        raise ExportError(f"{run.path}: cannot export as {form.name}: {reason}")
+    out = Path(out) if out else run.path / form.default_folder(quantize)
     _check_out(run, out)
-    owned = replaceable(out, kind, force)
-    if merge:
-        loaded = load_run(run.path)
-        model = registry.get(loaded.cfg.method.name).merge(loaded.model)  # may raise CannotMerge
-
-        def files(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(tmp)
-    else:
-        hint = damaged_hint(run)
-        if not run.delta.is_dir():
-            raise RunError(f"{run.delta}: the run's delta folder is missing, there is nothing to export; {hint}")
-        for file in sorted(run.delta.rglob("*.safetensors")):
-            check_safetensors(file, hint)
-
-        def files(tmp: Path) -> None:
-            shutil.copytree(run.delta, tmp, dirs_exist_ok=True)
-            shutil.copytree(run.tokenizer, tmp / "tokenizer")
-            shutil.copy(run.config, tmp / "config.yaml")
+    owned = replaceable(out, form.kind, force)
 
     def write(tmp: Path) -> None:
-        files(tmp)
-        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        manifest = {"kind": kind, "run": str(run.path.resolve()), "deltatune": __version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": written}
+        form.write(parts, tmp, quantize)
+        checked = form.check(parts, tmp, quantize) if check else None
+        shutil.copy(run.config, tmp / "config.yaml")
+        if (run.path / "labels.json").is_file():
+            shutil.copy(run.path / "labels.json", tmp / "labels.json")
+        manifest = {"kind": form.kind, "format": form.name, "quantize": quantize, "run": str(run.path.resolve()),
+                    "task": parts.cfg.task, "method": parts.cfg.method.name, "base_model": str(parts.cfg.model),
+                    "deltatune": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "command": command, "check": checked if check else "skipped (--no-check)"}
+        (tmp / "README.md").write_text(model_card(parts, manifest, form.usage(out)), encoding="utf-8")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest["files"] = files
+        manifest["sha256"] = {f: _sha256(tmp / f) for f in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     return replace_dir(out, write, owned=owned)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_out(run: RunDir, out: Path) -> None:

@@ -1,0 +1,11 @@
+"""`deltatune export`: a run as the files its runtime loads, checked by that runtime.
+
+Formats (``formats.FORMATS``, one module each): ``hf`` (merged transformers model), ``delta`` (the
+adapter alone); see docs/export.md.
+"""
+
+from . import hf as _hf  # noqa: F401  (registers hf and delta)
+from .core import MANIFEST, export, replaceable
+from .formats import FORMATS, Format
+
+__all__ = ["FORMATS", "Format", "MANIFEST", "export", "replaceable"]

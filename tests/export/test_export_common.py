@@ -87,3 +87,26 @@ def test_refusals_name_the_reason_and_the_alternative(runs, tmp_path, capsys):
     code, _, err = cli(capsys, "export", lora, "--format", "delta", "--merge", "--out", tmp_path / "x")
     assert code == 2 and "--merge means --format hf" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_serve_answers_from_an_export_as_the_run(runs, tmp_path):
+    import asyncio
+
+    from deltatune.serve.engine import Engine
+
+    run = runs["lora"]
+    folders = {"run": run, "merged": export(run, tmp_path / "merged", fmt="hf"),
+               "delta": export(run, tmp_path / "delta", fmt="delta")}
+    want = predict(load_run(run), TEXTS)
+
+    async def served():
+        engine = Engine(folders)
+        await engine.start()
+        try:
+            return {name: await engine.classify(name, TEXTS) for name in folders}
+        finally:
+            await engine.drain()
+
+    for name, got in asyncio.run(served()).items():
+        assert [g["label"] for g in got] == [w["label"] for w in want], name
+        assert probabilities(got) == pytest.approx(probabilities(want), abs=1e-5), name

@@ -24,22 +24,34 @@ def is_export(path: str | Path) -> bool:
 
 
 def load_export(path: str | Path, verify: bool = True) -> LoadedRun:
+    """The export at ``path`` loaded by its format's runtime, with the run's task (``verify``: every file's
+    SHA-256 checked against the manifest first)."""
+    parts = read_export(path, verify)
+    manifest = read_manifest(parts.run.path)
+    model = formats.get(export_format(manifest)).load(parts.run.path, manifest, parts)
+    return LoadedRun(parts.run, parts.cfg, model, parts.tokenizer, parts.task)
+
+
+def read_export(path: str | Path, verify: bool = True) -> RunParts:
+    """What ``inference.read_run`` says of a run, for an export folder: its config, tokenizer, method and
+    task (bound to its labels); ``parts.run`` is the export folder."""
     folder = Path(path)
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
-    fmt = manifest.get("format") or LEGACY_KINDS.get(manifest.get("kind"), "")
     if not (folder / "config.yaml").is_file():
         raise RunError(f"{folder}: this export has no config.yaml (made by an older deltatune?); export the run "
-                       "again with this version to predict with it")
+                       "again with this version to run it")
     cfg = load_config(folder / "config.yaml", check_paths=False)
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["labels"] \
         if (folder / "labels.json").is_file() else None
     tokenizer = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id, labels=labels)
-    parts = RunParts(RunDir(folder), cfg, tokenizer, methods.get(cfg.method.name), task)
-    model = formats.get(fmt).load(folder, manifest, parts)
-    return LoadedRun(parts.run, cfg, model, tokenizer, task)
+    return RunParts(RunDir(folder), cfg, tokenizer, methods.get(cfg.method.name), task)
+
+
+def export_format(manifest: dict) -> str:
+    return manifest.get("format") or LEGACY_KINDS.get(manifest.get("kind"), "")
 
 
 def read_manifest(folder: Path) -> dict:

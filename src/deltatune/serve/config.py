@@ -76,8 +76,9 @@ class Batching:
 
 @dataclass
 class ServeConfig:
-    runs: dict[str, str] = doc({}, "Runs to serve: NAME: RUN_DIR (a completed run directory). A request picks one "
-                                   f"by its model field; names use {NAME_RULE}. Only these runs can ever load.")
+    runs: dict[str, str] = doc({}, "Runs to serve: NAME: RUN_DIR (a completed run directory, or a folder "
+                                   "`deltatune export` wrote). A request picks one by its model field; names use "
+                                   f"{NAME_RULE}. Only these runs can ever load.")
     host: str = doc("127.0.0.1", "Address to listen on. Anything but a loopback address needs api_keys (or "
                                  "--insecure-no-auth on the command line).")
     port: int = doc(8000, "Port to listen on (0: any free port; the ready line prints it).")

@@ -20,10 +20,10 @@ from typing import AsyncIterator
 from ..assets import MODELS
 from ..data.examples import conversation_ids
 from ..errors import ArgumentError, DeltatuneError
-from ..inference import RunParts, read_run
+from ..inference import RunParts
 from .batching import Scheduler
 from .loading import (Group, Member, base_folder, base_member, group_key, load_group, load_plain_base,
-                      member_for)
+                      member_for, read_parts)
 from .requests import Request
 from .types import Chunk, Overloaded, Sampling, Served, TooLong, UnknownModel, WrongKind
 
@@ -54,7 +54,7 @@ class Engine:
             import torch
 
             torch.set_num_threads(self.threads)
-        parts = {name: await asyncio.to_thread(read_run, path) for name, path in self._runs.items()}
+        parts = {name: await asyncio.to_thread(read_parts, path) for name, path in self._runs.items()}
         folders = list(dict.fromkeys(base_folder(p) for p in parts.values()))
         for folder in folders:
             first = next(p for p in parts.values() if base_folder(p) == folder)
@@ -85,7 +85,7 @@ class Engine:
         async with self._load_lock():
             if name in self._members:
                 raise DeltatuneError(f"{name!r} is served already; unload it first or choose another name")
-            parts = await asyncio.to_thread(read_run, run_dir)
+            parts = await asyncio.to_thread(read_parts, run_dir)
             folder = base_folder(parts)
             if folder not in self._bases:
                 self._bases[folder] = "base" if not self._bases else self._base_name(folder, parts)

@@ -26,7 +26,8 @@ from typing import Iterator
 from torch import nn
 
 from ..assets import resolve_model
-from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device
+from ..export.load import is_export, load_export, read_export
+from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device, read_run
 from ..methods.peft_common import PeftMethod
 from ..tasks.base import Task
 from .types import Served
@@ -176,9 +177,15 @@ def kind_of(task: Task) -> str:
     return "tag" if task.head == "token" else "classify"
 
 
+def read_parts(path: str | Path) -> RunParts:
+    """A run folder's parts, or an export folder's (``deltatune export``: served as its runtime runs it)."""
+    return read_export(path) if is_export(path) else read_run(path)
+
+
 def group_key(parts: RunParts) -> tuple | None:
-    """What must be equal for runs to share one loaded base; None: the run loads as its own model."""
-    if not isinstance(parts.method, PeftMethod):
+    """What must be equal for runs to share one loaded base; None: the run loads as its own model (so does
+    an export: the artefact itself is served)."""
+    if not isinstance(parts.method, PeftMethod) or is_export(parts.run.path):
         return None
     adapter = json.loads((parts.run.delta / "adapter_config.json").read_text()) \
         if (parts.run.delta / "adapter_config.json").is_file() else {}
@@ -205,7 +212,7 @@ def load_group(parts: RunParts) -> tuple[Group, str | None]:
     folder = base_folder(parts)
     key = group_key(parts)
     if key is None:
-        loaded = load_run(parts.run.path)
+        loaded = load_export(parts.run.path, verify=False) if is_export(parts.run.path) else load_run(parts.run.path)
         return Group(("run", str(parts.run.path)), loaded.model, parts.tokenizer, parts.task.head, folder), None
     model = load_delta(parts.run, parts.method, parts.build_base(), parts.cfg, parts.task, damaged_hint(parts.run))
     group = Group(key, on_device(model), parts.tokenizer, parts.task.head, folder, key[4], adapters=1)

@@ -14,8 +14,7 @@ from an httpx client with a fixed number of requests in flight.
   plain transformers model with the delta's peft adapter (set per request), in this process.
 - classify: Pang & Lee sentences, `/v1/classify` on the MiniLM run. Baseline: one forward per text.
 - unmerged vs merged: tokens/s of the same requests all to one LoRA delta against all to its merged
-  export (served as a run of method full: a copy of the run whose delta is `export --merge`'s folder),
-  interleaved twice.
+  export (`deltatune export --format hf`'s folder, served as it is), interleaved twice.
 - memory: the server's RSS with 1 base + 10 LoRA deltas against the weights of 10 merged copies
   (10 x one model's fp32 parameter bytes; the runtime itself not counted for them).
 
@@ -68,24 +67,13 @@ def _runs(folder: Path, extra_loras: int) -> dict[str, Path]:
 
 
 def _merged_run(run: Path) -> Path:
-    """A copy of a LoRA run whose delta is its merged export (``deltatune export --merge``), as a run of
-    method ``full``: the server loads it as its own model, so the same requests compare unmerged against
-    merged with the same answers."""
-    import shutil
-
-    import yaml
-
+    """The run's merged export (``deltatune export --format hf``), which the server loads as its own model:
+    the same requests then compare the unmerged delta against the merged weights, with the same answers."""
     from deltatune.export import export
 
-    out = run.parent / f"{run.name}-merged"
-    if (out / "metrics.json").is_file():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(run, out, ignore=shutil.ignore_patterns("delta"))
-    export(run, out / "delta", merge=True, force=False)
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    cfg["method"], cfg["output_dir"] = {"name": "full"}, str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = run.parent / f"{run.name}-merged-export"
+    if not (out / "export.json").is_file():
+        export(run, out, fmt="hf")
     return out
 
 

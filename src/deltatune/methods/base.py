@@ -60,6 +60,12 @@ class Method:
         ``<method>.<option>``."""
         return {}
 
+    def fit(self, model: nn.Module, examples: list, options, seed: int) -> dict | None:
+        """Fit the delta directly, instead of by the loop's gradient steps, where the problem allows it
+        (feature extraction's head on cached features is convex); returns what the fit found (logged), or
+        None: the loop trains it."""
+        return None
+
     def load_kwargs(self, options) -> dict:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
         return {}

@@ -1,4 +1,5 @@
-"""The one training loop, for every task and method.
+"""The one training loop, for every task and method (a method that fits its delta directly, such as
+feature extraction's head, does that instead of the steps: ``Method.fit``).
 
 AdamW with linear warm-up and decay, gradient accumulation and clipping on accelerate,
 periodic evaluation, keeping the best delta, and checkpoints from which a resumed run
@@ -122,6 +123,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> tuple[dict, LoopState]:
     """Train; returns the evaluation metrics of the best delta (saved in ``run.best``) and the final state."""
     t = job.train
+    if not resume:
+        fitted = _fit_directly(job)
+        if fitted is not None:
+            return fitted
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(job.model)
     main = is_main_process()  # first: refuses a multi-process launch that accelerate would not join
@@ -173,6 +178,20 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                 state.epoch, state.batches_done = state.epoch + 1, 0
     accelerator.wait_for_everyone()  # the others return only once main has saved its last evaluation
     return best_metrics, state
+
+
+def _fit_directly(job: Job) -> tuple[dict | None, LoopState] | None:
+    """The method's own fit (``Method.fit``) in place of the steps: logged, evaluated once, kept as best."""
+    start = time.perf_counter()
+    found = job.method.fit(job.model, job.train_examples, job.options, job.train.seed)
+    if found is None:
+        return None
+    state = LoopState(seconds=time.perf_counter() - start)
+    best = None
+    if is_main_process():
+        job.run.append_log({"step": 0, "epoch": 0, "fit": found})
+        best = _evaluate(job, job.model, state, None)
+    return best, state
 
 
 def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:

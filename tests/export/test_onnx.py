@@ -38,6 +38,7 @@ def runs(tiny_bert, tiny_llama, tmp_path_factory) -> dict[str, Path]:
     plan = {"cls": (tiny_bert, "classification", "lora", cls),
             "tags": (tiny_bert, "token_classification", "lora", tags),
             "features": (tiny_bert, "classification", "feature_extraction", cls),
+            "houlsby": (tiny_bert, "classification", "houlsby", cls),
             "prompt": (tiny_bert, "classification", "prompt", cls),
             "lm": (tiny_llama, "causal_lm", "lora", write_jsonl(root / "qa.jsonl", qa_rows(16)))}
     out = {}
@@ -87,12 +88,15 @@ def test_fp32_graph_answers_as_the_run_at_any_batch_size_and_length(runs, tmp_pa
         assert got == want
 
 
-def test_feature_extraction_exports_encoder_pooling_and_head_as_one_graph(runs, tmp_path):
-    out = export(runs["features"], tmp_path / "onnx", fmt="onnx")
+@pytest.mark.parametrize("name, inputs", [("features", ["input_ids", "attention_mask"]),
+                                          ("houlsby", ["input_ids", "attention_mask", "token_type_ids"])])
+def test_methods_that_cannot_merge_export_their_plain_layers_as_they_are(runs, tmp_path, name, inputs):
+    """Feature extraction: encoder, pooling and head in one graph; Houlsby: the adapters inside it."""
+    out = export(runs[name], tmp_path / "onnx", fmt="onnx")
     check = json.loads((out / MANIFEST).read_text())["check"]
     assert check["max_abs_probability_difference"] <= 1e-4
-    assert onnx_format.OnnxModel(out / "model.onnx").names == ["input_ids", "attention_mask"]
-    want, got = predict(load_run(runs["features"]), TEXTS), predict(load_export(out), TEXTS)
+    assert onnx_format.OnnxModel(out / "model.onnx").names == inputs
+    want, got = predict(load_run(runs[name]), TEXTS), predict(load_export(out), TEXTS)
     assert probabilities(got) == pytest.approx(probabilities(want), abs=1e-4)
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 
 from deltatune.cli import main
@@ -108,6 +109,10 @@ def test_int8_records_its_agreement_and_a_miss_leaves_nothing(runs, tmp_path, mo
     assert check["argmax_agreement"] >= onnx_format.INT8_AGREEMENT
     assert check["max_abs_probability_difference"] > 0  # int8 weights: not the same numbers
     assert f"argmax agreement: {check['argmax_agreement']:.4g}" in (out / "README.md").read_text()
+    graph = onnx.load(out / "model.onnx").graph
+    weights = {w.name: list(w.dims) for w in graph.initializer}
+    fp32_weights = [weights[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert fp32_weights == [[64, 32]] * 2  # each layer's feed-forward output (outliers) stays fp32
     fp32 = export(runs["cls"], tmp_path / "fp32", fmt="onnx")
     assert (out / "model.onnx").stat().st_size < (fp32 / "model.onnx").stat().st_size
 

@@ -72,10 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tasks", help="list the registered tasks: main metric, head, loop, what they train")
     tk.add_argument("--json", action="store_true")
 
-    x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta (see docs/export.md)")
+    x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta|onnx (see docs/export.md)")
     x.add_argument("run_dir")
     x.add_argument("--format", dest="fmt", help="hf: merged transformers model; delta: the adapter alone "
-                                                "(the default without --merge)")
+                                                "(the default without --merge); onnx: an encoder run for "
+                                                "onnxruntime (--quantize fp32|int8)")
     x.add_argument("--merge", action="store_true", help="the same as --format hf: fold the delta into the base")
     x.add_argument("--quantize", help="the format's quantization (docs/export.md lists them)")
     x.add_argument("--no-check", dest="check", action="store_false",

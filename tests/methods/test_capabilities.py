@@ -52,6 +52,7 @@ def test_capabilities_of_each_method():
     assert having("prepends_virtual_tokens") == {"prefix", "prompt", "ptuning"}
     assert having("quantized_base") == {"qlora"}
     assert having("caches_features") == {"feature_extraction"}
+    assert having("traceable") == {"houlsby", "feature_extraction"}
     assert having("switchable_off") == {"lora", "qlora", "ia3", "prefix", "prompt", "ptuning"}
 
 

@@ -47,6 +47,10 @@ class Method:
     # Examples are encoded once by the frozen base and cached (``prepare_examples``); training reads
     # the cached vectors, so no activations of the base are kept for backward.
     caches_features: bool = False
+    # Unmerged, the tuned model is still ordinary torch layers mapping the base's inputs to its outputs
+    # (adapters inserted between layers, a head on pooled states), so a graph exporter (ONNX) can trace
+    # it as it is when ``merge`` cannot fold it; soft prompts, which add inputs, are not.
+    traceable: bool = False
 
     def accepts(self, task) -> str | None:
         """Why this method cannot train ``task`` (a task class from ``tasks.registry``), or None.

@@ -90,6 +90,7 @@ class FeatureClassifier(nn.Module):
 class FeatureExtraction(Method):
     name = "feature_extraction"
     can_merge = False
+    traceable = True  # the frozen encoder, the pooling and the head form one plain module
     caches_features = True
     summary = "frozen encoder, cached features, trained classifier"
     Options = FeatureOptions

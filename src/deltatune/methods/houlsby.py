@@ -103,6 +103,7 @@ def adapter_sites(model: nn.Module, placement: str) -> list[str]:
 class Houlsby(Method):
     name = "houlsby"
     can_merge = False
+    traceable = True  # adapters are plain layers inside the model
     summary = "bottleneck adapters after attention and feed-forward (+ layer norms, head)"
     Options = AdapterOptions
 

@@ -60,6 +60,9 @@ class Task:
     needs_reference: bool = False  # examples carry the base model's scores (``with_reference``)
     generates: bool = False       # a tuned model writes responses to prompts (predict, feedback, PPO's policy)
     scores_responses: bool = False  # a tuned model scores (prompt, response) pairs (``score``: reward models)
+    # ``predict`` reads only the ``.logits`` of one forward pass over padded texts (input_ids, attention_mask):
+    # a graph of that forward (ONNX) under the same ``predict`` answers as the run.
+    predicts_from_logits: bool = False
 
     def __init__(self, cfg: Config, pad_id: int = 0, labels: list[str] | None = None):
         self.cfg, self.pad_id, self.labels = cfg, pad_id, labels

@@ -21,6 +21,7 @@ class TokenClassification(Task):
     summary = "words -> one tag each"
     main_metric = Metric("accuracy", maximize=True)
     head, peft_type, new_head = "token", "TOKEN_CLS", True
+    predicts_from_logits = True
 
     @property
     def input_column(self) -> str:

@@ -90,13 +90,13 @@ def test_refusals_name_the_reason_and_the_alternative(runs, tmp_path, capsys):
 
 
 def test_serve_answers_from_an_export_as_the_run(runs, tmp_path):
+    """A merged, a delta and an ONNX export served side by side answer as the run (onnxruntime for ONNX)."""
     import asyncio
 
     from deltatune.serve.engine import Engine
 
     run = runs["lora"]
-    folders = {"run": run, "merged": export(run, tmp_path / "merged", fmt="hf"),
-               "delta": export(run, tmp_path / "delta", fmt="delta")}
+    folders = {"run": run, **{fmt: export(run, tmp_path / fmt, fmt=fmt) for fmt in ("hf", "delta", "onnx")}}
     want = predict(load_run(run), TEXTS)
 
     async def served():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
 from torch import nn
 
 from ..errors import ExportError
@@ -34,14 +35,17 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def open_model(path: Path, lora: Path | None = None, n_ctx: int = 2048, logits_all: bool = False):
-    """A ``llama_cpp.Llama`` on ``path`` (plus the LoRA adapter ``lora``), closed at exit (llama-cpp-python
-    otherwise frees it while the interpreter is being torn down, and prints a traceback).
+def open_model(path: Path, lora: Path | None = None, n_ctx: int | None = None, logits_all: bool = False):
+    """A ``llama_cpp.Llama`` on ``path`` (plus the LoRA adapter ``lora``) with room for ``n_ctx`` tokens
+    (default: the model's context, at most 2048), closed at exit (llama-cpp-python otherwise frees it while
+    the interpreter is being torn down, and prints a traceback).
 
     The attention cache is kept in f32: llama.cpp's default f16 cache alone moves an f32 model's logits by
     ~1e-2 (measured on the test Llama: 0.014, against 1.5e-5 with an f32 cache), enough to flip a near-tied
     greedy choice; with it, what the check measures is the file, and predict gives the run's answers."""
     llama_cpp = _llama_cpp()
+    if n_ctx is None:
+        n_ctx = min(2048, int(GGUFReader(path).fields["llama.context_length"].contents()))
     try:
         llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
                               logits_all=logits_all, n_threads=threads(), n_threads_batch=threads(),
@@ -95,7 +99,7 @@ class LlamaCppLM(nn.Module):
         super().__init__()
         self.llm, self.eos_id = llm, eos_id
         # Callers find the device through the model's parameters; a llama.cpp model runs on the CPU.
-        self.cpu = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, do_sample: bool = False,

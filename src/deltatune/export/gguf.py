@@ -34,9 +34,11 @@ from .formats import Format, register
 
 CHECK_PROMPTS, CHECK_NEW_TOKENS = 20, 24
 # Largest |logit difference| allowed between llama.cpp and the run in transformers (f32) at the generated
-# positions, for files that must give the run's greedy tokens exactly (f32, f16, base + gguf-lora). Measured
+# positions, for files that must give the run's greedy tokens (f32, f16, base + gguf-lora). Measured
 # (llamacpp.open_model keeps an f32 attention cache): f32 and gguf-lora 2e-4 on SmolLM2-135M and on the
-# test Llama; f16 0.08 on SmolLM2-135M, 0.003 on the test Llama.
+# test Llama; f16 0.06-0.08 on SmolLM2-135M runs, 0.003 on the test Llama. A greedy generation may part
+# from the run's only where the run led by less than this (``lead_lost``): a near-tie the file's rounding
+# may break either way (seen once in 20 prompts of a SmolLM2 run in f16, never in f32).
 LOGIT_TOLERANCE = {"f32": 0.01, "f16": 0.25}
 # Quantized files: the share of generated positions where llama.cpp's top token, teacher-forced on the run's
 # greedy tokens, is the run's token, counted where the run itself is decided: its token leads the runner-up
@@ -227,13 +229,16 @@ def parity(parts: RunParts, model: Path, lora: Path | None, quantize: str) -> di
     longest = max(len(ids) + len(new) for ids, new, _ in expected) + 1
     llm = llamacpp.open_model(model, lora, n_ctx=max(longest, CHECK_NEW_TOKENS + 64), logits_all=True)
     same_tokens = same_greedy = 0
-    agree, decided, worst = [], [], 0.0
+    agree, decided, overturned, worst = [], [], [], 0.0
     try:
         for prompt, (ids, new, scores) in zip(prompts, expected):
             text = prompt_text(parts.tokenizer, prompt, parts.cfg.data.chat_template)
             same_tokens += llm.tokenize(text.encode(), add_bos=False, special=True) == \
                 parts.tokenizer(text, add_special_tokens=False)["input_ids"]
-            same_greedy += llamacpp.greedy(llm, ids, CHECK_NEW_TOKENS, llm.token_eos()) == new
+            mine = llamacpp.greedy(llm, ids, CHECK_NEW_TOKENS, llm.token_eos())
+            same_greedy += mine == new
+            if mine != new:
+                overturned.append(lead_lost(mine, new, scores))
             got = llamacpp.logits(llm, ids + new)[len(ids) - 1:-1]
             agree += list(got.argmax(-1) == np.array(new))
             top2 = np.sort(scores, axis=-1)[:, -2:]
@@ -250,6 +255,8 @@ def parity(parts: RunParts, model: Path, lora: Path | None, quantize: str) -> di
                "positions": len(agree),
                "top1_agreement_decided": round(float(agree[decided].mean()), 4) if decided.any() else 1.0,
                "near_ties": int((~decided).sum())}
+    if overturned:
+        figures["greedy_largest_lead_overturned"] = float(f"{max(overturned):.3g}")
     failed = [f"tokenization of {n - same_tokens} of {n} prompts differs"] if same_tokens < n else []
     if quantize in AGREEMENT:
         figures["top1_agreement_decided_min"] = AGREEMENT[quantize]
@@ -257,8 +264,10 @@ def parity(parts: RunParts, model: Path, lora: Path | None, quantize: str) -> di
             failed.append(f"top-1 agreement {figures['top1_agreement_decided']} < {AGREEMENT[quantize]}")
     else:
         figures["max_logit_diff_allowed"] = LOGIT_TOLERANCE[quantize]
-        if same_greedy < n:
-            failed.append(f"greedy generations of {n - same_greedy} of {n} prompts differ")
+        beyond = [lead for lead in overturned if lead > LOGIT_TOLERANCE[quantize]]
+        if beyond:
+            failed.append(f"greedy generations of {len(beyond)} of {n} prompts part from the run's where it "
+                          f"led by more than {LOGIT_TOLERANCE[quantize]} logits")
         if worst > LOGIT_TOLERANCE[quantize]:
             failed.append(f"largest logit difference {worst:.3g} > {LOGIT_TOLERANCE[quantize]}")
     if failed:
@@ -266,3 +275,13 @@ def parity(parts: RunParts, model: Path, lora: Path | None, quantize: str) -> di
                           f"answers ({'; '.join(failed)}; figures: {figures}); nothing was written. Report it with "
                           "these figures, or export with --format hf")
     return figures
+
+
+def lead_lost(mine: list[int], new: list[int], scores: np.ndarray) -> float:
+    """Where llama.cpp's greedy tokens ``mine`` first part from the run's ``new``: by how many logits the run
+    preferred its own token there (its logits ``scores`` apply: the tokens before are the same). A split
+    inside the file's logit tolerance is a near-tie that the file's rounding may break either way."""
+    split = next((i for i, (a, b) in enumerate(zip(mine, new)) if a != b), None)
+    if split is None:  # one is a prefix of the other: the same stop rules cannot give that, so it fails
+        return float("inf")
+    return float(scores[split, new[split]] - scores[split, mine[split]])

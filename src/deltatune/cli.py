@@ -75,8 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta|onnx (see docs/export.md)")
     x.add_argument("run_dir")
     x.add_argument("--format", dest="fmt", help="hf: merged transformers model; delta: the adapter alone "
-                                                "(the default without --merge); onnx: an encoder run for "
-                                                "onnxruntime (--quantize fp32|int8)")
+                                                "(the default without --merge); gguf: a merged Llama-family "
+                                                "decoder for llama.cpp (--quantize f16|f32|q8_0|q4_k_m); "
+                                                "gguf-lora: a LoRA adapter for llama.cpp; onnx: an encoder run "
+                                                "for onnxruntime (--quantize fp32|int8)")
     x.add_argument("--merge", action="store_true", help="the same as --format hf: fold the delta into the base")
     x.add_argument("--quantize", help="the format's quantization (docs/export.md lists them)")
     x.add_argument("--no-check", dest="check", action="store_false",

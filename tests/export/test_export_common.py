@@ -81,7 +81,7 @@ def test_refusals_name_the_reason_and_the_alternative(runs, tmp_path, capsys):
     assert code == 2 and "houlsby" in err and "--format delta" in err and not (tmp_path / "h").exists()
     assert cli(capsys, "export", houlsby, "--format", "delta", "--out", tmp_path / "hd")[0] == 0
     code, _, err = cli(capsys, "export", lora, "--format", "tflite", "--out", tmp_path / "x")
-    assert code == 2 and "--format tflite: not a format; choose one of hf, delta" in err
+    assert code == 2 and "--format tflite: not a format; choose one of hf, delta, gguf, gguf-lora, onnx" in err
     code, _, err = cli(capsys, "export", lora, "--format", "hf", "--quantize", "q8_0", "--out", tmp_path / "x")
     assert code == 2 and "the hf format takes no --quantize" in err
     code, _, err = cli(capsys, "export", lora, "--format", "delta", "--merge", "--out", tmp_path / "x")

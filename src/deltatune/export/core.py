@@ -57,7 +57,7 @@ def export(run_path: str | Path, out: str | Path | None = None, merge: bool = Fa
                     "task": parts.cfg.task, "method": parts.cfg.method.name, "base_model": str(parts.cfg.model),
                     "deltatune": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "command": command, "check": checked if check else "skipped (--no-check)"}
-        (tmp / "README.md").write_text(model_card(parts, manifest, form.usage(out)), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(parts, manifest, form.usage(out, parts, quantize)), encoding="utf-8")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest["files"] = files
         manifest["sha256"] = {f: _sha256(tmp / f) for f in files}

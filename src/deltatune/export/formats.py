@@ -52,8 +52,8 @@ class Format:
         """Parity of the written files against the run, measured by the runtime that loads them."""
         return None
 
-    def usage(self, out: Path) -> str:
-        """How to load the export, for its model card."""
+    def usage(self, out: Path, parts: RunParts, quantize: str | None) -> str:
+        """How to load the export (at ``out``), for its model card."""
         return f"`deltatune predict {out} --text \"...\"` runs it as the run's task predicts."
 
     def load(self, out: Path, manifest: dict, parts: RunParts) -> nn.Module:

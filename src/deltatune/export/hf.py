@@ -31,7 +31,7 @@ class MergedHF(Format):
         model.save_pretrained(out, safe_serialization=True)
         parts.tokenizer.save_pretrained(out)
 
-    def usage(self, out: Path) -> str:
+    def usage(self, out: Path, parts: RunParts, quantize: str | None) -> str:
         return (f"`deltatune predict {out} --text \"...\"`, or plain transformers: "
                 f"`AutoModelFor...from_pretrained(\"{out}\")` with the head of the run's task.")
 
@@ -53,7 +53,7 @@ class Delta(Format):
         shutil.copytree(run.delta, out, dirs_exist_ok=True)
         shutil.copytree(run.tokenizer, out / "tokenizer")
 
-    def usage(self, out: Path) -> str:
+    def usage(self, out: Path, parts: RunParts, quantize: str | None) -> str:
         return (f"`deltatune predict {out} --text \"...\"`, or with peft: "
                 f"`PeftModel.from_pretrained(base_model, \"{out}\")` where the method is peft's.")
 

@@ -95,7 +95,7 @@ class Onnx(Format):
                               "compute the run's model: report it with the run's config.yaml")
         return figures
 
-    def usage(self, out: Path) -> str:
+    def usage(self, out: Path, parts: RunParts, quantize: str | None) -> str:
         return (f"`deltatune predict {out} --text \"...\"` runs it in onnxruntime, or plain onnxruntime:\n\n"
                 "```python\nimport onnxruntime, numpy as np\nfrom transformers import AutoTokenizer\n"
                 f"tok = AutoTokenizer.from_pretrained(\"{out}\")\n"

@@ -118,6 +118,7 @@ def _complete_line(line: str) -> bool:
 
 
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+EXPORT_MANIFEST = "export.json"  # what makes a folder an export (deltatune.export), read by serve's config too
 
 
 def check_safetensors(path: Path, hint: str) -> None:

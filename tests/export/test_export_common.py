@@ -107,6 +107,9 @@ def test_serve_answers_from_an_export_as_the_run(runs, tmp_path):
         finally:
             await engine.drain()
 
+    from deltatune.serve.config import run_problems
+
+    assert run_problems({k: str(v) for k, v in folders.items()}) == []  # `deltatune serve --run NAME=EXPORT` takes them
     for name, got in asyncio.run(served()).items():
         assert [g["label"] for g in got] == [w["label"] for w in want], name
         assert probabilities(got) == pytest.approx(probabilities(want), abs=1e-5), name

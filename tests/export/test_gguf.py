@@ -133,6 +133,14 @@ def test_predict_on_a_gguf_export_gives_the_runs_answers(runs, exports, capsys):
         load_run(runs["lora"]), PROMPTS[:1])[0]["response"]
 
 
+def test_serve_refuses_a_gguf_export_and_names_what_serves_it(exports):
+    from deltatune.errors import DeltatuneError
+    from deltatune.serve.loading import read_parts
+
+    with pytest.raises(DeltatuneError, match="runs in llama.cpp, which deltatune serve does not drive.*llama-server"):
+        read_parts(exports["f16"])
+
+
 @pytest.mark.parametrize("quant, ftype", [("q8_0", 7), ("q4_k_m", 15)])
 def test_quantized_files_are_llama_cpps_and_record_their_agreement(exports, quant, ftype):
     file = exports[quant] / f"model-{quant}.gguf"

@@ -23,11 +23,11 @@ from .. import __version__
 from ..errors import ExportError, OutputError
 from ..fs import replace_dir
 from ..inference import read_run
-from ..rundir import RunDir
+from ..rundir import EXPORT_MANIFEST, RunDir
 from . import formats
 from .card import model_card
 
-MANIFEST = "export.json"
+MANIFEST = EXPORT_MANIFEST
 
 
 def export(run_path: str | Path, out: str | Path | None = None, merge: bool = False, force: bool = False, *,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import build_section, describe, doc, read_yaml
 from ..errors import ConfigError, RunError
-from ..rundir import RunDir
+from ..rundir import EXPORT_MANIFEST, RunDir
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 RESERVED = ("base",)  # the engine's name for an untouched base model
@@ -167,17 +167,21 @@ def load_serve_config(path: str | Path | None = None, runs: list[str] | None = N
 
 
 def run_problems(runs: dict[str, str]) -> list[str]:
-    """Each run directory must hold a completed run (rundir.RunDir.require_complete); the message names it."""
+    """Each folder must hold a completed run (rundir.RunDir.require_complete) or an export (its manifest is
+    read when it loads); the message names it."""
     problems = []
     for name, run in runs.items():
         if name_problem(name):  # said already; its directory is not looked at
             continue
-        if not Path(run).expanduser().is_dir():
+        folder = Path(run).expanduser()
+        if not folder.is_dir():
             problems.append(f"runs.{name}: {run} is not a directory; give a completed run directory "
-                            "(deltatune train prints its path)")
+                            "(deltatune train prints its path) or an export folder (deltatune export)")
+            continue
+        if (folder / EXPORT_MANIFEST).is_file():
             continue
         try:
-            RunDir(Path(run).expanduser()).require_complete()
+            RunDir(folder).require_complete()
         except RunError as exc:
             problems.append(f"runs.{name}: {exc}")
     return problems

@@ -26,7 +26,8 @@ from typing import Iterator
 from torch import nn
 
 from ..assets import resolve_model
-from ..export.load import is_export, load_export, read_export
+from ..errors import DeltatuneError
+from ..export.load import export_format, is_export, load_export, read_export, read_manifest
 from ..inference import RunParts, check_delta, damaged_hint, load_delta, load_run, on_device, read_run
 from ..methods.peft_common import PeftMethod
 from ..tasks.base import Task
@@ -178,8 +179,17 @@ def kind_of(task: Task) -> str:
 
 
 def read_parts(path: str | Path) -> RunParts:
-    """A run folder's parts, or an export folder's (``deltatune export``: served as its runtime runs it)."""
-    return read_export(path) if is_export(path) else read_run(path)
+    """A run folder's parts, or an export folder's (``deltatune export``: served as its runtime runs it).
+    GGUF exports are refused: the engine decodes step by step on a PyTorch KV cache, which llama.cpp's
+    files do not give."""
+    if not is_export(path):
+        return read_run(path)
+    fmt = export_format(read_manifest(Path(path)))
+    if fmt.startswith("gguf"):
+        raise DeltatuneError(f"{path}: a {fmt} export runs in llama.cpp, which deltatune serve does not drive; "
+                             "serve the run itself (--run NAME=RUN_DIR) or its hf export, or this file with "
+                             "llama.cpp's own OpenAI-compatible server (llama-server -m FILE.gguf)")
+    return read_export(path)
 
 
 def group_key(parts: RunParts) -> tuple | None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.cli import main
 from deltatune.export import MANIFEST, export
 from deltatune.export.core import _sha256
 from deltatune.inference import load_run, predict
@@ -16,6 +15,7 @@ from deltatune.export.load import load_export
 from deltatune.train.run import train
 from tests.conftest import sentiment_rows, write_csv
 from tests.helpers import config
+from tests.export.common import cli, probabilities
 
 TEXTS = ["good great film", "the plot was dull and boring", "bad"]
 
@@ -26,17 +26,6 @@ def runs(tiny_bert, tmp_path_factory) -> dict[str, Path]:
     data = write_csv(folder / "sentiment.csv", sentiment_rows(32))
     return {m: train(config(tiny_bert, "classification", m, data, folder / m, "train.epochs=1")).path
             for m in ("lora", "houlsby")}
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def probabilities(results: list[dict]) -> list[float]:
-    return [r["probabilities"][k] for r in results for k in sorted(r["probabilities"])]
 
 
 @pytest.mark.parametrize("fmt", ["hf", "delta"])

@@ -14,7 +14,6 @@ from pathlib import Path
 import onnx
 import pytest
 
-from deltatune.cli import main
 from deltatune.errors import ExportError
 from deltatune.export import MANIFEST, export
 from deltatune.export import onnx_format
@@ -25,6 +24,7 @@ from deltatune.train.run import train
 from tests.conftest import qa_rows, sentiment_rows, tagged_rows, write_csv, write_jsonl
 from tests.helpers import config
 from tests.unit.test_serve_engine import randomize
+from tests.export.common import cli, probabilities
 
 TEXTS = ["good great film", "the plot was dull and boring", "a lovely story", "bad", "the actor was fine and the "
          "story was very good but the plot was quite weak"]
@@ -47,17 +47,6 @@ def runs(tiny_bert, tiny_llama, tmp_path_factory) -> dict[str, Path]:
         out[name] = train(config(model, task, method, data, root / name, *ONE_EPOCH)).path
         randomize(out[name], seed)
     return out
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def probabilities(results: list[dict]) -> list[float]:
-    return [r["probabilities"][k] for r in results for k in sorted(r["probabilities"])]
 
 
 @pytest.mark.parametrize("name", ["cls", "tags"])

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -200,7 +200,14 @@ class DataConfig:
 class TrainConfig:
     epochs: int = doc(1, "Passes over the training data (max_steps wins if set).")
     max_steps: int = doc(0, "Stop after this many optimizer steps; 0 means epochs decide.")
-    lr: float = doc(5e-5, "Peak learning rate of AdamW.")
+    lr: float | Literal["auto"] | None = doc(
+        None, "Peak learning rate of AdamW. Unset: the method's own default (each method's, from the literature: "
+              "docs/methods.md; e.g. full 2e-5, lora 5e-4, prompt 0.3). auto: a learning-rate range test on the "
+              "training split picks it before the run (Smith 2017; curve in the run's lr_find.json and "
+              "lr_find.svg). A number: that rate.")
+    lr_source: str = doc("", "Where train.lr came from, written by deltatune (the run's config.yaml, `deltatune "
+                             "validate`): config, default of <method> (with its source), or auto (the range "
+                             "test's pick). Not a setting: recomputed on every load (a run's auto pick is kept).")
     batch_size: int = doc(16, "Examples per forward pass.")
     grad_accum: int = doc(1, "Forward passes per optimizer step (effective batch = batch_size * grad_accum).")
     warmup_ratio: float = doc(0.06, "Share of optimizer steps spent warming the learning rate up linearly.")
@@ -234,13 +241,14 @@ class TrainConfig:
                                     "untouched for that step and goes on (the count is in metrics.json).")
 
     def problems(self) -> list[str]:
-        problems = _greater_than_zero({"train.lr": self.lr, "train.batch_size": self.batch_size,
+        problems = _greater_than_zero({**({"train.lr": self.lr} if isinstance(self.lr, float) else {}),
+                                       "train.batch_size": self.batch_size,
                                        "train.grad_accum": self.grad_accum, "train.max_length": self.max_length,
                                        "train.epochs": self.epochs, "train.eval_batch_size": self.eval_batch_size})
         problems += _zero_or_more({"train.max_steps": self.max_steps, "train.weight_decay": self.weight_decay,
                                    "train.max_grad_norm": self.max_grad_norm, "train.eval_every": self.eval_every,
                                    "train.save_every": self.save_every})
-        if self.lr > MAX_LR:
+        if isinstance(self.lr, float) and self.lr > MAX_LR:
             problems.append(f"train.lr: {self.lr:g} is far too large to train with (every update would overshoot); "
                             f"use at most {MAX_LR:g}: typical values are 1e-5 to 1e-4 for full fine-tuning, "
                             "1e-4 to 1e-3 for LoRA and adapters, up to 0.3 for prompt tuning")
@@ -587,7 +595,12 @@ def coerce(value: Any, kind: Any) -> Any:
                 return coerce(value, arg)
             except (TypeError, ValueError) as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[0])
+        choices = [str(v) for arg in args if typing.get_origin(arg) is typing.Literal for v in typing.get_args(arg)]
+        raise ValueError(errors[0] + (f"; or use {' or '.join(choices)}" if choices else ""))
+    if origin is typing.Literal:
+        if value in typing.get_args(kind):
+            return value
+        raise ValueError(f"expected {' or '.join(map(str, typing.get_args(kind)))}, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping (key: value), got {value!r}")

@@ -30,6 +30,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         problems += [f"method.{p}" for p in cfg.method.options.problems()]
     if problems:
         raise ConfigError(problems, source=parsed.source)
+    resolve_lr(cfg)
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     return cfg
@@ -38,11 +39,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_warnings(cfg: Config) -> list[str]:
     """Settings that are valid but probably a mistake (the run goes ahead)."""
     method = registry.get(cfg.method.name)
-    if cfg.train.lr >= LARGE_LR and not method.prepends_virtual_tokens:
+    if cfg.train.lr_source.startswith(NOT_SEARCHED):
+        return [f"train.lr: {cfg.train.lr_source}"]
+    if isinstance(cfg.train.lr, float) and cfg.train.lr >= LARGE_LR and not method.prepends_virtual_tokens:
         return [f"train.lr: {cfg.train.lr:g} is unusually large for {method.name} (only soft prompts are trained "
                 "with rates near 1); the loss will likely diverge. Typical: 1e-5 to 1e-4 for full fine-tuning, "
                 "1e-4 to 1e-3 for LoRA and adapters"]
     return []
+
+
+AUTO = "auto: the learning-rate range test's pick (lr_find.json in the run)"
+NOT_SEARCHED = "auto, not searched"
+
+
+def resolve_lr(cfg: Config) -> None:
+    """Settle ``train.lr`` once, and say where it came from (``train.lr_source``): unset means the
+    method's default (``Method.default_lr``); ``auto`` stays until the run's range test replaces it
+    (train/lr_find.py), except for a method that fits its delta directly, which has no rate to search.
+    A number read back from a run's config.yaml keeps that run's source (auto, or the default while it
+    still is the method's default); any other number is the config's."""
+    method, t = registry.get(cfg.method.name), cfg.train
+    default = f"default of {method.name}: {method.default_lr:g} ({method.default_lr_source})"
+    if method.fits_directly(cfg.method.options) and (t.lr is None or t.lr == "auto"):
+        t.lr, t.lr_source = method.default_lr, (f"{NOT_SEARCHED if t.lr == 'auto' else 'not used'}: {method.name} "
+                                               "with these options fits its delta directly, without a learning rate")
+    elif t.lr is None:
+        t.lr, t.lr_source = method.default_lr, default
+    elif t.lr == "auto":
+        t.lr_source = AUTO
+    elif t.lr_source not in (AUTO, default) or (t.lr_source == default and t.lr != method.default_lr):
+        t.lr_source = "config"
 
 
 def _build_method(raw: dict | None, problems: list[str]) -> MethodConfig:
@@ -68,6 +94,9 @@ def task_problems(cfg: Config) -> list[str]:
         return [f"task: unknown task {cfg.task!r}{did_you_mean(cfg.task, known)}; available: {', '.join(known)}"]
     task = tasks.get(cfg.task)
     problems = task.problems(cfg)
+    if cfg.train.lr == "auto" and task.loop != "examples":
+        problems.append(f"train.lr: auto runs its range test on the loop over fixed examples, and task {cfg.task} "
+                        "samples its own data; give a number, or leave train.lr unset for the method's default")
     if cfg.method.name in registry.names():
         why = supports(registry.get(cfg.method.name), task)
         if why:
@@ -99,6 +128,9 @@ def _check_data_folder(path: Path, key: str) -> list[str]:
 def explain() -> str:
     """Every config key with its default and documentation (printed by `validate --explain`)."""
     lines = describe(Config)
+    for name in registry.names():  # what an unset train.lr becomes
+        method = registry.get(name)
+        lines.append(f"train.lr  (unset, method.name={name}) = {method.default_lr:g}\n    {method.default_lr_source}")
     for name in registry.names():
         lines += describe(registry.get(name).Options, "method.", f"  (method.name={name})")
     return "\n".join(lines)

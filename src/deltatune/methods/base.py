@@ -51,6 +51,12 @@ class Method:
     # (adapters inserted between layers, a head on pooled states), so a graph exporter (ONNX) can trace
     # it as it is when ``merge`` cannot fold it; soft prompts, which add inputs, are not.
     traceable: bool = False
+    # The peak learning rate this method trains well at, used when train.lr is unset (an explicit value
+    # wins), and where it comes from in one line (shown by `deltatune validate` and in the run's config).
+    # Methods differ by orders of magnitude here (full fine-tuning ~2e-5, soft prompts ~0.3): one shared
+    # rate mostly measures which method happens to suit it. Chosen from the literature, not yet swept.
+    default_lr: float = 5e-5
+    default_lr_source: str = "no published rate for this method: deltatune's former shared default"
 
     def accepts(self, task) -> str | None:
         """Why this method cannot train ``task`` (a task class from ``tasks.registry``), or None.
@@ -69,6 +75,11 @@ class Method:
         (feature extraction's head on cached features is convex); returns what the fit found (logged), or
         None: the loop trains it."""
         return None
+
+    def fits_directly(self, options) -> bool:
+        """Whether ``fit`` replaces the loop for these options (known from the config alone): then
+        train.lr is not used, and ``train.lr: auto`` has nothing to search."""
+        return False
 
     def load_kwargs(self, options) -> dict:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""

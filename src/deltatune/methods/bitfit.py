@@ -19,6 +19,8 @@ from .registry import register
 class BitFit(Method):
     name = "bitfit"
     can_merge = True  # the biases are the model's own parameters
+    default_lr = 1e-3  # Ben Zaken et al. 2022 (BitFit): grid 1e-4..1e-3, bias terms need the upper end
+    default_lr_source = "Ben Zaken et al. 2022 (BitFit): 1e-4 to 1e-3 on GLUE; bias-only updates need the upper end"
     summary = "bias terms and the head train"
 
     def apply(self, model: nn.Module, options, task) -> nn.Module:

@@ -94,6 +94,10 @@ class FeatureExtraction(Method):
     caches_features = True
     summary = "frozen encoder, cached features, trained classifier"
     Options = FeatureOptions
+    # Only with head=adamw: the default (lbfgs) fits the head directly and uses no learning rate.
+    default_lr = 1e-3  # Adam's own default, the usual rate of linear probes on frozen features
+    default_lr_source = ("head=adamw only (lbfgs uses no rate): Adam's default 1e-3, the usual rate of a linear "
+                         "probe on frozen features (e.g. SentEval, Conneau & Kiela 2018)")
 
     def accepts(self, task) -> str | None:
         if not task.one_label_per_text:
@@ -114,7 +118,7 @@ class FeatureExtraction(Method):
 
     def fit(self, model: FeatureClassifier, examples: list[dict], options: FeatureOptions, seed: int) -> dict | None:
         """head=lbfgs: the head fitted to convergence on the cached features (``fit_head``)."""
-        if options.head != "lbfgs":
+        if not self.fits_directly(options):
             return None
         features = torch.stack([e["features"] for e in examples])
         labels = torch.tensor([e["label"] for e in examples])
@@ -124,6 +128,9 @@ class FeatureExtraction(Method):
             model.head.weight.copy_(weight)
             model.head.bias.copy_(bias)
         return info
+
+    def fits_directly(self, options: FeatureOptions) -> bool:
+        return options.head == "lbfgs"
 
     def prepare_examples(self, model: FeatureClassifier, examples: list[dict]) -> list[dict]:
         features = cached_features(model, [e["input_ids"] for e in examples])

@@ -32,6 +32,9 @@ class Freeze(Method):
     can_merge = True  # the trained layers are ordinary weights
     summary = "top N layers and the head train"
     Options = FreezeOptions
+    default_lr = 5e-5  # the top of BERT's fine-tuning grid (Devlin et al. 2019): fewer weights move
+    default_lr_source = ("full fine-tuning's range (Devlin et al. 2019: 2e-5 to 5e-5), at its top since only the "
+                         "upper layers and the new head move")
 
     def search_space(self) -> dict:
         return {"trainable_layers": {"low": 1, "high": 4}}

@@ -15,6 +15,8 @@ class Full(Method):
     name = "full"
     can_merge = True  # nothing to merge: the tuned weights are the model
     summary = "every parameter trains"
+    default_lr = 2e-5  # Devlin et al. 2019 (BERT), fine-tuning grid 2e-5..5e-5
+    default_lr_source = "Devlin et al. 2019 (BERT): fine-tuning grid 2e-5, 3e-5, 5e-5"
 
     def apply(self, model: nn.Module, options, task) -> nn.Module:
         set_trainable(model, lambda name: True)

@@ -106,6 +106,8 @@ class Houlsby(Method):
     traceable = True  # adapters are plain layers inside the model
     summary = "bottleneck adapters after attention and feed-forward (+ layer norms, head)"
     Options = AdapterOptions
+    default_lr = 3e-4  # Houlsby et al. 2019: GLUE grid 3e-5, 3e-4, 3e-3 (the middle)
+    default_lr_source = "Houlsby et al. 2019 (adapters): GLUE grid 3e-5, 3e-4, 3e-3; the middle value"
 
     def search_space(self) -> dict:
         return {"reduction_factor": [8, 16, 32, 64]}

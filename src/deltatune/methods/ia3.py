@@ -41,6 +41,8 @@ class IA3(PeftMethod):
     can_merge = True
     summary = "learned vectors rescale keys, values and feed-forward activations (peft)"
     Options = IA3Options
+    default_lr = 3e-3  # Liu et al. 2022 (T-Few): IA3 trained at 3e-3
+    default_lr_source = "Liu et al. 2022 (T-Few): IA3 vectors trained at 3e-3"
 
     def peft_config(self, options: IA3Options, task, model: nn.Module) -> IA3Config:
         return IA3Config(task_type=task_type(task), target_modules=options.target_modules,

@@ -82,6 +82,8 @@ class PTuningOptions:
 class Prefix(SoftPromptMethod):
     name = "prefix"
     summary = "trained key/value prefixes in every layer (peft)"
+    default_lr = 5e-3  # Liu et al. 2022 (P-tuning v2): prefixes at 5e-3..1e-2 on NLU tasks
+    default_lr_source = "Liu et al. 2022 (P-tuning v2, deep prefixes on NLU tasks): 5e-3 to 1e-2"
     Options = PrefixOptions
 
     def peft_config(self, options: PrefixOptions, task, model: nn.Module) -> PrefixTuningConfig:
@@ -95,6 +97,8 @@ class Prefix(SoftPromptMethod):
 class Prompt(SoftPromptMethod):
     name = "prompt"
     summary = "trained input embeddings prepended to the text (peft)"
+    default_lr = 0.3  # Lester et al. 2021 (prompt tuning): 0.3 with Adafactor on T5
+    default_lr_source = "Lester et al. 2021 (prompt tuning): 0.3 on T5"
     Options = PromptOptions
 
     def peft_config(self, options: PromptOptions, task, model: nn.Module) -> PromptTuningConfig:
@@ -110,6 +114,9 @@ class Prompt(SoftPromptMethod):
 class PTuning(SoftPromptMethod):
     name = "ptuning"
     summary = "virtual tokens from an MLP/LSTM prompt encoder (peft)"
+    default_lr = 3e-3  # P-tuning (Liu et al. 2021) and its re-implementations: 1e-3..1e-2; the middle
+    default_lr_source = ("Liu et al. 2021 (P-tuning) and its re-implementations: 1e-3 to 1e-2 for the prompt "
+                         "encoder; the geometric middle")
     Options = PTuningOptions
 
     def peft_config(self, options: PTuningOptions, task, model: nn.Module) -> PromptEncoderConfig:

@@ -42,6 +42,8 @@ class QLora(Lora):
     quantized_base = True
     summary = "LoRA on a 4-bit NF4 base (bitsandbytes + peft)"
     Options = QLoraOptions
+    default_lr = 2e-4  # Dettmers et al. 2023 (QLoRA): 2e-4 for 7B-13B models, 1e-4 for 33B-65B
+    default_lr_source = "Dettmers et al. 2023 (QLoRA): 2e-4 for 7B and 13B models, 1e-4 for 33B and 65B"
 
     def load_kwargs(self, options: QLoraOptions) -> dict:
         from transformers import BitsAndBytesConfig

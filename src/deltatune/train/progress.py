@@ -9,9 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, label: str = "train"):
         self.enabled = enabled
-        self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        self._bar = RichProgress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                                  TimeRemainingColumn(), console=Console(file=sys.stderr),
                                  disable=not enabled)

@@ -15,11 +15,11 @@ import torch
 from transformers import set_seed
 
 from ..assets import resolve_model
-from ..config import Config
+from ..config import Config, dump_yaml
 from ..configure import load_config
 from ..data import PreparedData
 from ..errors import ConfigError, RunError
-from ..fs import fsync_dir
+from ..fs import atomic_write_text, fsync_dir
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
@@ -27,6 +27,7 @@ from ..registry_db import Recording
 from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
 from . import ppo
+from . import lr_find
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
 from .session import absolute_refs, finish, recover, tracked, write_inputs, write_metrics
@@ -67,6 +68,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     run = new_run_dir(cfg.output_dir, cfg.run_name)  # in a multi-process launch: one directory for all
     job.run = run
     if not is_main_process():  # the other processes of a launch only train; the main one writes
+        lr_find.settle_lr(job, run)
         run_loop(job, callbacks=callbacks)
         return run
     return _start(cfg, job, data, tokenizer, extras, Recording(run.path, cfg, kind, parent), callbacks)
@@ -104,6 +106,7 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
                        "resuming would mix two data sets. Start a new run instead")
     from_checkpoint = (run.checkpoint / "state.json").is_file()
+    lr_find.settle_lr(job, run)  # an auto run's pick, read back (searched only if it stopped before that)
     if not is_main_process():
         run_loop(job, resume=from_checkpoint, callbacks=callbacks)
         return run
@@ -126,6 +129,8 @@ def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras,
     with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
         write_inputs(run, cfg, tokenizer, data.report, data.rejects,
                      {s: len(getattr(data, s).rows) for s in ("train", "eval", "test")}, data.labels)
+        if lr_find.settle_lr(job, run):  # train.lr: auto; the config records the rate the run trains at
+            atomic_write_text(run.config, dump_yaml(cfg))
         base = job.method.untouched(job.model)
         baseline = job.task.evaluate(base, job.eval_examples)
         extras.measure_before(base)
@@ -144,5 +149,9 @@ def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict, re
     fsync_dir(run.path)
     trainable, total = count_parameters(job.model)
     prompting = run.read_json("prompting.json") if (run.path / "prompting.json").is_file() else {}
-    write_metrics(run, job.task, best, run.read_json("baseline.json"), trainable, total, state, **extra, **prompting)
+    lr = {"lr": job.train.lr, "lr_source": job.train.lr_source}
+    if (run.path / lr_find.FILE).is_file():
+        lr["lr_found"] = run.read_json(lr_find.FILE)["lr"]
+    write_metrics(run, job.task, best, run.read_json("baseline.json"), trainable, total, state, **extra, **prompting,
+                  **lr)
     finish(run, record)

@@ -206,7 +206,7 @@ def settle_lr(job: Job, run: RunDir) -> dict | None:
             found = range_test(job)
             run.write_json(FILE, found)
             atomic_write_text(run.path / PLOT, lr_find_svg(found))
-            print(f"train.lr: auto: {found['lr']:.3g} ({found['rule']} of the range test; curve in {run.path / PLOT})",
+            print(f"train.lr: auto: {found['lr']:.3g} (range test, rule: {found['rule']}; curve in {run.path / PLOT})",
                   file=sys.stderr)
         barrier()
     if not file.is_file():

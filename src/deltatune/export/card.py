@@ -14,7 +14,7 @@ def model_card(parts: RunParts, manifest: dict, usage: str) -> str:
     after, before = metrics.get("eval", {}), metrics.get("baseline", {})
     lines = [f"# {parts.run.path.name}: {parts.cfg.task} with {parts.cfg.method.name}", "",
              f"A fine-tuned model exported by deltatune {manifest['deltatune']} as **{manifest['format']}**"
-             + (f", quantized to {manifest['quantize']}" if manifest.get("quantize") else "") + ".", "",
+             + (f" ({manifest['quantize']})" if manifest.get("quantize") else "") + ".", "",
              "| | |", "|---|---|",
              f"| base model | `{parts.cfg.model}` |",
              f"| task | {parts.cfg.task} |",

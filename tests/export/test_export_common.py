@@ -102,3 +102,11 @@ def test_serve_answers_from_an_export_as_the_run(runs, tmp_path):
     for name, got in asyncio.run(served()).items():
         assert [g["label"] for g in got] == [w["label"] for w in want], name
         assert probabilities(got) == pytest.approx(probabilities(want), abs=1e-5), name
+
+
+def test_an_unchecked_export_says_so_in_its_card(runs, tmp_path, capsys):
+    code, _, err = cli(capsys, "export", runs["lora"], "--format", "hf", "--no-check", "--out", tmp_path / "u")
+    assert code == 0, err
+    assert json.loads((tmp_path / "u" / MANIFEST).read_text())["check"] == "skipped (--no-check)"
+    card = (tmp_path / "u" / "README.md").read_text()
+    assert "## Not checked" in card and "## Checked by the runtime" not in card

@@ -37,7 +37,10 @@ def model_card(parts: RunParts, manifest: dict, usage: str) -> str:
                   "| metric | before | after |", "|---|---|---|"]
         lines += [f"| {k} | {_num(before.get(k))} | {_num(after[k])} |" for k in shown]
     check = manifest.get("check")
-    if check:
+    if isinstance(check, str):  # export --no-check
+        lines += ["", "## Not checked", "", f"Exported with `--no-check` ({check}): no runtime loaded this export and "
+                  "compared it with the run. Export again without `--no-check` to have it checked."]
+    elif check:
         lines += ["", "## Checked by the runtime", "", f"Loaded by {check.get('runtime', 'its runtime')} at export "
                   "time and compared with the run's own model:", ""]
         lines += [f"- {k.replace('_', ' ')}: {_num(v)}" for k, v in check.items() if k != "runtime"]

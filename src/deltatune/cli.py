@@ -39,11 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--objectives", help="comma-separated metrics, e.g. macro_f1,trainable_params (Pareto front)")
     tu.add_argument("--name", help="study name (default tune-<run name>); the folder is output_dir or runs/<name>")
 
-    c = sub.add_parser("compare", help="train several methods on the same data and budget; one HTML report")
+    c = sub.add_parser("compare", help="every method at its own best learning rate, several seeds, one HTML report "
+                                       "that says which to pick")
     c.add_argument("config", nargs="?", help="YAML config file (the base every method starts from)")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
     c.add_argument("--methods", required=True, help="comma-separated, e.g. lora,ia3,bitfit,houlsby")
     c.add_argument("--out", help="folder for the runs and report.html (default runs/compare-<run name>)")
+    c.add_argument("--trials", type=int, default=4, help="learning-rate trials per method, its default rate "
+                   "first (default 4; 0: each method's default rate, no search)")
+    c.add_argument("--seeds", type=int, default=3, help="runs of the chosen rate per method, with fresh seeds "
+                   "(default 3; the report's spread and intervals need 2+)")
 
     v = sub.add_parser("validate", help="check a config without training")
     v.add_argument("config", nargs="?")
@@ -323,14 +328,18 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import Budget, run_compare
     from .configure import load_config
 
     path, overrides = _config_args(args)
     cfg = load_config(path, overrides)  # a bad base fails here, before anything trains
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     folder = Path(args.out or Path("runs") / f"compare-{cfg.run_name}")
-    print(run_compare(path, [o for o in overrides if not o.startswith("output_dir=")], methods, folder))
+    if args.seeds < 1 or args.trials < 0:
+        raise ArgumentError(f"compare: --seeds {args.seeds} --trials {args.trials}: give --seeds 1 or more (the "
+                             "chosen rate must train once) and --trials 0 or more (0: each method's default rate)")
+    budget = Budget(trials=args.trials, seeds=args.seeds)
+    print(run_compare(path, [o for o in overrides if not o.startswith("output_dir=")], methods, folder, budget))
     return 0
 
 

@@ -1,10 +1,23 @@
-"""`deltatune compare`: every method on the same data and budget, in one self-contained HTML report.
+"""`deltatune compare`: every method at its own best on the same data and budget, in one self-contained
+HTML report that says which method to pick and why.
 
-Each method trains as an ordinary run (``<folder>/<method>``, recorded in the run registry as
-kind "compare"); the report puts the results side by side: the task metric and its baseline,
-per-class F1, trainable share, delta size, time, memory and forgetting, with plots of the metric
-against trainable parameters (and the Pareto front: no other method is both better and smaller),
-learning curves and confusion matrices. Plots are inline SVG, so the page needs nothing else.
+Per method (``<folder>/<method>/``), with the same budget for each:
+
+1. a learning-rate search (``search/``, an Optuna study of ``Budget.trials`` trials with median pruning):
+   the method's own default rate first (``Method.default_lr``), then 3x, 1/3x, 10x and 1/10x of it, then
+   Optuna's choice within 1/10x..10x; trials are ordinary runs scored on the evaluation split. Methods
+   whose delta is fitted directly (a feature-extraction head by L-BFGS) use no rate and skip it.
+2. the chosen rate trained with ``Budget.seeds`` fresh seeds (``seed-1``, ...; never the search's seed, so
+   the search's luck does not carry into the figures), each run in a new process so its peak memory is
+   its own.
+
+The report gives per method the mean and spread over seeds, a 95 % bootstrap interval over the evaluation
+examples, and the paired bootstrap difference to the best method on the same examples (significant or
+not); then says in words which method to pick: the best, or, when others are within the evaluation's
+noise of it, the one among them with the smallest delta. Times come only from runs that had the machine
+to themselves (``train/machine_load.py``); a run that shared it is marked, its time not shown. Plots are
+inline SVG, so the page needs nothing else. The same command finishes an interrupted bake-off: completed
+runs are reused, stopped ones resumed, the search goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -14,64 +27,163 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .configure import load_config
 from .errors import DeltatuneError, OutputError
 from .fs import atomic_write_text, foreign_entries, is_temporary
+from .metrics import bootstrap_rows, interval, metric_on, paired_difference
 from .registry_db import main_metric
-from .rundir import RunDir
+from .rundir import OUTCOMES, RunDir
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac",
           "#eeca3b", "#17becf"]
+# The search's first trials, as multiples of the method's default rate; later trials are Optuna's choice
+# within the outer two.
+LR_STEPS = (1.0, 3.0, 1 / 3, 10.0, 0.1)
+SEARCH, SEED = "search", "seed-{}"
 
 
-def run_compare(base: str | None, overrides: list[str], methods: list[str], folder: Path) -> Path:
-    """Train each method (a failure is reported, not fatal) and write ``folder/report.html``. A method whose
-    run in ``folder`` already completed is not trained again, so the same command finishes a bake-off that
-    was interrupted. Each method trains in a fresh process, so its peak memory is its own. ``folder`` must
-    be new, empty or an earlier comparison's: nothing else in it is ever overwritten."""
+@dataclass(frozen=True)
+class Budget:
+    """What each method gets: learning-rate trials (0: its default rate, no search) and final seeds."""
+    trials: int = 4
+    seeds: int = 3
+    resamples: int = 2000  # bootstrap resamples of the evaluation examples
+
+
+def run_compare(base: str | None, overrides: list[str], methods: list[str], folder: Path,
+                budget: Budget = Budget()) -> Path:
+    """Search, train and analyse each method (a failure is reported, not fatal); write ``results.json`` and
+    ``report.html`` in ``folder``, which must be new, empty or an earlier comparison's: nothing else in it
+    is ever overwritten."""
     check_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in methods:
-        run = RunDir(folder / name)
-        if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
-            print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
-            results.append(_result(name, run.path))
-            continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
-            if run.config.is_file():  # stopped part-way (interrupted, killed): it goes on from its checkpoint
-                print(f"compare: {name}: resuming the run in {run.path}", file=sys.stderr)
-                error = pool.submit(_resume_one, str(run.path)).result()
-            else:
-                error = pool.submit(_train_one, base, [*overrides, f"method.name={name}", f"output_dir={run.path}",
-                                                       "train.progress=false"]).result()
-        if error is None:
-            results.append(_result(name, folder / name))
-        else:
-            print(f"compare: {name} failed: {error}", file=sys.stderr)
-            results.append({"method": name, "error": error})
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=2))
+    results = [_method(base, overrides, name, folder / name, budget) for name in methods]
+    analysis = analyse(results, budget.resamples)
+    atomic_write_text(folder / "results.json", json.dumps({"budget": vars(budget), "methods": results,
+                                                           "analysis": analysis}, indent=2))
     report = folder / "report.html"
-    atomic_write_text(report, render(results))
+    atomic_write_text(report, render(results, analysis, budget))
     return report
+
+
+def _method(base: str | None, overrides: list[str], name: str, folder: Path, budget: Budget) -> dict:
+    """One method: its rate (searched or default), then its seed runs."""
+    from .methods import registry
+
+    try:
+        cfg = load_config(base, [*overrides, f"method.name={name}"])
+    except DeltatuneError as exc:
+        print(f"compare: {name} cannot train: {exc}", file=sys.stderr)
+        return {"method": name, "error": str(exc)}
+    method = registry.get(name)
+    entry: dict = {"method": name}
+    if method.fits_directly(cfg.method.options):
+        entry["lr_choice"] = f"not used: {cfg.train.lr_source.split(': ', 1)[-1]}"
+        lr = None
+    elif budget.trials:
+        found = _in_fresh_process(_search, base, overrides, name, str(folder / SEARCH), budget.trials,
+                                  method.default_lr, cfg.train.seed)
+        if "error" in found:
+            print(f"compare: {name}: the learning-rate search failed: {found['error']}", file=sys.stderr)
+            return {**entry, "error": f"learning-rate search: {found['error']}", "search": found.get("trials", [])}
+        lr, entry["search"] = found["lr"], found["trials"]
+        entry["lr_choice"] = (f"searched: best of {len(found['trials'])} trials around the default "
+                              f"{method.default_lr:g}")
+    else:
+        lr = cfg.train.lr
+        entry["lr_choice"] = cfg.train.lr_source or "config"
+    entry["lr"] = lr
+    entry["runs"] = [_seed_run(base, overrides, name, folder / SEED.format(k), cfg.train.seed + k, lr)
+                     for k in range(1, budget.seeds + 1)]
+    return entry
+
+
+def _seed_run(base, overrides, name: str, path: Path, seed: int, lr: float | None) -> dict:
+    run = RunDir(path)
+    if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
+        print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
+    else:
+        if run.config.is_file():  # stopped part-way (interrupted, killed): it goes on from its checkpoint
+            print(f"compare: {name}: resuming the run in {run.path}", file=sys.stderr)
+            error = _in_fresh_process(_resume_one, str(run.path))
+        else:
+            print(f"compare: {name}: training seed {seed} in {run.path}", file=sys.stderr)
+            error = _in_fresh_process(_train_one, base, [
+                *overrides, f"method.name={name}", f"train.seed={seed}", f"output_dir={run.path}",
+                "train.progress=false", *([f"train.lr={lr}"] if lr is not None else [])])
+        if error is not None:
+            print(f"compare: {name} (seed {seed}) failed: {error}", file=sys.stderr)
+            return {"seed": seed, "run": str(path), "error": error}
+    return {"seed": seed, **_result(path)}
+
+
+def _in_fresh_process(function, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _search(base, overrides, name: str, folder: str, trials: int, default_lr: float, seed: int) -> dict:
+    """The method's learning-rate study (in its own process): the best rate and every trial, or the error."""
+    import optuna
+
+    from .tasks import registry as tasks
+    from .train import study as studies
+
+    cfg = load_config(base, [*overrides, f"method.name={name}"])
+    metric = tasks.get(cfg.task).main_metric
+    path = Path(folder)
+    study = studies.Study(f"compare-{name}", path, f"sqlite:///{(path / 'study.db').resolve()}",
+                      [(metric.name, metric.direction)], trials)
+    space = {"train.lr": {"low": default_lr * min(LR_STEPS), "high": default_lr * max(LR_STEPS), "log": True}}
+    path.mkdir(parents=True, exist_ok=True)
+    fixed = [*overrides, f"method.name={name}", f"train.seed={seed}"]
+    try:
+        studies.optimize(study, base, fixed, space, seed, first=[{"train.lr": default_lr * f} for f in LR_STEPS[:trials]],
+                     prune_after=2)
+    except DeltatuneError as exc:
+        return {"error": str(exc)}
+    s = studies.open_study(study, seed)
+    listed = [{"number": t.number, "lr": t.params.get("train.lr"), "state": t.state.name.lower(),
+               **({"value": t.value} if t.value is not None else {}),
+               **({"run": t.user_attrs["run_dir"]} if "run_dir" in t.user_attrs else {})} for t in s.trials]
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return {"error": f"none of {len(s.trials)} trials completed (see the runs in {folder})", "trials": listed}
+    return {"lr": s.best_trial.params["train.lr"], "trials": listed}
 
 
 OWN_FILES = ("results.json", "report.html")
 
 
 def check_folder(folder: Path) -> None:
-    """``OutputError`` when ``folder`` holds anything a comparison did not write: its runs (folders with a
-    status.json or config.yaml, or empty ones), results.json and report.html are all it may hold."""
+    """``OutputError`` when ``folder`` holds anything a comparison did not write: a folder per method (its
+    search study and seed-N runs), results.json and report.html are all it may hold."""
+    from .train.study import study_entry
+
+    def a_run(p: Path) -> bool:  # a run (or one killed before it wrote anything)
+        return p.is_dir() and not p.is_symlink() and (
+            any((p / name).is_file() for name in ("status.json", "config.yaml"))
+            or all(is_temporary(q.name) for q in p.iterdir()))
+
+    def in_method(p: Path) -> bool:
+        if is_temporary(p.name) or (re.fullmatch(SEED.format(r"\d+"), p.name) and a_run(p)):
+            return True
+        return p.name == SEARCH and p.is_dir() and not p.is_symlink() and not foreign_entries(p, study_entry)
+
     def ours(p: Path) -> bool:
         if is_temporary(p.name):  # what a killed write left
             return True
-        if p.is_dir() and not p.is_symlink():  # a method's run (or one killed before it wrote anything)
-            return any((p / name).is_file() for name in ("status.json", "config.yaml")) or \
-                all(is_temporary(q.name) for q in p.iterdir())
+        if p.is_dir() and not p.is_symlink():  # a method's folder
+            return not foreign_entries(p, in_method)
         return p.name in OWN_FILES
 
     foreign = foreign_entries(folder, ours)
@@ -117,13 +229,136 @@ def _resume_one(path: str) -> str | None:
     return None
 
 
-def _result(method: str, path: Path) -> dict:
+def _result(path: Path) -> dict:
     metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
     log = [json.loads(line) for line in (path / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     delta = sum(f.stat().st_size for f in (path / "delta").rglob("*") if f.is_file())
-    return {"method": method, "run": str(path), "metrics": metrics, "delta_bytes": delta,
+    return {"run": str(path), "metrics": metrics, "delta_bytes": delta,
             "curve": [(r["step"], r["loss"]) for r in log if "loss" in r and r["loss"] is not None],
             "eval_curve": [(r["step"], r["eval"]) for r in log if "eval" in r]}
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _finished(entry: dict) -> list[dict]:
+    return [r for r in entry.get("runs", []) if "metrics" in r]
+
+
+def _outcomes(run: dict) -> dict | None:
+    path = Path(run["run"]) / OUTCOMES
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def analyse(results: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """Per method: mean and spread of the main metric over its seeds, its bootstrap interval over the
+    evaluation examples and the paired difference to the best method; the recommendation. Methods whose
+    runs kept no per-example outcomes (or were evaluated on other examples) get means only."""
+    ok = [e for e in results if _finished(e)]
+    if not ok:
+        return {"recommendation": "No method finished: see each method's error."}
+    name, higher = main_metric(_finished(ok[0])[0]["metrics"])
+    sign = 1.0 if higher else -1.0
+    summary: dict[str, dict] = {}
+    for e in ok:
+        values = [r["metrics"]["eval"][name] for r in _finished(e)]
+        summary[e["method"]] = {"metric": name, "mean": statistics.fmean(values), "values": values,
+                                "sd": statistics.stdev(values) if len(values) > 1 else None}
+    best = max(ok, key=lambda e: sign * summary[e["method"]]["mean"])["method"]
+    found = _bootstrap(ok, resamples, seed)
+    boot, paired = found if found else (None, False)
+    if boot is not None:
+        for method, values in boot.items():
+            low, high = interval(values)
+            summary[method]["ci"] = [low, high]
+            if paired and method != best:  # better-minus-other, in the metric's better direction
+                diff = paired_difference(sign * boot[best], sign * values)
+                summary[method]["vs_best"] = {**diff, "low": diff["low"] if higher else -diff["high"],
+                                              "high": diff["high"] if higher else -diff["low"]}
+    return {"metric": name, "higher_is_better": higher, "best": best, "methods": summary,
+            "paired": paired, "contended": _contended(ok), "recommendation": recommend(ok, summary, best, paired)}
+
+
+def _bootstrap(ok: list[dict], resamples: int, seed: int) -> tuple[dict[str, np.ndarray], bool] | None:
+    """Per method, its main metric on each bootstrap resample of the evaluation examples, averaged over its
+    seeds, and whether the methods are paired. A seed sets the train/eval split as well, so the runs of one
+    seed share their evaluation examples across methods: each seed's examples are resampled once (the same
+    draws for every method), and the methods are paired when every method has every seed, evaluated on
+    the same examples. None when a run kept no per-example outcomes."""
+    kept: dict[str, dict[int, dict]] = {}
+    fingerprints: dict[int, set] = {}
+    for e in ok:
+        kept[e["method"]] = {}
+        for r in _finished(e):
+            outcomes = _outcomes(r)
+            if outcomes is None:
+                return None
+            kept[e["method"]][r["seed"]] = outcomes
+            fingerprints.setdefault(r["seed"], set()).add((r["metrics"].get("data_fingerprint"),
+                                                           len(outcomes["numerator"])))
+    draws = {s: bootstrap_rows(next(iter(f))[1], resamples, seed + s) for s, f in fingerprints.items()}
+    paired = all(len(f) == 1 for f in fingerprints.values()) and \
+        len({frozenset(by_seed) for by_seed in kept.values()}) == 1
+    boot = {m: np.mean([metric_on(o, draws[s]) for s, o in by_seed.items()], axis=0) for m, by_seed in kept.items()}
+    return boot, paired
+
+
+def _contended(ok: list[dict]) -> list[str]:
+    """The runs that shared the machine (their times are not comparable): "method seed N"."""
+    return [f"{e['method']} seed {r['seed']}" for e in ok for r in _finished(e)
+            if r["metrics"].get("machine_load", {}).get("contended")]
+
+
+def train_seconds(entry: dict) -> float | None:
+    """Median training time over the method's runs that had the machine to themselves (None: none did)."""
+    alone = [r["metrics"]["train_seconds"] for r in _finished(entry)
+             if not r["metrics"].get("machine_load", {}).get("contended")]
+    return statistics.median(alone) if alone else None
+
+
+def _mean_of(entry: dict, key) -> float:
+    return statistics.fmean(key(r) for r in _finished(entry))
+
+
+def recommend(ok: list[dict], summary: dict, best: str, paired: bool) -> str:
+    """Which method to pick, in words: the best by the metric unless others are within the evaluation's
+    noise of it (paired bootstrap, 95 %), in which case the one among those with the smallest delta."""
+    by_name = {e["method"]: e for e in ok}
+    s = summary[best]
+    metric = s["metric"]
+    if len(ok) == 1:
+        return f"Only {best} finished: nothing to compare it with."
+    if not paired:
+        return (f"{best} has the best mean {metric} ({s['mean']:.4f}). The runs kept no per-example results for "
+                "the same evaluation examples, so whether the differences exceed the evaluation's noise is not "
+                "known: read the table with that in mind.")
+    tied = [m for m in summary if m == best or not summary[m].get("vs_best", {}).get("significant", True)]
+    size = {m: _mean_of(by_name[m], lambda r: r["delta_bytes"]) for m in tied}
+    if len(tied) == 1:
+        others = ", ".join(f"{m} (p {summary[m]['vs_best']['p']:.3g})" for m in summary if m != best)
+        return (f"Pick {best}: its {metric} ({s['mean']:.4f}) is better than every other method's beyond the "
+                f"evaluation's noise (paired bootstrap over the same examples, 95 %: {others}).")
+    pick = min(tied, key=lambda m: (size[m], m != best))
+    sizes = ", ".join(f"{m} {size[m] / 1e6:.2f} MB" for m in sorted(tied, key=size.get))
+    if pick == best:
+        text = (f"Pick {best}: the best mean {metric} ({s['mean']:.4f}) and the smallest delta of the methods "
+                f"within the evaluation's noise of it (paired bootstrap over the same examples, 95 %; {sizes}).")
+    else:
+        d = summary[pick]["vs_best"]
+        text = (f"Pick {pick}: its {metric} ({summary[pick]['mean']:.4f}) is within the evaluation's noise of the "
+                f"best, {best} ({s['mean']:.4f}; difference {s['mean'] - summary[pick]['mean']:+.4f}, 95 % interval "
+                f"{d['low']:+.4f} to {d['high']:+.4f}, p {d['p']:.3g}, paired bootstrap over the same examples), and "
+                f"of the methods within that noise it has the smallest delta ({sizes}).")
+    seconds = {m: train_seconds(by_name[m]) for m in tied}
+    if all(v is not None for v in seconds.values()):
+        fastest = min(seconds, key=seconds.get)
+        text += f" Fastest to train among them: {fastest} ({seconds[fastest]:.1f} s)."
+    memory = {m: _mean_of(by_name[m], lambda r: r["metrics"]["peak_rss_mb"]) for m in tied}
+    lightest = min(memory, key=memory.get)
+    text += f" Least memory: {lightest} ({memory[lightest]:.0f} MB peak)."
+    better = [m for m in summary if summary[m].get("vs_best", {}).get("significant")]
+    if better:
+        text += f" Significantly worse than {best}: {', '.join(better)}."
+    return text
 
 
 def pareto(points: list[tuple[float, float]], higher_better: bool) -> list[int]:
@@ -141,29 +376,78 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
-def _table(results: list[dict]) -> str:
-    ok = [r for r in results if "metrics" in r]
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _table(results: list[dict], analysis: dict) -> str:
+    ok = [e for e in results if _finished(e)]
     if not ok:
         return "<p>No method finished.</p>"
-    name, _ = main_metric(ok[0]["metrics"])
-    labels = list(ok[0]["metrics"]["eval"].get("per_class", {}))
-    head = ["method", name, f"baseline {name}", "macro-F1"] + [f"F1 {x}" for x in labels] + \
+    name, summary = analysis["metric"], analysis["methods"]
+    first = _finished(ok[0])[0]["metrics"]["eval"]
+    labels = list(first.get("per_class", {}))
+    head = ["method", "learning rate", f"{name} mean", "sd (seeds)", "95 % interval", f"vs best {analysis['best']}",
+            f"baseline {name}", "macro-F1"] + [f"F1 {x}" for x in labels] + \
            ["trainable", "trainable %", "delta MB", "train s", "peak MB", "forgetting (ppl ratio)"]
     rows = []
-    for r in results:
-        if "error" in r:
-            rows.append(f"<tr><td>{_esc(r['method'])}</td><td colspan='{len(head) - 1}'>failed: {_esc(r['error'])}</td></tr>")
+    for e in results:
+        if not _finished(e):
+            errors = [e["error"]] if "error" in e else [r["error"] for r in e.get("runs", []) if "error" in r]
+            rows.append(f"<tr><td>{_esc(e['method'])}</td><td colspan='{len(head) - 1}' class='l'>failed: "
+                        f"{_esc('; '.join(errors))}</td></tr>")
             continue
-        m = r["metrics"]
-        cells = [r["method"], f"{m['eval'][name]:.4f}", f"{m['baseline'][name]:.4f}",
-                 f"{m['eval']['macro_f1']:.4f}" if "macro_f1" in m["eval"] else "-"]
-        cells += [f"{m['eval']['per_class'][x]['f1']:.3f}" for x in labels]
-        forgetting = m.get("forgetting", {}).get("ratio")
+        runs, s = _finished(e), summary[e["method"]]
+        mean = lambda key: statistics.fmean(key(r["metrics"]) for r in runs)  # noqa: E731
+        vs = s.get("vs_best")
+        versus = "best" if e["method"] == analysis["best"] else (
+            f"{vs['low']:+.4f} to {vs['high']:+.4f}, p {vs['p']:.2g}{' *' if vs['significant'] else ''}" if vs else "-")
+        lr = "not used" if e.get("lr") is None else f"{e['lr']:.3g}"
+        cells = [e["method"], lr, f"{_fmt(s['mean'])} ({len(runs)})", _fmt(s["sd"]) if s["sd"] is not None else "-",
+                 f"{_fmt(s['ci'][0])} - {_fmt(s['ci'][1])}" if "ci" in s else "-", versus,
+                 _fmt(runs[0]["metrics"]["baseline"][name]),
+                 _fmt(mean(lambda m: m["eval"]["macro_f1"])) if "macro_f1" in first else "-"]
+        cells += [f"{mean(lambda m: m['eval']['per_class'][x]['f1']):.3f}" for x in labels]
+        m = runs[0]["metrics"]
+        forgetting = [r["metrics"].get("forgetting", {}).get("ratio") for r in runs]
+        seconds = train_seconds(e)
         cells += [f"{m['trainable_params']:,}", f"{100 * m['trainable_params'] / m['total_params']:.3f}",
-                  f"{r['delta_bytes'] / 1e6:.2f}", f"{m['train_seconds']:.1f}", f"{m['peak_rss_mb']:.0f}",
-                  f"{forgetting:.3f}" if forgetting else "-"]
+                  f"{statistics.fmean(r['delta_bytes'] for r in runs) / 1e6:.2f}",
+                  f"{seconds:.1f}" if seconds is not None else "shared machine",
+                  f"{mean(lambda m: m['peak_rss_mb']):.0f}",
+                  f"{statistics.fmean(forgetting):.3f}" if all(forgetting) else "-"]
         rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
+
+
+def _searches(results: list[dict]) -> str:
+    """Each method's learning-rate trials: rate, state, score."""
+    rows = []
+    for e in results:
+        trials = e.get("search", [])
+        if not trials:
+            continue
+        cells = "; ".join(f"{t['lr']:.3g}: {t['value']:.4f}" if "value" in t else f"{t['lr']:.3g}: {t['state']}"
+                          for t in trials if t.get("lr") is not None)
+        rows.append(f"<tr><td>{_esc(e['method'])}</td><td class='l'>{_esc(e.get('lr_choice', ''))}</td>"
+                    f"<td class='l'>{_esc(cells)}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Learning-rate search</h2><p>Each method's trials (rate: score on the evaluation split, or pruned / "
+            "failed); the best rate trained the seeds above.</p><table><tr><th>method</th><th>how chosen</th>"
+            "<th>trials</th></tr>" + "".join(rows) + "</table>")
+
+
+def _flat(results: list[dict], analysis: dict) -> list[dict]:
+    """One row per finished method for the plots: its first seed's run, with the seeds' mean metric."""
+    out = []
+    for e in results:
+        runs = _finished(e)
+        if runs:
+            metrics = dict(runs[0]["metrics"])
+            metrics["eval"] = {**metrics["eval"], analysis["metric"]: analysis["methods"][e["method"]]["mean"]}
+            out.append({"method": e["method"], **runs[0], "metrics": metrics})
+    return out
 
 
 def _scatter(results: list[dict], w: int = 560, h: int = 320) -> str:
@@ -234,11 +518,31 @@ def _confusions(results: list[dict]) -> str:
     return "<h2>Confusion matrices</h2>" + "".join(out) if out else ""
 
 
-def render(results: list[dict]) -> str:
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}.cm{display:inline-block;"
-             "margin-right:2em;vertical-align:top}")
-    body = "".join([f"<h1>deltatune method comparison</h1><p>{len(results)} methods, same data and budget.</p>",
-                    _table(results), _scatter(results), _curves(results), _confusions(results)])
+def render(results: list[dict], analysis: dict, budget: Budget) -> str:
+    style = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin-bottom:1em}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}td.l{text-align:left}"
+             ".cm{display:inline-block;margin-right:2em;vertical-align:top}.pick{font-size:15px;background:#eef5ee;"
+             "padding:8px 12px;border-left:4px solid #54a24b}")
+    flat = _flat(results, analysis)
+    search = (f"a learning-rate search of {budget.trials} trials per method (its default first), then "
+              if budget.trials else "each method's default learning rate, ")
+    contended = analysis.get("contended", [])
+    notes = [f"{len(results)} methods, the same data and budget: {search}{budget.seeds} seed(s) of the chosen rate. "
+             "A seed sets the initialisation, the data order and the train/eval split; every method trains on the "
+             "same splits. Figures are means over the seeds."]
+    if any("ci" in s for s in analysis.get("methods", {}).values()):
+        notes.append("The interval is a 95 % bootstrap over the evaluation examples. " + (
+            "<i>vs best</i> is the paired bootstrap difference on the same examples (best minus method, 95 %, "
+            "p-value; * significant)." if analysis.get("paired") else
+            "The methods were not evaluated on the same examples (a seed is missing), so they are not tested "
+            "against each other."))
+    else:
+        notes.append("The runs kept no per-example results, so there are no intervals or tests.")
+    if contended:
+        notes.append(f"Shared the machine with other work while training (times not shown, not comparable): "
+                     f"{_esc(', '.join(contended))}. Train s is the median over runs that had it to themselves.")
+    body = "".join([f"<h1>deltatune method comparison</h1><p class='pick'>{_esc(analysis['recommendation'])}</p>",
+                    "".join(f"<p>{n}</p>" for n in notes), _table(results, analysis), _searches(results),
+                    _scatter(flat), _curves(flat), _confusions(flat)])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>deltatune compare</title>'
             f"<style>{style}</style></head><body>{body}</body></html>\n")

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .config import Config, dump_yaml, read_yaml
 from .configure import load_config
-from .errors import ConfigError, OutputError, Stopped
-from .fs import atomic_write_text, foreign_entries, is_temporary
+from .errors import ConfigError, OutputError
+from .fs import atomic_write_text, foreign_entries
+from .train.study import Study, open_study, optimize, study_entry
 
 METRIC_DIRECTIONS = {"accuracy": "maximize", "macro_f1": "maximize", "loss": "minimize",
                      "perplexity": "minimize", "reward": "maximize", "margin": "maximize",
@@ -54,15 +53,6 @@ def default_space() -> dict:
     for name in registry.names():
         space.update({f"{name}.{option}": choice for option, choice in registry.get(name).search_space().items()})
     return space
-
-
-@dataclass
-class Study:
-    name: str
-    folder: Path
-    storage: str
-    objectives: list[tuple[str, str]]  # (metric, "maximize" | "minimize")
-    trials: int
 
 
 def parse_objectives(text: str | None, task: str) -> list[tuple[str, str]]:
@@ -91,113 +81,6 @@ def read_space(path: str | None) -> dict:
     return space
 
 
-def suggest(trial, space: dict, method: str) -> list[str]:
-    """The trial's overrides. ``method.name`` is drawn first; options of other methods are skipped."""
-    overrides = []
-    if "method.name" in space:
-        method = trial.suggest_categorical("method.name", space["method.name"])
-        overrides.append(f"method.name={method}")
-    for key, choice in space.items():
-        scope, _, option = key.partition(".")
-        if key == "method.name" or (scope not in ("train", "data", "method") and scope != method):
-            continue
-        target = key if scope in ("train", "data", "method") else f"method.{option}"
-        overrides.append(f"{target}={_draw(trial, key, choice)}")
-    return overrides
-
-
-def _draw(trial, key: str, choice):
-    if isinstance(choice, list):
-        return trial.suggest_categorical(key, choice)
-    low, high = choice["low"], choice["high"]
-    if isinstance(low, int) and isinstance(high, int) and not choice.get("log"):
-        return trial.suggest_int(key, low, high)
-    return trial.suggest_float(key, float(low), float(high), log=bool(choice.get("log")))
-
-
-def _metric(metrics: dict, name: str) -> float:
-    return float(metrics[name] if name in metrics else metrics["eval"][name])
-
-
-def objective_for(study: Study, base: str | None, overrides: list[str], space: dict):
-    import optuna
-
-    from .train.run import train
-
-    method = load_config(base, overrides).method.name
-
-    def objective(trial):
-        trial_overrides = suggest(trial, space, method)
-        out = study.folder / f"trial-{trial.number:04d}"
-        cfg = load_config(base, [*overrides, *trial_overrides, f"output_dir={out}", "train.progress=false"])
-        trial.set_user_attr("overrides", trial_overrides)
-        trial.set_user_attr("run_dir", str(out))
-        callbacks = (_pruning_callback(trial),) if len(study.objectives) == 1 else ()
-        try:
-            run = train(cfg, callbacks=callbacks, kind="trial")
-        except Stopped as exc:  # the run directory and the registry say "pruned"
-            raise optuna.TrialPruned(str(exc)) from exc
-        metrics = run.read_json("metrics.json")
-        values = [_metric(metrics, name) for name, _ in study.objectives]
-        return values[0] if len(values) == 1 else values
-
-    return objective
-
-
-def _pruning_callback(trial):
-    """Report the best evaluation score so far after every step; prune when the pruner says so."""
-    def callback(state):
-        if state.best is None:
-            return
-        trial.report(state.best, state.step)
-        if trial.should_prune():
-            raise Stopped(f"pruned at step {state.step} (best score {state.best:.4f})", status="pruned")
-    return callback
-
-
-def open_study(study: Study, seed: int):
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = study.storage
-    if storage.startswith("sqlite") or storage.startswith("postgresql") or storage.startswith("mysql"):
-        # A heartbeat lets a resumed study fail the trials a killed worker left running.
-        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=10, grace_period=30,
-                                             engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if study.storage.startswith("sqlite") else {})
-    directions = [d for _, d in study.objectives]
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
-    return optuna.create_study(study_name=study.name, storage=storage, directions=directions, sampler=sampler,
-                               pruner=pruner, load_if_exists=True)
-
-
-def _worker(study: Study, base, overrides, space, seed) -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = open_study(study, seed)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if sum(t.state in finished for t in s.trials) >= study.trials:
-        return
-    s.optimize(objective_for(study, base, overrides, space), catch=(Exception,),
-               callbacks=[optuna.study.MaxTrialsCallback(study.trials, states=finished), _stop_on_failures(study.trials)])
-
-
-def _stop_on_failures(limit: int):
-    """A space where every trial fails would otherwise run forever: stop after ``limit`` failures."""
-    import optuna
-
-    def callback(s, trial) -> None:
-        if sum(t.state == optuna.trial.TrialState.FAIL for t in s.trials) >= max(limit, 3):
-            print(f"stopping study {s.study_name}: {limit}+ trials failed; see their run directories' "
-                  "status.json", file=sys.stderr)
-            s.stop()
-    return callback
-
-
 def run_study(study: Study, base: str | None, overrides: list[str], space: dict, workers: int = 1) -> dict:
     """Run (or resume) the study to ``trials`` finished trials; returns the summary it writes."""
     cfg = load_config(base, overrides)  # fail on a bad base config before any worker starts
@@ -205,10 +88,10 @@ def run_study(study: Study, base: str | None, overrides: list[str], space: dict,
     study.folder.mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed
     if workers <= 1:
-        _worker(study, base, overrides, space, seed)
+        optimize(study, base, overrides, space, seed)
     else:
         ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
-        procs = [ctx.Process(target=_worker, args=(study, base, overrides, space, seed + i)) for i in range(workers)]
+        procs = [ctx.Process(target=optimize, args=(study, base, overrides, space, seed + i)) for i in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
@@ -241,22 +124,12 @@ def summarize(study: Study, base: str | None, overrides: list[str]) -> dict:
     return summary
 
 
-OWN_FILES = ("study.db", "best.yaml", "summary.yaml")
-
-
 def check_folder(folder: Path) -> None:
-    """``OutputError`` when the study folder holds anything a study did not write (its trial-NNNN runs,
-    study.db and SQLite's side files, best.yaml, summary.yaml): a study never overwrites anything else."""
-    def ours(p: Path) -> bool:
-        if is_temporary(p.name):  # what a killed write left
-            return True
-        if p.is_dir() and not p.is_symlink():
-            return re.fullmatch(r"trial-\d{4,}", p.name) is not None or not any(p.iterdir())
-        return p.name in OWN_FILES or re.fullmatch(r"study\.db-(journal|wal|shm)", p.name) is not None
-
+    """``OutputError`` when the study folder holds anything a study did not write (``study_entry``): a study
+    never overwrites anything else."""
     if os.path.lexists(folder) and not folder.is_dir():
         raise OutputError(f"{folder}: the study folder exists and is not a folder; set another output_dir or --name")
-    foreign = foreign_entries(folder, ours)
+    foreign = foreign_entries(folder, study_entry)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(f"{folder}: holds files that are not a deltatune study's ({shown}); tune writes its "

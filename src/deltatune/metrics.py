@@ -102,3 +102,51 @@ def multitask_metrics(y_true: list[int], logits, labels: list[str]) -> dict:
     out["task_mean_macro_f1"] = float(np.mean([m["macro_f1"] for m in tasks.values()]))
     out["tasks"] = tasks
     return out
+
+
+# ----------------------------------------------------------------------------- per-example outcomes, bootstrap
+# A run's main metric as a ratio of sums over its evaluation examples: accuracy = correct / examples,
+# token accuracy = correct tokens / tokens, perplexity = exp(loss summed / tokens). Kept per example (in the
+# examples' order), it can be recomputed on any resample of them: confidence intervals, and paired
+# comparisons of two runs evaluated on the same examples.
+
+TRANSFORMS = {"identity": lambda x: x, "exp": np.exp}
+
+
+def outcome_record(metric: str, transform: str, index: list[int], numerator: list[float],
+                   denominator: list[float]) -> dict:
+    """What ``eval_outcomes.json`` holds: per example (put back in the examples' order by ``index``, the
+    position of each value), the numerator and denominator of ``metric``."""
+    order = np.argsort(np.asarray(index), kind="stable")
+    return {"metric": metric, "transform": transform,
+            "numerator": np.asarray(numerator, dtype=float)[order].tolist(),
+            "denominator": np.asarray(denominator, dtype=float)[order].tolist()}
+
+
+def metric_on(outcomes: dict, rows: np.ndarray | None = None) -> np.ndarray:
+    """The metric on the examples ``rows`` (one resample per row of a 2-D array; all examples if None)."""
+    num, den = np.asarray(outcomes["numerator"]), np.asarray(outcomes["denominator"])
+    if rows is None:
+        return TRANSFORMS[outcomes["transform"]](num.sum() / max(den.sum(), 1e-12))
+    return TRANSFORMS[outcomes["transform"]](num[rows].sum(-1) / np.maximum(den[rows].sum(-1), 1e-12))
+
+
+def bootstrap_rows(n: int, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """``(resamples, n)`` example indices drawn with replacement: the same draws serve every run compared."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``values``."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
+    """``a - b`` over the same bootstrap resamples (paired: both were evaluated on the same examples): its
+    interval and a two-sided p-value (twice the share of resamples on the far side of zero, at most 1)."""
+    diff = np.asarray(a) - np.asarray(b)
+    low, high = interval(diff, level)
+    share = min(float((diff <= 0).mean()), float((diff >= 0).mean()))
+    return {"low": low, "high": high, "p": min(1.0, 2 * share), "significant": bool(low > 0 or high < 0)}

@@ -118,6 +118,8 @@ def _complete_line(line: str) -> bool:
 
 
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+# The best delta's main metric per evaluation example (metrics.outcome_record), for compare's intervals and tests.
+OUTCOMES = "eval_outcomes.json"
 EXPORT_MANIFEST = "export.json"  # what makes a folder an export (deltatune.export), read by serve's config too
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from html.parser import HTMLParser
 
+import pytest
 import yaml
 
 from deltatune import registry_db
@@ -31,21 +32,44 @@ class _Page(HTMLParser):
         assert self.stack and self.stack.pop() == tag, f"</{tag}> closes nothing open"
 
 
-def test_compare_report(tiny_bert, cls_csv, tmp_path, capsys):
+def test_compare_searches_each_method_s_rate_trains_seeds_and_tests_the_differences(tiny_bert, cls_csv, tmp_path):
+    from deltatune.methods import registry
+
     out = tmp_path / "cmp"
     code = main(["compare", f"model={tiny_bert}", f"data.train={cls_csv}", "train.batch_size=8", "train.max_steps=4",
-                 "--methods", "lora,bitfit,houlsby,nosuch", "--out", str(out)])
+                 "train.eval_every=2", "--methods", "lora,bitfit,houlsby,nosuch", "--trials", "2", "--seeds", "2",
+                 "--out", str(out)])
     assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "results.json").read_text())
+    results, analysis = saved["methods"], saved["analysis"]
+    assert saved["budget"] == {"trials": 2, "seeds": 2, "resamples": 2000}
     assert [r["method"] for r in results] == ["lora", "bitfit", "houlsby", "nosuch"]
     assert "unknown method 'nosuch'" in results[3]["error"]
+    for entry in results[:3]:
+        default = registry.get(entry["method"]).default_lr
+        # the method's own default first, then 3x; the chosen rate is one of them and trained the seeds
+        assert [t["lr"] for t in entry["search"]] == pytest.approx([default, 3 * default])
+        assert entry["lr"] in [t["lr"] for t in entry["search"]]
+        assert [(r["seed"], Path(r["run"]).name) for r in entry["runs"]] == [(43, "seed-1"), (44, "seed-2")]
+        for r in entry["runs"]:
+            cfg = yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())
+            assert cfg["train"]["lr"] == pytest.approx(entry["lr"]) and cfg["train"]["seed"] == r["seed"]
+    assert analysis["paired"] and analysis["metric"] == "accuracy"
+    best = analysis["best"]
+    for name, s in analysis["methods"].items():
+        values = [r["metrics"]["eval"]["accuracy"] for e in results if e["method"] == name for r in e["runs"]]
+        assert s["values"] == values and s["mean"] == pytest.approx(sum(values) / 2)
+        assert s["ci"][0] <= s["mean"] + 1e-9 and s["mean"] - 1e-9 <= s["ci"][1]
+        assert ("vs_best" in s) == (name != best)
+    assert analysis["recommendation"].startswith("Pick ")
     page = _Page()
     page.feed((out / "report.html").read_text())
     assert page.stack == [] and not page.external  # well-formed and self-contained
     assert page.counts["svg"] == 2 and page.counts["circle"] == 3 and page.counts["polyline"] >= 3
-    assert page.counts["table"] == 1 + 3  # the results and one confusion matrix per finished method
+    assert page.counts["table"] == 1 + 1 + 3  # results, the searches and one confusion matrix per method
     recorded = registry_db.list_runs(kind="compare")
-    assert sorted(r["method"] for r in recorded) == ["bitfit", "houlsby", "lora"]
+    assert sorted(r["method"] for r in recorded) == ["bitfit", "bitfit", "houlsby", "houlsby", "lora", "lora"]
+    assert len(registry_db.list_runs(kind="trial")) == 6
 
 
 def test_pareto_front():
@@ -60,17 +84,19 @@ def test_method_options_in_the_base_config_apply_to_their_method_only(tiny_bert,
     base.write_text(f"model: {tiny_bert}\ndata: {{train: {cls_csv}}}\nmethod: {{name: lora, r: 2, alpha: 4}}\n"
                     "train: {batch_size: 8, max_steps: 2, progress: false}\n")
     out = tmp_path / "cmp"
-    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
+    once = ["--trials", "0", "--seeds", "1"]
+    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out), *once]) == 0
+    results = json.loads((out / "results.json").read_text())["methods"]
     assert [r.get("error") for r in results] == [None, None]
-    saved = {r["method"]: yaml.safe_load((Path(r["run"]) / "config.yaml").read_text())["method"] for r in results}
+    saved = {r["method"]: yaml.safe_load((Path(r["runs"][0]["run"]) / "config.yaml").read_text())["method"]
+             for r in results}
     assert saved["lora"]["r"] == 2 and saved["lora"]["alpha"] == 4
     assert "r" not in saved["bitfit"]
 
     (out / "report.html").unlink()  # the same command again: both runs completed, nothing is retrained
     before = sorted(p.name for p in out.iterdir())
-    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text()) == results
+    assert main(["compare", str(base), "--methods", "lora,bitfit", "--out", str(out), *once]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == results
     assert sorted(p.name for p in out.iterdir()) == sorted(before + ["report.html"])
 
 
@@ -89,11 +115,11 @@ def test_a_bake_off_cut_short_goes_on_from_the_interrupted_method(tiny_bert, cls
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # as compare trains it, stopped at step 2
-        train(load_config(None, [*common, "method.name=lora", f"output_dir={out / 'lora'}", "train.progress=false"]),
-              callbacks=(interrupt,))
-    assert main(["compare", *common, "--methods", "lora,bitfit", "--out", str(out)]) == 0
+        train(load_config(None, [*common, "method.name=lora", "train.seed=43", f"output_dir={out / 'lora' / 'seed-1'}",
+                                 "train.progress=false"]), callbacks=(interrupt,))
+    assert main(["compare", *common, "--methods", "lora,bitfit", "--out", str(out), "--trials", "0", "--seeds", "1"]) == 0
     assert "lora: resuming the run" in capsys.readouterr().err
-    results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results] == ["lora", "bitfit"] and not any("error" in r for r in results)
-    log = [json.loads(line) for line in (out / "lora" / "log.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())["methods"]
+    assert [r["method"] for r in results] == ["lora", "bitfit"] and not any("error" in r["runs"][0] for r in results)
+    log = [json.loads(line) for line in (out / "lora" / "seed-1" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]

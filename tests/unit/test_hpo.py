@@ -15,7 +15,8 @@ import yaml
 from deltatune import registry_db
 from deltatune.configure import load_config
 from deltatune.errors import ConfigError, Stopped
-from deltatune.hpo import Study, _pruning_callback, parse_objectives, read_space, run_study, suggest
+from deltatune.hpo import parse_objectives, read_space, run_study
+from deltatune.train.study import Study, _pruning_callback, suggest
 from deltatune.rundir import RunDir
 from deltatune.train.run import train
 

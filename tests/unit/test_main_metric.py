@@ -9,7 +9,7 @@ import pytest
 
 from deltatune import hpo, registry_db
 from deltatune.cli import main
-from deltatune.compare import _table
+from deltatune.compare import _table, analyse
 from deltatune.config import Config, TrainConfig
 from deltatune.rundir import RunDir
 from deltatune.tasks import registry as tasks
@@ -24,7 +24,7 @@ class _Scripted:
     def __init__(self, real, results):
         self.main_metric, self.results = real.main_metric, iter(results)
 
-    def evaluate(self, model, examples):
+    def evaluate(self, model, examples, outcomes=None):
         return next(self.results)
 
 
@@ -41,7 +41,8 @@ def test_every_reader_of_the_main_metric_agrees(name, tmp_path):
                "main_metric": metric.as_dict(), "trainable_params": 1, "total_params": 10, "train_seconds": 1.0,
                "peak_rss_mb": 1.0}
     assert registry_db.main_metric(metrics) == (metric.name, metric.maximize)
-    assert f"<th>{metric.name}</th>" in _table([{"method": "m", "metrics": metrics, "delta_bytes": 1}])
+    results = [{"method": "m", "runs": [{"seed": 1, "run": str(tmp_path), "metrics": metrics, "delta_bytes": 1}]}]
+    assert f"<th>{metric.name} mean</th>" in _table(results, analyse(results))
 
     # The loop keeps the delta whose main metric is best in the metric's own direction.
     worse, better = (1.0, 2.0) if metric.maximize else (2.0, 1.0)
@@ -70,12 +71,13 @@ def test_compare_works_for_preference_tasks(task, model, request, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", prefs)
     out = tmp_path / "cmp"
     code = main(["compare", f"model={request.getfixturevalue(model)}", f"task={task}", f"data.train={data}",
-                 "train.batch_size=4", "train.max_steps=2", "--methods", "lora", "--out", str(out)])
+                 "train.batch_size=4", "train.max_steps=2", "--methods", "lora", "--trials", "1", "--seeds", "1",
+                 "--out", str(out)])
     assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["methods"]
     metric = tasks.get(task).main_metric.name
-    assert [r["method"] for r in results] == ["lora"] and "metrics" in results[0]
-    assert f"<th>{metric}</th>" in (out / "report.html").read_text()
+    assert [r["method"] for r in results] == ["lora"] and "metrics" in results[0]["runs"][0]
+    assert f"<th>{metric} mean</th>" in (out / "report.html").read_text()
 
 
 def test_cli_lists_every_registered_task_with_its_main_metric(capsys):

@@ -154,8 +154,10 @@ class Task:
         """(loss summed over the batch's items, number of items): the loop averages over processes."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
-        """The loss and this task's metrics (``main_metric`` among them)."""
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
+        """The loss and this task's metrics (``main_metric`` among them). A task that can keep its main metric
+        per example fills ``outcomes`` (when given) with ``metrics.outcome_record``: compare's confidence
+        intervals and paired tests resample it."""
         raise NotImplementedError
 
     def batches(self, examples: list):

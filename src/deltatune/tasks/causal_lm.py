@@ -15,7 +15,7 @@ from ..data.examples import PreparedData, encode_sft, encode_text, prompt_ids
 from ..data.pack import pack
 from ..data.prepare import Fields
 from ..losses import causal_lm_loss, chunked_causal_lm_loss
-from ..metrics import perplexity
+from ..metrics import outcome_record, perplexity
 from .base import Metric, Task
 from .common import decoder_parts, evaluating, forward, to_device
 from .registry import register
@@ -28,24 +28,44 @@ class LanguageModelling(Task):
     def collate(self, examples: list) -> dict:
         return collate(examples, self.pad_id)
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
-        total, count = 0.0, 0
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
+        total, count, index, losses, tokens = 0.0, 0, [], [], []
         with evaluating(model) as device:
-            for batch, _ in self.batches(examples):
-                loss, n = self.loss(model, to_device(batch, device))
+            for batch, rows in self.batches(examples):
+                batch = to_device(batch, device)
+                per_row = self.row_losses(model, batch) if outcomes is not None else None
+                if per_row is None:
+                    loss, n = self.loss(model, batch)
+                else:
+                    index += rows
+                    losses += [float(v) for v, _ in per_row]
+                    tokens += [n for _, n in per_row]
+                    loss, n = sum(losses[-len(rows):]), sum(tokens[-len(rows):])
                 total, count = total + float(loss), count + n
         mean = total / max(count, 1)
+        if index:
+            outcomes.update(outcome_record("perplexity", "exp", index, losses, tokens))
         return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}
 
+    def row_losses(self, model: nn.Module, batch: dict) -> list[tuple[torch.Tensor, int]] | None:
+        """``loss`` per row of the batch (for per-example outcomes), from one forward; None if not kept."""
+        return None
 
-def causal_loss(model: nn.Module, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
-    """(summed next-token loss over the labelled tokens, their number)."""
+
+def causal_loss(model: nn.Module, batch: dict, chunked: bool, per_row: bool = False):
+    """(summed next-token loss over the labelled tokens, their number); with ``per_row`` a list of those
+    pairs, one per row of the batch, from the same forward."""
+    targets = batch["targets"]
     parts = decoder_parts(model) if chunked else None
     if parts is None:
-        return causal_lm_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
-    body, head = parts
-    hidden = body(**batch["inputs"], use_cache=False).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head, batch["targets"])
+        out, loss = forward(model, batch["inputs"], targets), causal_lm_loss
+    else:
+        body, head = parts
+        out = body(**batch["inputs"], use_cache=False).last_hidden_state
+        loss = lambda hidden, labels: chunked_causal_lm_loss(hidden, head, labels)  # noqa: E731
+    if per_row:
+        return [loss(out[i:i + 1], targets[i:i + 1]) for i in range(len(targets))]
+    return loss(out, targets)
 
 
 @torch.no_grad()
@@ -91,6 +111,9 @@ class CausalLM(LanguageModelling):
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         return causal_loss(model, batch, self.chunked)
+
+    def row_losses(self, model: nn.Module, batch: dict) -> list[tuple[torch.Tensor, int]]:
+        return causal_loss(model, batch, self.chunked, per_row=True)
 
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         return generate(model, tokenizer, texts, self.cfg.data.chat_template, max_new_tokens)

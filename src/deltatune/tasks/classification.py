@@ -17,7 +17,7 @@ from ..data.examples import encode_classification, label_list
 from ..data.multitask import prepare_tasks
 from ..data.prepare import Fields, PreparedRows
 from ..losses import classification_loss, masked_classification_loss
-from ..metrics import classification_metrics, multitask_metrics, same_task, task_groups
+from ..metrics import classification_metrics, multitask_metrics, outcome_record, same_task, task_groups
 from .base import Metric, Task
 from .common import evaluate_logits, forward
 from .registry import register
@@ -63,18 +63,23 @@ class Classification(Task):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         return self.logits_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
-        y_true, scores = [], []
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
+        y_true, scores, index = [], [], []
 
-        def keep(logits: torch.Tensor, targets: torch.Tensor) -> None:
+        def keep(logits: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
             y_true.extend(targets.tolist())
             scores.append(logits.float().cpu())
+            index.extend(rows)
 
         mean = evaluate_logits(model, self.batches(examples), self.logits_loss, keep)
         logits = torch.cat(scores)
         if task_groups(self.labels):  # one model, several tasks (data.tasks)
             return {"loss": mean, **multitask_metrics(y_true, logits.numpy(), self.labels)}
-        return {"loss": mean, **classification_metrics(y_true, logits.argmax(-1).tolist(), self.labels)}
+        y_pred = logits.argmax(-1).tolist()
+        if outcomes is not None:
+            correct = [float(t == p) for t, p in zip(y_true, y_pred)]
+            outcomes.update(outcome_record("accuracy", "identity", index, correct, [1.0] * len(correct)))
+        return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels)}
 
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         return self.labelled(texts, class_probabilities(model, tokenizer, self.text_ids(tokenizer, texts)))

@@ -98,17 +98,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def evaluate_logits(model: nn.Module, batches, loss_of: Callable,
-                    each: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
-    """The mean loss over ``batches`` (``(batch, indices)`` pairs) in evaluation mode; ``each(logits, targets)``
-    sees every batch's logits, for the task's own metrics."""
+                    each: Callable[[torch.Tensor, torch.Tensor, list[int]], None]) -> float:
+    """The mean loss over ``batches`` (``(batch, indices)`` pairs) in evaluation mode; ``each(logits, targets,
+    indices)`` sees every batch's logits (and which examples they are), for the task's own metrics."""
     total, count = 0.0, 0
     with evaluating(model) as device:
-        for batch, _ in batches:
+        for batch, index in batches:
             batch = to_device(batch, device)
             logits = forward(model, batch["inputs"], batch["targets"])
             loss, n = loss_of(logits, batch["targets"])
             total, count = total + float(loss), count + n
-            each(logits, batch["targets"])
+            each(logits, batch["targets"], index)
     return total / max(count, 1)
 
 

@@ -120,7 +120,7 @@ class DPO(PreferenceTask):
         logps = self.pair_logps(reference, examples)
         return [{**e, "reference": (c, r)} for e, (c, r) in zip(examples, logps.tolist())]
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
         policy = self.pair_logps(model, examples)
         ref = torch.tensor([e["reference"] for e in examples], dtype=torch.float32)
         loss, chosen, rejected = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.cfg.dpo.beta,

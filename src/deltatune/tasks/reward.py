@@ -76,7 +76,7 @@ class Reward(PreferenceTask):
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, int]:
         return ranking_loss(rewards(model, batch["inputs"]), batch["targets"]["sizes"], self.cfg.reward.loss)
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
         scores, sizes = [], []
         with evaluating(model) as device:
             for batch, _ in self.batches(examples):

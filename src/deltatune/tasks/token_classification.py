@@ -9,7 +9,7 @@ from ..data.collate import collate
 from ..data.examples import encode_tagged, label_list
 from ..data.prepare import Fields
 from ..losses import token_loss
-from ..metrics import classification_metrics
+from ..metrics import classification_metrics, outcome_record
 from .base import Metric, Task
 from .common import evaluate_logits, forward, tagged_predictions
 from .registry import register
@@ -45,16 +45,22 @@ class TokenClassification(Task):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         return token_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
 
-    def evaluate(self, model: nn.Module, examples: list) -> dict:
+    def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
         """Per word: accuracy, macro-F1 over tags, per-tag precision/recall/F1, confusion matrix."""
-        y_true, y_pred = [], []
+        y_true, y_pred, index, right, words = [], [], [], [], []
 
-        def keep(logits: torch.Tensor, targets: torch.Tensor) -> None:
-            true, pred = tagged_predictions(logits, targets)
-            y_true.extend(true)
-            y_pred.extend(pred)
+        def keep(logits: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
+            for row, (true, pred) in zip(rows, (tagged_predictions(logits[i:i + 1], targets[i:i + 1])
+                                                for i in range(len(rows)))):
+                y_true.extend(true)
+                y_pred.extend(pred)
+                index.append(row)
+                right.append(float(sum(t == p for t, p in zip(true, pred))))
+                words.append(float(len(true)))
 
         mean = evaluate_logits(model, self.batches(examples), token_loss, keep)
+        if outcomes is not None:
+            outcomes.update(outcome_record("accuracy", "identity", index, right, words))
         return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels)}
 
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:

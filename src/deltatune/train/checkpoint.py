@@ -31,6 +31,8 @@ class LoopState:
     group_loss: float = 0.0  # loss accumulated over the current accumulation group
     group_nonfinite: bool = False  # a micro-batch of the current group had a NaN/inf loss
     skipped: int = 0         # optimizer steps skipped for a NaN/inf loss or gradient (train.on_nonfinite=skip)
+    other_cpu_seconds: float = 0.0  # CPU time other processes used while the loop ran (machine_load.Watch)
+    watched_seconds: float = 0.0    # wall time that was watched
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

@@ -16,6 +16,7 @@ set, so metrics equal a single-process run's), the best delta and checkpoints.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -30,11 +31,12 @@ from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
 from ..errors import DeltatuneError, NonFiniteError
-from ..fs import atomic_dir
+from ..fs import atomic_dir, atomic_write_text
 from ..methods.base import Method
-from ..rundir import RunDir, is_main_process
+from ..rundir import OUTCOMES, RunDir, is_main_process
 from ..tasks.base import Task
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .machine_load import Watch
 from .progress import Progress
 
 Callback = Callable[[LoopState], None]
@@ -152,6 +154,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
         best_metrics = job.run.read_json("best_metrics.json") if state.best is not None else None
     eval_every = t.eval_every or per_epoch
     save_every = t.save_every or eval_every
+    watch = Watch(state)
     model.train()
     with Progress(total, enabled=t.progress and main) as bar:
         bar.update(state)
@@ -168,6 +171,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                 if main and (state.step % eval_every == 0 or state.step == total):
                     best_metrics = _evaluate(job, accelerator.unwrap_model(model), state, best_metrics)
                 if main and state.step % save_every == 0 and state.step < total:
+                    watch.lap()
                     save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer,
                                     scheduler, state)
                 for callback in callbacks:
@@ -176,17 +180,20 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                     break
             else:
                 state.epoch, state.batches_done = state.epoch + 1, 0
+    watch.lap()
     accelerator.wait_for_everyone()  # the others return only once main has saved its last evaluation
     return best_metrics, state
 
 
 def _fit_directly(job: Job) -> tuple[dict | None, LoopState] | None:
     """The method's own fit (``Method.fit``) in place of the steps: logged, evaluated once, kept as best."""
-    start = time.perf_counter()
+    start, state = time.perf_counter(), LoopState()
+    watch = Watch(state)
     found = job.method.fit(job.model, job.train_examples, job.options, job.train.seed)
     if found is None:
         return None
-    state = LoopState(seconds=time.perf_counter() - start)
+    state.seconds = time.perf_counter() - start
+    watch.lap()
     best = None
     if is_main_process():
         job.run.append_log({"step": 0, "epoch": 0, "fit": found})
@@ -319,7 +326,8 @@ def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, cou
 
 
 def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
-    metrics = job.task.evaluate(model, job.eval_examples)
+    outcomes: dict = {}
+    metrics = job.task.evaluate(model, job.eval_examples, outcomes)
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
     value = job.task.main_metric.score(metrics)
@@ -333,5 +341,7 @@ def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict |
     if state.best is None or value > state.best:
         state.best, best_metrics = value, metrics
         atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))
+        if outcomes:  # the best delta's per-example results (compare resamples them)
+            atomic_write_text(job.run.path / OUTCOMES, json.dumps(outcomes))
         job.run.write_json("best_metrics.json", metrics)
     return best_metrics

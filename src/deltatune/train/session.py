@@ -25,6 +25,7 @@ from ..fs import atomic_dir, atomic_write_text, clean_temporaries, recover_dir
 from ..registry_db import Recording, ending
 from ..rundir import RunDir
 from ..tasks.base import Task
+from . import machine_load
 
 
 def absolute_refs(cfg: Config) -> Config:
@@ -113,6 +114,7 @@ def write_metrics(run: RunDir, task: Task, after: dict, before: dict, trainable:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_fingerprint": run.read_json("data.json")["fingerprint"],
         **({"nonfinite_steps_skipped": state.skipped} if state.skipped else {}),  # train.on_nonfinite=skip
+        **({"machine_load": load} if (load := machine_load.report(state, torch.get_num_threads())) else {}),
         **extra,
     })
 

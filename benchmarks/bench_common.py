@@ -131,3 +131,17 @@ def summarize(steps: list[Step], warmup: int, examples: list[dict], order: list[
 
 def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
+
+
+def run_and_write(parser, measure, name: str) -> dict:
+    """A benchmark's main: parse its arguments (``--out`` added, default benchmarks/results/<name>.json), make
+    deltatune importable from this checkout, run ``measure(args)``, write the result as JSON and print it."""
+    import sys
+
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    result = measure(args)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return result

@@ -132,15 +132,12 @@ def run_gguf(args) -> dict:
 
 
 def main() -> None:
+    from bench_common import run_and_write
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_gguf.json"))
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
-    result = run_gguf(args)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    run_and_write(parser, run_gguf, "export_gguf")
 
 
 if __name__ == "__main__":

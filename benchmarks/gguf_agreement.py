@@ -75,16 +75,13 @@ def measure(args) -> dict:
 
 
 def main() -> None:
+    from bench_common import run_and_write
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--prompts", type=int, default=60)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_agreement.json"))
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
-    result = measure(args)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    run_and_write(parser, measure, "gguf_agreement")
 
 
 if __name__ == "__main__":

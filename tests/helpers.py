@@ -42,3 +42,15 @@ def serving(engine, settings, start_seconds: float = 120) -> Iterator[str]:
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive()
+
+
+def randomize(run_dir: Path, seed: int) -> None:
+    """Replace a run's trained delta by random values (IA3's scales around 1), so that deltas differ."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    for file in (run_dir / "delta").glob("*.safetensors"):
+        state = load_file(file)
+        save_file({k: torch.randn(v.shape, generator=g) * 0.3 + (1.0 if "ia3" in k else 0.0)
+                   for k, v in state.items()}, file)

@@ -127,8 +127,16 @@ def _seed_run(base, overrides, name: str, path: Path, seed: int, lr: float | Non
 
 
 def _in_fresh_process(function, *args):
+    """``function(*args)`` in a new process (``_fresh_processes``), under this process's environment as it is
+    now: the fork server keeps the one it started with (DELTATUNE_REGISTRY, DELTATUNE_CACHE may differ)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
-        return pool.submit(function, *args).result()
+        return pool.submit(_under, dict(os.environ), function, *args).result()
+
+
+def _under(environment: dict, function, *args):
+    os.environ.clear()
+    os.environ.update(environment)
+    return function(*args)
 
 
 def _search(base, overrides, name: str, folder: str, trials: int, default_lr: float, seed: int) -> dict:
@@ -389,7 +397,9 @@ def _table(results: list[dict], analysis: dict) -> str:
     labels = list(first.get("per_class", {}))
     head = ["method", "learning rate", f"{name} mean", "sd (seeds)", "95 % interval", f"vs best {analysis['best']}",
             f"baseline {name}", "macro-F1"] + [f"F1 {x}" for x in labels] + \
-           ["trainable", "trainable %", "delta MB", "train s", "peak MB", "forgetting (ppl ratio)"]
+           ["trainable", "trainable %", "delta MB", "train s", "peak MB"]
+    forgets = any("forgetting" in r["metrics"] for e in ok for r in _finished(e))
+    head += ["forgetting (ppl ratio)"] if forgets else []
     rows = []
     for e in results:
         if not _finished(e):
@@ -404,7 +414,7 @@ def _table(results: list[dict], analysis: dict) -> str:
             f"{vs['low']:+.4f} to {vs['high']:+.4f}, p {vs['p']:.2g}{' *' if vs['significant'] else ''}" if vs else "-")
         lr = "not used" if e.get("lr") is None else f"{e['lr']:.3g}"
         cells = [e["method"], lr, f"{_fmt(s['mean'])} ({len(runs)})", _fmt(s["sd"]) if s["sd"] is not None else "-",
-                 f"{_fmt(s['ci'][0])} - {_fmt(s['ci'][1])}" if "ci" in s else "-", versus,
+                 f"{_fmt(s['ci'][0])} – {_fmt(s['ci'][1])}" if "ci" in s else "-", versus,
                  _fmt(runs[0]["metrics"]["baseline"][name]),
                  _fmt(mean(lambda m: m["eval"]["macro_f1"])) if "macro_f1" in first else "-"]
         cells += [f"{mean(lambda m: m['eval']['per_class'][x]['f1']):.3f}" for x in labels]
@@ -414,8 +424,8 @@ def _table(results: list[dict], analysis: dict) -> str:
         cells += [f"{m['trainable_params']:,}", f"{100 * m['trainable_params'] / m['total_params']:.3f}",
                   f"{statistics.fmean(r['delta_bytes'] for r in runs) / 1e6:.2f}",
                   f"{seconds:.1f}" if seconds is not None else "shared machine",
-                  f"{mean(lambda m: m['peak_rss_mb']):.0f}",
-                  f"{statistics.fmean(forgetting):.3f}" if all(forgetting) else "-"]
+                  f"{mean(lambda m: m['peak_rss_mb']):.0f}"]
+        cells += [f"{statistics.fmean(forgetting):.3f}" if all(forgetting) else "-"] if forgets else []
         rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
@@ -427,15 +437,21 @@ def _searches(results: list[dict]) -> str:
         trials = e.get("search", [])
         if not trials:
             continue
-        cells = "; ".join(f"{t['lr']:.3g}: {t['value']:.4f}" if "value" in t else f"{t['lr']:.3g}: {t['state']}"
-                          for t in trials if t.get("lr") is not None)
-        rows.append(f"<tr><td>{_esc(e['method'])}</td><td class='l'>{_esc(e.get('lr_choice', ''))}</td>"
-                    f"<td class='l'>{_esc(cells)}</td></tr>")
+        tried = sorted((t for t in trials if t.get("lr") is not None), key=lambda t: t["lr"])
+        cells = "; ".join(("<b>{}</b>" if t["lr"] == e.get("lr") else "{}").format(_esc(
+            f"{t['lr']:.3g}: {t['value']:.4f}" if "value" in t else f"{t['lr']:.3g}: {t['state']}")) for t in tried)
+        edge = ""
+        if len(tried) > 1 and e.get("lr") in (tried[0]["lr"], tried[-1]["lr"]):
+            top = e["lr"] == tried[-1]["lr"]
+            edge = (f". The chosen rate is the {'highest' if top else 'lowest'} tried: a {'higher' if top else 'lower'} "
+                    "one may be better still")
+        rows.append(f"<tr><td>{_esc(e['method'])}</td><td class='l'>{_esc(e.get('lr_choice', '') + edge)}</td>"
+                    f"<td class='l'>{cells}</td></tr>")
     if not rows:
         return ""
-    return ("<h2>Learning-rate search</h2><p>Each method's trials (rate: score on the evaluation split, or pruned / "
-            "failed); the best rate trained the seeds above.</p><table><tr><th>method</th><th>how chosen</th>"
-            "<th>trials</th></tr>" + "".join(rows) + "</table>")
+    return ("<h2>Learning-rate search</h2><p>Each method's trials by rate (rate: score on the evaluation split, or "
+            "pruned / failed); the chosen rate, in bold, trained the seeds above.</p><table><tr><th>method</th>"
+            "<th>how chosen</th><th>trials</th></tr>" + "".join(rows) + "</table>")
 
 
 def _flat(results: list[dict], analysis: dict) -> list[dict]:
@@ -520,7 +536,8 @@ def _confusions(results: list[dict]) -> str:
 
 def render(results: list[dict], analysis: dict, budget: Budget) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin-bottom:1em}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}td.l{text-align:left}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}td{white-space:nowrap}"
+             "td.l{text-align:left;white-space:normal}"
              ".cm{display:inline-block;margin-right:2em;vertical-align:top}.pick{font-size:15px;background:#eef5ee;"
              "padding:8px 12px;border-left:4px solid #54a24b}")
     flat = _flat(results, analysis)

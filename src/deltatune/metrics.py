@@ -145,8 +145,10 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
     """``a - b`` over the same bootstrap resamples (paired: both were evaluated on the same examples): its
-    interval and a two-sided p-value (twice the share of resamples on the far side of zero, at most 1)."""
+    interval and a two-sided p-value: twice the share of resamples on the far side of zero, counted as
+    (k + 1) / (resamples + 1) (Davison & Hinkley 1997), so that it is never 0, at most 1."""
     diff = np.asarray(a) - np.asarray(b)
     low, high = interval(diff, level)
-    share = min(float((diff <= 0).mean()), float((diff >= 0).mean()))
-    return {"low": low, "high": high, "p": min(1.0, 2 * share), "significant": bool(low > 0 or high < 0)}
+    far = min(int((diff <= 0).sum()), int((diff >= 0).sum()))
+    p = min(1.0, 2 * (far + 1) / (len(diff) + 1))
+    return {"low": low, "high": high, "p": p, "significant": bool(low > 0 or high < 0)}

@@ -150,20 +150,6 @@ def check_safetensors(path: Path, hint: str) -> None:
                        f"{8 + length + end:,}); {hint}")
 
 
-def read_safetensors(path: Path, hint: str, device: str = "cpu") -> dict:
-    """``safetensors.torch.load_file`` for a file deltatune wrote (a delta, a checkpoint): a missing,
-    truncated or otherwise unreadable file is a ``RunError`` naming it, followed by ``hint``
-    (what to do: resume, restore, train again), instead of a ``SafetensorError`` traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    check_safetensors(path, hint)
-    try:
-        return load_file(path, device=device)
-    except SafetensorError as exc:
-        raise RunError(f"{path}: corrupted ({exc}); {hint}") from exc
-
-
 def distributed() -> bool:
     """True in every process of a multi-process launch (``accelerate launch``, ``torchrun``)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

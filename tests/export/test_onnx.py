@@ -22,8 +22,7 @@ from deltatune.export.load import load_export
 from deltatune.inference import load_run, predict, read_run
 from deltatune.train.run import train
 from tests.conftest import qa_rows, sentiment_rows, tagged_rows, write_csv, write_jsonl
-from tests.helpers import config
-from tests.unit.test_serve_engine import randomize
+from tests.helpers import config, randomize
 from tests.export.common import cli, probabilities
 
 TEXTS = ["good great film", "the plot was dull and boring", "a lovely story", "bad", "the actor was fine and the "

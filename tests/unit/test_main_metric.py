@@ -21,10 +21,12 @@ from tests.conftest import write_jsonl
 class _Scripted:
     """A task whose evaluations return scripted metrics (its main metric and everything else from the real task)."""
 
+    keeps_outcomes = False
+
     def __init__(self, real, results):
         self.main_metric, self.results = real.main_metric, iter(results)
 
-    def evaluate(self, model, examples, outcomes=None):
+    def evaluate(self, model, examples):
         return next(self.results)
 
 

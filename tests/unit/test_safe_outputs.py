@@ -14,7 +14,7 @@ import pytest
 from deltatune import fs
 from deltatune.cli import main
 from deltatune.errors import DataError, OutputError, RunError
-from deltatune.rundir import check_safetensors, read_safetensors
+from deltatune.rundir import check_safetensors
 from deltatune.train.run import train
 from tests.helpers import config
 
@@ -397,14 +397,13 @@ def test_missing_or_damaged_delta_files_are_run_errors(run, tmp_path, capsys):
     assert code == 2 and f"{copy / 'metrics.json'}: corrupted (" in err
 
 
-def test_check_and_read_safetensors(tmp_path):
+def test_check_safetensors(tmp_path):
     import torch
     from safetensors.torch import save_file
 
     good = tmp_path / "good.safetensors"
     save_file({"a": torch.arange(10.0)}, good)
     check_safetensors(good, "hint")
-    assert torch.equal(read_safetensors(good, "hint")["a"], torch.arange(10.0))
     whole = good.read_bytes()
     cases = {"short": whole[:5], "half": whole[: len(whole) // 2], "longer": whole + b"\0",
              "header": whole[:8] + b"x" * (len(whole) - 8), "huge": b"\xff" * 8 + whole[8:]}
@@ -412,9 +411,9 @@ def test_check_and_read_safetensors(tmp_path):
         bad = tmp_path / f"{name}.safetensors"
         bad.write_bytes(data)
         with pytest.raises(RunError, match=rf"{name}.safetensors: corrupted.*; do this"):
-            read_safetensors(bad, "do this")
+            check_safetensors(bad, "do this")
     with pytest.raises(RunError, match="nope.safetensors: missing; do this"):
-        read_safetensors(tmp_path / "nope.safetensors", "do this")
+        check_safetensors(tmp_path / "nope.safetensors", "do this")
 
 
 # ----------------------------------------------------------------------------- 5. plan's arguments

@@ -15,8 +15,7 @@ from deltatune.inference import load_run, predict
 from deltatune.serve.config import Limits, ServeConfig
 from deltatune.train.run import train
 from tests.conftest import qa_rows, write_jsonl
-from tests.helpers import config, serving
-from tests.unit.test_serve_engine import randomize
+from tests.helpers import config, randomize, serving
 
 QUESTIONS = ["what is 1 and 2", "hello", "what is 7", "my name is what"]
 pytestmark = pytest.mark.filterwarnings("ignore:Position ids are not supported")

@@ -14,7 +14,6 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from deltatune.data.examples import conversation_ids
 from deltatune.inference import load_run, predict, score
@@ -23,7 +22,7 @@ from deltatune.serve.engine import Engine, Overloaded, Sampling, TooLong, Unknow
 from deltatune.serve.generation import Sequence, TextStream
 from deltatune.train.run import train
 from tests.conftest import NEGATIVE, POSITIVE, qa_rows, sentiment_rows, tagged_rows, write_csv, write_jsonl
-from tests.helpers import config
+from tests.helpers import config, randomize
 
 ONE_EPOCH = ["train.epochs=1", "train.lr=1e-3", "train.warmup_ratio=0"]
 TEXTS = ["good great film", "the plot was dull and boring", "a lovely story", "bad", "the actor was fine"]
@@ -36,15 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Position ids are not supported")
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def randomize(run_dir, seed: int) -> None:
-    """Replace a run's trained delta by random values (IA3's scales around 1)."""
-    g = torch.Generator().manual_seed(seed)
-    for file in (run_dir / "delta").glob("*.safetensors"):
-        state = load_file(file)
-        save_file({k: torch.randn(v.shape, generator=g) * 0.3 + (1.0 if "ia3" in k else 0.0)
-                   for k, v in state.items()}, file)
 
 
 def preference_rows(n: int) -> list[dict]:

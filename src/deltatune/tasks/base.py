@@ -63,6 +63,9 @@ class Task:
     # ``predict`` reads only the ``.logits`` of one forward pass over padded texts (input_ids, attention_mask):
     # a graph of that forward (ONNX) under the same ``predict`` answers as the run.
     predicts_from_logits: bool = False
+    # ``evaluate`` takes ``outcomes`` and fills it with the main metric per example (compare's intervals and
+    # paired tests); a task without it keeps the two-argument ``evaluate``.
+    keeps_outcomes: bool = False
 
     def __init__(self, cfg: Config, pad_id: int = 0, labels: list[str] | None = None):
         self.cfg, self.pad_id, self.labels = cfg, pad_id, labels
@@ -155,9 +158,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
-        """The loss and this task's metrics (``main_metric`` among them). A task that can keep its main metric
-        per example fills ``outcomes`` (when given) with ``metrics.outcome_record``: compare's confidence
-        intervals and paired tests resample it."""
+        """The loss and this task's metrics (``main_metric`` among them). A task that ``keeps_outcomes`` fills
+        ``outcomes`` (when given) with its main metric per example (``metrics.outcome_record``)."""
         raise NotImplementedError
 
     def batches(self, examples: list):

@@ -89,6 +89,7 @@ class CausalLM(LanguageModelling):
     name = "causal_lm"
     summary = "prompt -> response (or plain text), next-token loss"
     head, peft_type = "causal", "CAUSAL_LM"
+    keeps_outcomes = True
     packs, measures_forgetting, generates = True, True, True
 
     def fields(self, columns: set) -> Fields:

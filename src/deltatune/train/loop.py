@@ -327,7 +327,10 @@ def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, cou
 
 def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
     outcomes: dict = {}
-    metrics = job.task.evaluate(model, job.eval_examples, outcomes)
+    if job.task.keeps_outcomes:
+        metrics = job.task.evaluate(model, job.eval_examples, outcomes)
+    else:  # a task with the two-argument evaluate (a plug-in's)
+        metrics = job.task.evaluate(model, job.eval_examples)
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
     value = job.task.main_metric.score(metrics)

@@ -109,6 +109,12 @@ def _method(base: str | None, overrides: list[str], name: str, folder: Path, bud
 
 def _seed_run(base, overrides, name: str, path: Path, seed: int, lr: float | None) -> dict:
     run = RunDir(path)
+    trained_at = load_config(run.config, check_paths=False).train.lr if run.config.is_file() else None
+    if lr is not None and trained_at is not None and not math.isclose(trained_at, lr, rel_tol=1e-9):
+        error = (f"{run.path} trained at learning rate {trained_at:g}, but this comparison chose {lr:g} (its "
+                 "search or --trials changed); remove that run or compare into a new --out")
+        print(f"compare: {name}: {error}", file=sys.stderr)
+        return {"seed": seed, "run": str(path), "error": error}
     if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
         print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
     else:
@@ -396,7 +402,7 @@ def _table(results: list[dict], analysis: dict) -> str:
     first = _finished(ok[0])[0]["metrics"]["eval"]
     labels = list(first.get("per_class", {}))
     head = ["method", "learning rate", f"{name} mean", "sd (seeds)", "95 % interval", f"vs best {analysis['best']}",
-            f"baseline {name}", "macro-F1"] + [f"F1 {x}" for x in labels] + \
+            f"baseline {name}"] + (["macro-F1"] if "macro_f1" in first else []) + [f"F1 {x}" for x in labels] + \
            ["trainable", "trainable %", "delta MB", "train s", "peak MB"]
     forgets = any("forgetting" in r["metrics"] for e in ok for r in _finished(e))
     head += ["forgetting (ppl ratio)"] if forgets else []
@@ -415,8 +421,8 @@ def _table(results: list[dict], analysis: dict) -> str:
         lr = "not used" if e.get("lr") is None else f"{e['lr']:.3g}"
         cells = [e["method"], lr, f"{_fmt(s['mean'])} ({len(runs)})", _fmt(s["sd"]) if s["sd"] is not None else "-",
                  f"{_fmt(s['ci'][0])} – {_fmt(s['ci'][1])}" if "ci" in s else "-", versus,
-                 _fmt(runs[0]["metrics"]["baseline"][name]),
-                 _fmt(mean(lambda m: m["eval"]["macro_f1"])) if "macro_f1" in first else "-"]
+                 _fmt(runs[0]["metrics"]["baseline"][name])]
+        cells += [_fmt(mean(lambda m: m["eval"]["macro_f1"]))] if "macro_f1" in first else []
         cells += [f"{mean(lambda m: m['eval']['per_class'][x]['f1']):.3f}" for x in labels]
         m = runs[0]["metrics"]
         forgetting = [r["metrics"].get("forgetting", {}).get("ratio") for r in runs]

@@ -123,3 +123,16 @@ def test_a_bake_off_cut_short_goes_on_from_the_interrupted_method(tiny_bert, cls
     assert [r["method"] for r in results] == ["lora", "bitfit"] and not any("error" in r["runs"][0] for r in results)
     log = [json.loads(line) for line in (out / "lora" / "seed-1" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_rerun_that_chooses_another_rate_never_reuses_runs_trained_at_the_old_one(tiny_bert, cls_csv, tmp_path):
+    out = tmp_path / "cmp"
+    common = ["compare", f"model={tiny_bert}", f"data.train={cls_csv}", "train.batch_size=8", "train.max_steps=2"]
+    flags = ["--methods", "lora", "--seeds", "1", "--out", str(out)]
+    assert main([*common, "train.lr=1e-3", *flags, "--trials", "0"]) == 0
+    first = (out / "lora" / "seed-1" / "metrics.json").read_bytes()
+    assert main([*common, *flags, "--trials", "1"]) == 0  # the search's only trial: lora's default, 5e-4
+    entry = json.loads((out / "results.json").read_text())["methods"][0]
+    assert entry["lr"] == pytest.approx(5e-4)
+    assert "trained at learning rate 0.001, but this comparison chose 0.0005" in entry["runs"][0]["error"]
+    assert (out / "lora" / "seed-1" / "metrics.json").read_bytes() == first  # never overwritten

@@ -167,7 +167,7 @@ def _search(base, overrides, name: str, folder: str, trials: int, default_lr: fl
         return {"error": str(exc)}
     s = studies.open_study(study, seed)
     listed = [{"number": t.number, "lr": t.params.get("train.lr"), "state": t.state.name.lower(),
-               **({"value": t.value} if t.value is not None else {}),
+               **({"value": t.value} if t.state == optuna.trial.TrialState.COMPLETE else {}),
                **({"run": t.user_attrs["run_dir"]} if "run_dir" in t.user_attrs else {})} for t in s.trials]
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:

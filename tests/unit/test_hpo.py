@@ -16,6 +16,7 @@ from deltatune import registry_db
 from deltatune.configure import load_config
 from deltatune.errors import ConfigError, Stopped
 from deltatune.hpo import parse_objectives, read_space, run_study
+from deltatune.train.checkpoint import LoopState
 from deltatune.train.study import Study, _pruning_callback, suggest
 from deltatune.rundir import RunDir
 from deltatune.train.run import train
@@ -180,3 +181,23 @@ def test_shipped_search_spaces_give_valid_configs(path):
         overrides = suggest(study.ask(), space, "lora")
         methods.add(load_config(base, overrides).method.name)  # every drawn combination validates
     assert len(methods) > 1
+
+
+@pytest.mark.parametrize("direction,metric", [("minimize", [8.0, 6.0, 10.0]), ("maximize", [0.8, 0.6, 0.4])])
+def test_pruning_reports_in_the_study_s_direction(direction, metric):
+    # The loop's score is higher-is-better (perplexity 8 -> -8). A minimizing study must receive the perplexities
+    # themselves, so that its median pruner stops the third trial, the worst, and not a better one.
+    study = optuna.create_study(direction=direction, pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    pruned = []
+    for value in metric:
+        trial = study.ask()
+        state = LoopState(step=1, best=value if direction == "maximize" else -value)
+        try:
+            _pruning_callback(trial, direction)(state)
+        except Stopped:
+            pruned.append(value)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+    assert [t.intermediate_values[1] for t in study.trials] == metric
+    assert pruned == [metric[2]]

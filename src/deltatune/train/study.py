@@ -69,7 +69,7 @@ def objective_for(study: Study, base: str | None, overrides: list[str], space: d
         cfg = load_config(base, [*overrides, *trial_overrides, f"output_dir={out}", "train.progress=false"])
         trial.set_user_attr("overrides", trial_overrides)
         trial.set_user_attr("run_dir", str(out))
-        callbacks = (_pruning_callback(trial),) if len(study.objectives) == 1 else ()
+        callbacks = (_pruning_callback(trial, study.objectives[0][1]),) if len(study.objectives) == 1 else ()
         try:
             run = train(cfg, callbacks=callbacks, kind="trial")
         except Stopped as exc:  # the run directory and the registry say "pruned"
@@ -81,12 +81,15 @@ def objective_for(study: Study, base: str | None, overrides: list[str], space: d
     return objective
 
 
-def _pruning_callback(trial):
-    """Report the best evaluation score so far after every step; prune when the pruner says so."""
+def _pruning_callback(trial, direction: str = "maximize"):
+    """Report the best evaluation score so far after every step, in the study's ``direction``; prune when the
+    pruner says so. The loop's score is higher-is-better (``Metric.score``: perplexity -> -perplexity); a
+    minimizing study reads intermediate values as lower-is-better, so it gets the score negated (reported as
+    it was, its pruner kept the worst trials and stopped the best)."""
     def callback(state):
         if state.best is None:
             return
-        trial.report(state.best, state.step)
+        trial.report(state.best if direction == "maximize" else -state.best, state.step)
         if trial.should_prune():
             raise Stopped(f"pruned at step {state.step} (best score {state.best:.4f})", status="pruned")
     return callback

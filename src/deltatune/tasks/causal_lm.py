@@ -40,7 +40,7 @@ class LanguageModelling(Task):
                     index += rows
                     losses += [float(v) for v, _ in per_row]
                     tokens += [n for _, n in per_row]
-                    loss, n = sum(losses[-len(rows):]), sum(tokens[-len(rows):])
+                    loss, n = sum(float(v) for v, _ in per_row), sum(n for _, n in per_row)
                 total, count = total + float(loss), count + n
         mean = total / max(count, 1)
         if index:

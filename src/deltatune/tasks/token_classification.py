@@ -8,7 +8,7 @@ from torch import nn
 from ..data.collate import collate
 from ..data.examples import encode_tagged, label_list
 from ..data.prepare import Fields
-from ..losses import token_loss
+from ..losses import IGNORE, token_loss
 from ..metrics import classification_metrics, outcome_record
 from .base import Metric, Task
 from .common import evaluate_logits, forward, tagged_predictions
@@ -50,13 +50,14 @@ class TokenClassification(Task):
         y_true, y_pred, index, right, words = [], [], [], [], []
 
         def keep(logits: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
-            for row, (true, pred) in zip(rows, (tagged_predictions(logits[i:i + 1], targets[i:i + 1])
-                                                for i in range(len(rows)))):
-                y_true.extend(true)
-                y_pred.extend(pred)
-                index.append(row)
-                right.append(float(sum(t == p for t, p in zip(true, pred))))
-                words.append(float(len(true)))
+            true, pred = tagged_predictions(logits, targets)
+            y_true.extend(true)
+            y_pred.extend(pred)
+            if outcomes is not None:  # per sentence: its right words and its words
+                hit = (logits[:, -targets.shape[1]:].argmax(-1) == targets) & (targets != IGNORE)
+                index.extend(rows)
+                right.extend(hit.sum(1).float().tolist())
+                words.extend((targets != IGNORE).sum(1).float().tolist())
 
         mean = evaluate_logits(model, self.batches(examples), token_loss, keep)
         if outcomes is not None:

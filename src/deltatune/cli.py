@@ -12,13 +12,21 @@ import warnings
 from pathlib import Path
 
 from .errors import ArgumentError, DeltatuneError
+from .train import progress
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .registry_db import KINDS, STATUSES
+
     p = argparse.ArgumentParser(prog="deltatune", description="Fine-tune language models locally.")
     sub = p.add_subparsers(dest="command", required=True)
+    # Commands that work for a while: how they show progress on stderr (a bar on a terminal, lines elsewhere).
+    shown = argparse.ArgumentParser(add_help=False)
+    how = shown.add_mutually_exclusive_group()
+    how.add_argument("--quiet", action="store_true", help="no progress output (errors and results only)")
+    how.add_argument("--json-progress", action="store_true", help="progress as one JSON object per line on stderr")
 
-    t = sub.add_parser("train", help="train a model; writes a run directory")
+    t = sub.add_parser("train", help="train a model; writes a run directory", parents=[shown])
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
@@ -29,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=8")
     pl.add_argument("--memory-gb", type=float, help="memory to plan for (default: MemAvailable)")
     pl.add_argument("--json", action="store_true", help="the plan as JSON")
-    tu = sub.add_parser("tune", help="an Optuna study over training and method settings; writes the best config")
+    tu = sub.add_parser("tune", help="an Optuna study over training and method settings; writes the best config",
+                        parents=[shown])
     tu.add_argument("config", nargs="?", help="YAML config file (the base every trial starts from)")
     tu.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
     tu.add_argument("--trials", type=int, default=20, help="finished trials to reach (a resumed study counts old ones)")
@@ -40,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--name", help="study name (default tune-<run name>); the folder is output_dir or runs/<name>")
 
     c = sub.add_parser("compare", help="every method at its own best learning rate, several seeds, one HTML report "
-                                       "that says which to pick")
+                                       "that says which to pick", parents=[shown])
     c.add_argument("config", nargs="?", help="YAML config file (the base every method starts from)")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base")
     c.add_argument("--methods", required=True, help="comma-separated, e.g. lora,ia3,bitfit,houlsby")
@@ -55,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*")
     v.add_argument("--explain", action="store_true", help="list every config key with its documentation")
 
-    e = sub.add_parser("eval", help="print a run's metrics as JSON (or evaluate it on --data)")
+    e = sub.add_parser("eval", help="print a run's metrics as JSON (or evaluate it on --data)", parents=[shown])
     e.add_argument("run_dir")
     e.add_argument("--data", help="evaluate on this file instead of reporting the run's own metrics")
     e.add_argument("--pretty", action="store_true", help="a readable table instead of JSON")
@@ -63,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="label texts or generate responses with a trained run")
     pr.add_argument("run_dir")
     src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", action="append", help="an input text (repeatable)")
+    src.add_argument("--text", nargs="+", action="extend", help="input texts: --text 'one' 'two' (or repeat --text)")
     src.add_argument("--input", help="a file with one text per line, or a data file with the run's columns")
     pr.add_argument("--output", help="write JSONL here instead of stdout (an existing file only with --force)")
     pr.add_argument("--force", action="store_true", help="replace an existing --output file")
@@ -77,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tasks", help="list the registered tasks: main metric, head, loop, what they train")
     tk.add_argument("--json", action="store_true")
 
-    x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta|onnx (see docs/export.md)")
+    x = sub.add_parser("export", help="export a run for its runtime: --format hf|delta|onnx (see docs/export.md)",
+                       parents=[shown])
     x.add_argument("run_dir")
     x.add_argument("--format", dest="fmt", help="hf: merged transformers model; delta: the adapter alone "
                                                 "(the default without --merge); gguf: a merged Llama-family "
@@ -95,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="prepare a data set (clean, de-duplicate, split, redact, augment) or inspect a file")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dp = dsub.add_parser("prepare", help="run the preparation pipeline; writes Parquet splits and data_report.json/html")
+    dp = dsub.add_parser("prepare", help="run the preparation pipeline; writes Parquet splits and data_report.json/html",
+                         parents=[shown])
     dp.add_argument("config", nargs="?", help="YAML config file (its data: and model: sections are used)")
     dp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.dedup.near=true")
     dp.add_argument("--out", help="output folder (default prepared/<run name>)")
@@ -138,10 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("list", help="recorded runs, newest first")
-    rl.add_argument("--status", choices=["running", "completed", "failed", "interrupted"])
+    rl.add_argument("--status", choices=STATUSES)
     rl.add_argument("--model", help="a model alias, folder or folder name")
     rl.add_argument("--method")
-    rl.add_argument("--kind", choices=["train", "trial", "compare", "eval"])
+    rl.add_argument("--kind", choices=KINDS)
     rl.add_argument("--limit", type=int, help="at most this many runs")
     rl.add_argument("--json", action="store_true")
     rs = rsub.add_parser("show", help="one run: every recorded field")
@@ -154,8 +165,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed, for records such as a model card
+    if getattr(args, "quiet", False) or getattr(args, "json_progress", False):  # children inherit it
+        os.environ[progress.ENV] = "off" if args.quiet else "json"
     _quiet_libraries()
     try:
         _check_text_args(args)
@@ -175,6 +188,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {os_error_message(error)}", file=sys.stderr)
         return DeltatuneError.exit_code
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and key=value overrides in any order: ``tune cfg.yaml --trials 3 output_dir=x`` works
+    (argparse alone takes the positionals before the first option only)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        print(f"error: {args.command}: unrecognized arguments: {' '.join(extra)}; see deltatune {args.command} --help",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return args
 
 
 def _as_os_error(exc: Exception, args) -> OSError | None:

@@ -42,6 +42,7 @@ from .fs import atomic_write_text, foreign_entries, is_temporary
 from .metrics import bootstrap_rows, interval, metric_on, paired_difference
 from .registry_db import main_metric
 from .rundir import OUTCOMES, RunDir
+from .train.progress import phase
 
 COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac",
           "#eeca3b", "#17becf"]
@@ -90,12 +91,14 @@ def _method(base: str | None, overrides: list[str], name: str, folder: Path, bud
         entry["lr_choice"] = f"not used: {cfg.train.lr_source.split(': ', 1)[-1]}"
         lr = None
     elif budget.trials:
+        phase(name, f"searching the learning rate: {budget.trials} trials around its default {method.default_lr:g}")
         found = _in_fresh_process(_search, base, overrides, name, str(folder / SEARCH), budget.trials,
                                   method.default_lr, cfg.train.seed)
         if "error" in found:
             print(f"compare: {name}: the learning-rate search failed: {found['error']}", file=sys.stderr)
             return {**entry, "error": f"learning-rate search: {found['error']}", "search": found.get("trials", [])}
         lr, entry["search"] = found["lr"], found["trials"]
+        phase(name, f"learning rate {lr:.3g} chosen; {budget.seeds} seed run(s) at it")
         entry["lr_choice"] = (f"searched: best of {len(found['trials'])} trials around the default "
                               f"{method.default_lr:g}")
     else:
@@ -116,20 +119,23 @@ def _seed_run(base, overrides, name: str, path: Path, seed: int, lr: float | Non
         print(f"compare: {name}: {error}", file=sys.stderr)
         return {"seed": seed, "run": str(path), "error": error}
     if run.status() == "completed":  # an interrupted bake-off reruns only what is missing
-        print(f"compare: {name}: reusing the completed run in {run.path}", file=sys.stderr)
+        phase(name, f"{path.name} (train.seed {seed}): reusing the completed run in {run.path}")
     else:
         if run.config.is_file():  # stopped part-way (interrupted, killed): it goes on from its checkpoint
-            print(f"compare: {name}: resuming the run in {run.path}", file=sys.stderr)
+            phase(name, f"{path.name} (train.seed {seed}): resuming the run in {run.path}")
             error = _in_fresh_process(_resume_one, str(run.path))
         else:
-            print(f"compare: {name}: training seed {seed} in {run.path}", file=sys.stderr)
+            phase(name, f"{path.name} (train.seed {seed}): training in {run.path}")
             error = _in_fresh_process(_train_one, base, [
                 *overrides, f"method.name={name}", f"train.seed={seed}", f"output_dir={run.path}",
                 "train.progress=false", *([f"train.lr={lr}"] if lr is not None else [])])
         if error is not None:
             print(f"compare: {name} (seed {seed}) failed: {error}", file=sys.stderr)
             return {"seed": seed, "run": str(path), "error": error}
-    return {"seed": seed, **_result(path)}
+    result = _result(path)
+    metric = main_metric(result["metrics"])[0]
+    phase(name, f"{path.name}: {metric} {result['metrics'].get('eval', {}).get(metric, float('nan')):.4g}")
+    return {"seed": seed, **result}
 
 
 def _in_fresh_process(function, *args):

@@ -1,6 +1,7 @@
 """`deltatune compare`: every method trains, the report is valid HTML with its plots embedded."""
 
 import json
+import re
 from pathlib import Path
 from html.parser import HTMLParser
 
@@ -118,7 +119,7 @@ def test_a_bake_off_cut_short_goes_on_from_the_interrupted_method(tiny_bert, cls
         train(load_config(None, [*common, "method.name=lora", "train.seed=43", f"output_dir={out / 'lora' / 'seed-1'}",
                                  "train.progress=false"]), callbacks=(interrupt,))
     assert main(["compare", *common, "--methods", "lora,bitfit", "--out", str(out), "--trials", "0", "--seeds", "1"]) == 0
-    assert "lora: resuming the run" in capsys.readouterr().err
+    assert re.search(r"lora +seed-1 \(train.seed 43\): resuming the run", capsys.readouterr().err)
     results = json.loads((out / "results.json").read_text())["methods"]
     assert [r["method"] for r in results] == ["lora", "bitfit"] and not any("error" in r["runs"][0] for r in results)
     log = [json.loads(line) for line in (out / "lora" / "seed-1" / "log.jsonl").read_text().splitlines()]

@@ -37,7 +37,7 @@ from ..rundir import OUTCOMES, RunDir, is_main_process
 from ..tasks.base import Task
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .machine_load import Watch
-from .progress import Progress
+from .progress import Progress, phase
 
 Callback = Callable[[LoopState], None]
 
@@ -334,6 +334,10 @@ def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict |
     job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
                                                      if not isinstance(v, (dict, list))}})
     value = job.task.main_metric.score(metrics)
+    improved = state.best is None or value > state.best
+    metric = job.task.main_metric.name
+    phase("evaluation", f"step {state.step}: {metric} {metrics[metric]:.4g} on {len(job.eval_examples):,} "
+                        f"examples{' (best so far)' if improved else ''}", job.train.progress)
     bad = [name for name, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
     if not math.isfinite(value) or bad:
         name = job.task.main_metric.name if not math.isfinite(value) else bad[0]
@@ -341,7 +345,7 @@ def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict |
             f"train: the evaluation at step {state.step} gave {name} = {metrics.get(name)}; the run stopped "
             f"(a run never completes with NaN metrics){_kept(job.run)}. Start a new run with a lower train.lr or "
             "gradient clipping (train.max_grad_norm, e.g. 1.0)")
-    if state.best is None or value > state.best:
+    if improved:
         state.best, best_metrics = value, metrics
         atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))
         if outcomes:  # the best delta's per-example results (compare resamples them)

@@ -30,6 +30,7 @@ from . import ppo
 from . import lr_find
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
+from .progress import phase
 from .session import absolute_refs, finish, recover, tracked, write_inputs, write_metrics
 
 LOOPS = {"rollouts": ppo.train_ppo}  # tasks that sample their own data; the rest go through run_loop
@@ -45,8 +46,12 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     if cfg.data.pack and method.prepends_virtual_tokens:
         raise ConfigError([f"data.pack: {method.name} prepends virtual tokens to every row, so packed examples "
                            "would share them; turn packing off for soft-prompt methods"])
+    shown = cfg.train.progress
+    phase("data", f"preparing {cfg.data.train} for {cfg.task}", shown)
     data = task.prepare(tokenizer)  # sets task.labels
+    phase("data", f"{len(data.train.examples):,} training and {len(data.eval.examples):,} evaluation examples", shown)
     set_seed(cfg.train.seed)
+    phase("loading", f"model {cfg.model} with {method.name}", shown)
     model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task)
     reference = method.untouched(model)  # still the base: the delta is at its initial value
@@ -132,6 +137,8 @@ def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras,
         if lr_find.settle_lr(job, run):  # train.lr: auto; the config records the rate the run trains at
             atomic_write_text(run.config, dump_yaml(cfg))
         base = job.method.untouched(job.model)
+        phase("baseline", f"the model before training, on {len(job.eval_examples):,} evaluation examples",
+              cfg.train.progress)
         baseline = job.task.evaluate(base, job.eval_examples)
         extras.measure_before(base)
         if data.labels and job.task.icl_baselines and cfg.eval.icl_shots:
@@ -145,6 +152,7 @@ def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras,
 
 def _finish(job: Job, run: RunDir, best: dict, state: LoopState, extra: dict, record: Recording) -> None:
     """The best delta becomes the run's delta, then the commit record: metrics.json."""
+    phase("saving", str(run.path), job.train.progress)
     os.replace(run.best, run.delta)  # resume (session.recover) puts it back if a crash comes before metrics.json
     fsync_dir(run.path)
     trainable, total = count_parameters(job.model)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..configure import load_config
 from ..errors import Stopped
 from ..fs import is_temporary
+from .progress import phase
 
 
 @dataclass
@@ -129,7 +130,20 @@ def optimize(study: Study, base, overrides, space, seed, first: list[dict] = (),
         for params in first:
             s.enqueue_trial(params)
     s.optimize(objective_for(study, base, overrides, space), catch=(Exception,),
-               callbacks=[optuna.study.MaxTrialsCallback(study.trials, states=finished), _stop_on_failures(study.trials)])
+               callbacks=[optuna.study.MaxTrialsCallback(study.trials, states=finished), _stop_on_failures(study.trials),
+                          _show_trial(study)])
+
+
+def _show_trial(study: Study):
+    """One progress line per finished trial: its settings and its result."""
+    def callback(s, trial) -> None:
+        settings = ", ".join(f"{k.split('.')[-1]} {v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                             for k, v in trial.params.items())
+        values = trial.values or []
+        result = ", ".join(f"{name} {v:.4g}" for (name, _), v in zip(study.objectives, values))
+        phase(s.study_name, f"trial {trial.number + 1}/{study.trials}: {settings}: "
+                            f"{result or trial.state.name.lower()}")
+    return callback
 
 
 def _stop_on_failures(limit: int):

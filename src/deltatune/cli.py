@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="print a run's metrics as JSON (or evaluate it on --data)", parents=[shown])
     e.add_argument("run_dir")
-    e.add_argument("--data", help="evaluate on this file instead of reporting the run's own metrics")
+    e.add_argument("overrides", nargs="*", help="with --data, the file's columns when they differ from the run's: "
+                                               "data.text_column=review data.label_column=stars (any data.*_column)")
+    e.add_argument("--data", help="evaluate on this file (or packaged data set) instead of reporting the run's own "
+                                  "metrics")
     e.add_argument("--pretty", action="store_true", help="a readable table instead of JSON")
 
     pr = sub.add_parser("predict", help="label texts or generate responses with a trained run")
@@ -387,11 +390,14 @@ def cmd_validate(args) -> int:
 def cmd_eval(args) -> int:
     from .rundir import RunDir
 
+    columns = _column_overrides(args.overrides, bool(args.data))
     if args.data:
         from .inference import evaluate_file, load_run
         from .registry_db import Recording, import_run, safely
 
         loaded = load_run(args.run_dir)
+        for key, value in columns.items():  # the task reads its columns from the run's config
+            setattr(loaded.cfg.data, key, value)
         with Recording(loaded.run.path, loaded.cfg, "eval", safely(import_run, loaded.run.path)) as record:
             metrics = {"eval": evaluate_file(loaded, args.data), "data": args.data}
             data = Path(args.data).resolve() if Path(args.data).exists() else args.data  # a file or an alias
@@ -407,6 +413,24 @@ def cmd_eval(args) -> int:
     else:
         print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _column_overrides(overrides: list[str], with_data: bool) -> dict[str, str]:
+    """``eval --data``'s ``data.<x>_column=NAME`` overrides as {field: NAME}; anything else is refused."""
+    from .config import DataConfig
+
+    columns = {f for f in DataConfig.__dataclass_fields__ if f.endswith("_column")}
+    found = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        field = key.removeprefix("data.")
+        if not key.startswith("data.") or field not in columns or not value:
+            raise ArgumentError(f"eval: {item!r} (command line): eval takes only the data file's columns, "
+                                f"e.g. data.text_column=review; one of: {', '.join('data.' + c for c in sorted(columns))}")
+        found[field] = value
+    if found and not with_data:
+        raise ArgumentError(f"eval: {', '.join(overrides)} (command line): columns apply to --data FILE only")
+    return found
 
 
 def cmd_predict(args) -> int:
@@ -446,10 +470,11 @@ def _check_output_file(output: Path, input: str | None, force: bool) -> None:
 
 def _read_inputs(path: str, loaded) -> list[str]:
     """Plain text: one input per line. A data file: the run's text (or prompt) column."""
+    from .assets import DATASETS
     from .data.load import cell, load_table
     from .errors import DataError
 
-    if Path(path).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
+    if path in DATASETS or Path(path).suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
         column = loaded.task.input_column
         rows = load_table(path)
         if column not in rows[0]:
@@ -567,8 +592,8 @@ def cmd_data(args) -> int:
 
 
 def _inspect_text(summary: dict) -> str:
-    lines = [f"{summary['file']}: {summary['rows']} rows, {summary['malformed_rows']} malformed, "
-             f"{summary['exact_duplicate_rows']} exact duplicate rows"]
+    lines = [f"{summary['file']}: {summary['rows']:,} rows, {summary['malformed_rows']:,} malformed, "
+             f"{summary['exact_duplicate_rows']:,} exact duplicate rows"]
     lines += [f"  malformed: line {p['row']}: {p['reason']}" for p in summary["first_problems"]]
     for name, col in summary["columns"].items():
         lines.append(f"  {name:20} {col['type']:8} missing {col['missing']:>6}  distinct {col['distinct']:>7}  "
@@ -579,9 +604,6 @@ def _inspect_text(summary: dict) -> str:
 
 
 def cmd_assets(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from . import assets
     from .data.lexicon import build_lexicon
     from .fs import cache_dir
@@ -591,12 +613,14 @@ def cmd_assets(args) -> int:
         for name, kind, where in rows:
             print(f"{kind:5} {name:20} {where}")
         return 1 if any(w.startswith("FAILED") for _, _, w in rows) else 0
-    table = Table(title=f"packaged assets (cache: {cache_dir()})")
-    for column in ("name", "kind", "what", "state"):
-        table.add_column(column)
-    for row in assets.status():
-        table.add_row(*row)
-    Console().print(table)
+    lines = [f"packaged assets (cache: {cache_dir()}); use a name wherever a model or data path goes, e.g. "
+             "model=minilm, data.train=chatterbot, deltatune data inspect wsj-pos", ""]
+    for name, kind, what, _ in assets.status():
+        found = assets.where(name)
+        lines += [f"{name} ({kind}): {what}", f"  licence  {assets.LICENCES[name]}"]
+        lines += ([f"  size     {found[1] / 1e6:,.1f} MB", f"  path     {found[0]}"] if found else
+                  ["  path     not prepared yet: deltatune assets --install"])
+    print("\n".join(lines))
     return 0
 
 

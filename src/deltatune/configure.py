@@ -29,11 +29,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.method.options is not None and hasattr(cfg.method.options, "problems"):
         problems += [f"method.{p}" for p in cfg.method.options.problems()]
     if problems:
-        raise ConfigError(problems, source=parsed.source)
+        raise ConfigError(_with_origin(problems, overrides), source=parsed.source)
     resolve_lr(cfg)
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     return cfg
+
+
+def _with_origin(problems: list[str], overrides: list[str] | None) -> list[str]:
+    """A ``key: problem`` whose value came from the command line says so (the message's heading names
+    the config file, which did not set it)."""
+    given = {o.partition("=")[0].strip() for o in overrides or ()}
+    out = []
+    for problem in problems:
+        key, sep, _ = problem.partition(": ")
+        out.append(f"{problem} (set on the command line)" if sep and key in given else problem)
+    return out
 
 
 def config_warnings(cfg: Config) -> list[str]:

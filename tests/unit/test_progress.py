@@ -93,10 +93,10 @@ def test_options_and_overrides_in_any_order():
     assert _parse(["runs", "list", "--status", "pruned"]).status == "pruned"
 
 
-@pytest.mark.parametrize("argv", [["eval", "run", "x=1"], ["validate", "cfg.yaml", "--nope"], ["train", "--bogus"]])
+@pytest.mark.parametrize("argv", [["runs", "list", "x=1"], ["validate", "cfg.yaml", "--nope"], ["train", "--bogus"]])
 def test_unknown_arguments_are_refused_by_name(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _parse(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments" in err and argv[-1] in err and f"deltatune {argv[0]} --help" in err
+    assert "unrecognized arguments" in err and argv[-1] in err and f"deltatune {argv[0]}" in err

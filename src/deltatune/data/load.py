@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from ..assets import DATASETS, resolve_data
 from ..errors import DataError
 
 ROW = "_row"
@@ -43,13 +44,15 @@ class _Rows:
 
 def iter_table(path: str | Path, rejects: list[dict] | None = None) -> Iterator[dict]:
     """Rows one at a time. CSV, TSV, JSONL, Parquet and `datasets` folders are read incrementally, so
-    a file larger than memory streams; a JSON array is parsed whole (JSONL is the streaming form)."""
-    path = Path(path)
+    a file larger than memory streams; a JSON array is parsed whole (JSONL is the streaming form). A
+    packaged data set's name (``chatterbot``) reads its file."""
+    path = resolve_data(str(path)) if str(path) in DATASETS else Path(path)
     if path.is_dir():
         yield from _read_datasets_folder(path)
         return
     if not path.is_file():
-        raise DataError(f"{path}: file does not exist; check data.train / data.eval in your config")
+        raise DataError(f"{path}: file does not exist; give a .csv, .tsv, .json, .jsonl or .parquet file, a "
+                        f"`datasets` folder or a packaged data set ({', '.join(DATASETS)})")
     suffix = path.suffix.lower()
     readers = {".csv": _read_csv, ".tsv": _read_csv, ".json": _read_json, ".jsonl": _read_jsonl,
                ".parquet": _read_parquet}
@@ -312,7 +315,7 @@ def _read_datasets_folder(path: Path) -> Iterator[dict]:
 
 def require_columns(rows: list[dict], path: str, columns: list[tuple[str, str]]) -> None:
     """Fail naming the file, the missing column and the config key that chose it."""
-    present = [c for c in rows[0] if c != ROW]
+    present = [c for c in rows[0] if c not in (ROW, FILE)]
     for column, key in columns:
         if column not in rows[0]:
             raise DataError(f"{path}: no column {column!r} (set by {key}); the file has: "

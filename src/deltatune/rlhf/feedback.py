@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from ..assets import DATA_SUFFIXES
+from ..assets import DATA_SUFFIXES, resolve_data
 from ..errors import DataError, DeltatuneError, RunError
 from ..data.load import ROW, cell, load_table, require_columns
 from ..tasks import registry as tasks
@@ -70,7 +70,7 @@ Decide = Callable[[Prompt, list[str]], "Outcome | None"]  # None: the person qui
 def read_prompts(path: str | Path, column: str = "prompt") -> list[Prompt]:
     """Prompts from a table (CSV, TSV, JSON, JSONL, Parquet, a `datasets` folder) or a .txt file,
     one prompt per line (blank lines are not prompts)."""
-    path = Path(path)
+    path = resolve_data(str(path))  # a packaged data set by name (chatterbot) too
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: file does not exist")

@@ -500,7 +500,6 @@ def cmd_tasks(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="deltatune tasks", caption="main metric: ↑ higher is better, ↓ lower is better")
@@ -510,8 +509,16 @@ def cmd_tasks(args) -> int:
     for r in rows:
         arrow = "↑" if r["direction"] == "maximize" else "↓"
         table.add_row(r["name"], f"{r['main_metric']} {arrow}", r["head"], r["loop"], r["summary"])
-    Console().print(table)
+    _console().print(table)
     return 0
+
+
+def _console():
+    """Rich output on stdout; piped, a file has room: no squeezing tables into rich's 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return Console(width=200) if not console.is_terminal and "COLUMNS" not in os.environ else console
 
 
 def cmd_methods(args) -> int:
@@ -528,23 +535,34 @@ def cmd_methods(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    title = f"deltatune methods on {args.model} ({rows[0]['task']})" if args.model else "deltatune methods"
-    table = Table(title=title)
-    columns = ["method", "merge", "trainable", "%"] if args.model else ["method", "tasks", "merge", "what trains"]
-    for column in columns:
-        table.add_column(column, justify="right" if column in ("trainable", "%") else "left")
+    if not args.model:
+        table = Table(title="deltatune methods")
+        for column in ("method", "tasks", "merge", "what trains"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["name"], ", ".join(r["tasks"]), "yes" if r["can_merge"] else "no", r["summary"])
+        _console().print(table)
+        return 0
+    table = Table(title=f"deltatune methods on {args.model} ({rows[0]['task']})",
+                  caption="default options: each method's own defaults; targets: the layers a peft method adapts "
+                          "(peft's default for this architecture when method.target_modules is unset); shipped "
+                          "config: the repository's configs/<model>/<task>-<method>.yaml, as the demo trains it")
+    for column in ("method", "merge", "trainable (default options)", "%", "targets", "shipped config: trainable"):
+        table.add_column(column, justify="right" if column in ("%",) or "trainable" in column else "left")
     for r in rows:
         merge = "yes" if r["can_merge"] else "no"
-        if not args.model:
-            table.add_row(r["name"], ", ".join(r["tasks"]), merge, r["summary"])
-        elif "trainable_params" in r:
-            table.add_row(r["name"], merge, f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}")
-        else:
-            table.add_row(r["name"], merge, r.get("error", ""), "")
-    Console().print(table)
+        if "trainable_params" not in r:
+            table.add_row(r["name"], merge, r.get("error", ""), "", "", "")
+            continue
+        shipped = r.get("shipped")
+        targets = ", ".join(r.get("targets", [])) or "-"
+        if shipped and shipped.get("targets") and shipped["targets"] != r.get("targets"):
+            targets += f" (shipped: {', '.join(shipped['targets'])})"
+        table.add_row(r["name"], merge, f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3f}", targets,
+                      f"{shipped['trainable_params']:,}" if shipped else "-")
+    _console().print(table)
     return 0
 
 
@@ -655,12 +673,7 @@ def cmd_runs(args) -> int:
     if args.json:
         print(json.dumps(runs[0] if args.runs_command == "show" else runs, indent=2))
         return 0
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=200)  # piped: a file has room; do not squeeze the table into 80 columns
-    console.print({"list": _runs_table, "show": _run_table, "compare": _compare_table}[args.runs_command](runs))
+    _console().print({"list": _runs_table, "show": _run_table, "compare": _compare_table}[args.runs_command](runs))
     return 0
 
 

@@ -127,7 +127,9 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     train: str = doc("", "Training data: a .csv/.tsv/.json/.jsonl/.parquet file, a saved `datasets` folder, a "
-                         "folder written by `deltatune data prepare`, or a packaged alias (pang-lee-sentences, chatterbot).")
+                         "folder written by `deltatune data prepare`, or a packaged data set by name: "
+                         "pang-lee-sentences, pang-lee-reviews, conll2010-uncertainty, wsj-pos, oanc-pos, chatterbot "
+                         "(`deltatune assets` shows them).")
     eval: str | None = doc(None, "Evaluation data (same formats). If unset, eval_fraction of train is held out.")
     test: str | None = doc(None, "Test data (same formats), prepared like eval. If unset, test_fraction of train is held out.")
     eval_fraction: float = doc(0.2, "Share of train held out for evaluation when data.eval is unset.")

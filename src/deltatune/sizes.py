@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 from transformers import AutoConfig
 
-from .assets import resolve_model
+from .assets import MODELS, resolve_model
 from .components import supports
 from .config import Config
+from .configure import load_config
 from .errors import DeltatuneError
 from .methods import registry
 from .models import count_parameters, load_tokenizer
@@ -24,8 +26,13 @@ def default_task(model_ref: str) -> str:
     return next(name for name in tasks.names() if tasks.get(name).head == head)
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/<model alias>/<task>-<method>.yaml
+
+
 def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -> list[dict]:
-    """Trainable parameters of every method (default options) on this model and task."""
+    """Trainable parameters of every method on this model and task: with the method's default options
+    (``targets``: the layers a peft method adapted, peft's default for the architecture when unset) and,
+    where the repository ships a config for this model, task and method, with that config's options."""
     task = task or default_task(model_ref)
     path = resolve_model(model_ref)
     labels = [f"label_{i}" for i in range(num_labels)]
@@ -39,16 +46,26 @@ def method_sizes(model_ref: str, task: str | None = None, num_labels: int = 2) -
             rows.append({**row, "error": f"does not support {task}"})
             continue
         try:
-            options = method.Options()
-            extra = method.load_kwargs(options)  # e.g. QLoRA needs its own quantized copy
-            own = spec.build_model(path, **extra) if extra else copy.deepcopy(base)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = method.apply(own, options, spec)
+            row.update(_size(method, method.Options(), spec, path, base))
         except DeltatuneError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue
-        trainable, total = count_parameters(model)
-        rows.append({**row, "trainable_params": trainable, "total_params": total,
-                     "trainable_percent": round(100 * trainable / total, 4)})
+        shipped = SHIPPED / model_ref / f"{task}-{name}.yaml"
+        if model_ref in MODELS and shipped.is_file():
+            options = load_config(shipped, [f"model={model_ref}"], check_paths=False).method.options
+            row["shipped"] = {"config": f"configs/{model_ref}/{shipped.name}", **_size(method, options, spec, path, base)}
+        rows.append(row)
     return rows
+
+
+def _size(method, options, spec, path, base) -> dict:
+    extra = method.load_kwargs(options)  # e.g. QLoRA needs its own quantized copy
+    own = spec.build_model(path, **extra) if extra else copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = method.apply(own, options, spec)
+    trainable, total = count_parameters(model)
+    adapted = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(adapted, "target_modules", None)
+    return {"trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
+            **({"targets": sorted(targets) if isinstance(targets, (set, list)) else str(targets)} if targets else {})}

@@ -130,6 +130,9 @@ def test_methods_sizes_on_a_model(tiny_bert, tiny_llama, capsys):
     mlp = (hidden * 128 + 128) + (128 * 128 + 128) + (128 * hidden + hidden)  # P-tuning's encoder
     assert rows["ptuning"]["trainable_params"] == virtual * hidden + mlp + head
 
+    assert rows["lora"]["targets"] == ["query", "value"]  # peft's default for BERT, said in the table
+    assert "shipped" not in rows["lora"]  # a model folder: no shipped configs
+
     assert main(["methods", "--model", str(tiny_llama), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["lora"]["task"] == "causal_lm"
@@ -137,6 +140,31 @@ def test_methods_sizes_on_a_model(tiny_bert, tiny_llama, capsys):
     assert rows["feature_extraction"]["error"] == "does not support causal_lm"
     assert main(["methods", "--model", str(tiny_llama)]) == 0
     assert "prefix" in capsys.readouterr().out
+
+
+def test_methods_on_a_packaged_model_show_its_shipped_configs_too(tiny_bert, tmp_path, monkeypatch, capsys):
+    from deltatune import assets, sizes
+
+    monkeypatch.setitem(assets.MODELS, "tiny", ("a tiny BERT", lambda: tiny_bert))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "classification-lora.yaml").write_text(
+        "method: {name: lora, r: 8, target_modules: [query, key, value, dense]}\ndata: {train: chatterbot}\n")
+    monkeypatch.setattr(sizes, "SHIPPED", tmp_path)
+    assert main(["methods", "--model", "tiny", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    hidden, layers, head = 32, 2, 32 * 2 + 2
+    shipped = rows["lora"]["shipped"]
+    assert shipped["config"] == "configs/tiny/classification-lora.yaml"
+    assert shipped["targets"] == ["dense", "key", "query", "value"]
+    # per layer q, k, v and the attention output dense (hidden -> hidden), the intermediate dense (hidden -> 64),
+    # the output dense (64 -> hidden); and once the pooler's dense (hidden -> hidden): r * (in + out) each
+    ffn = 2 * hidden
+    per_layer = 8 * (4 * (hidden + hidden) + (hidden + ffn) + (ffn + hidden))
+    assert shipped["trainable_params"] == layers * per_layer + 8 * (hidden + hidden) + head
+    assert "shipped" not in rows["ia3"]
+    assert main(["methods", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "query, value (shipped: dense, key, query, value)" in out
 
 
 def test_token_classification_run(tiny_bert, tagged_jsonl, tmp_path, capsys):

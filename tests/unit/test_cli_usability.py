@@ -81,3 +81,12 @@ def test_config_problems_say_which_came_from_the_command_line(tmp_path, tiny_ber
     assert lines[0].startswith(f"{path}: 2 problem(s)")
     assert any(line.strip().startswith("- train.lr:") and line.endswith("(set on the command line)") for line in lines)
     assert any(line.strip().startswith("- method.r:") and "command line" not in line for line in lines)
+
+
+def test_explain_names_every_packaged_data_set(capsys):
+    assert main(["validate", "--explain"]) == 0
+    explained = capsys.readouterr().out
+    line = next(line for line in explained.splitlines() if line.startswith("data.train"))
+    text = explained.split(line, 1)[1].split("\ndata.", 1)[0]
+    for name in assets.DATASETS:
+        assert name in text, name

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import html_report as hr
 from .configure import load_config
 from .errors import DeltatuneError, OutputError
 from .fs import atomic_write_text, foreign_entries, is_temporary
@@ -72,7 +73,7 @@ def run_compare(base: str | None, overrides: list[str], methods: list[str], fold
     atomic_write_text(folder / "results.json", json.dumps({"budget": vars(budget), "methods": results,
                                                            "analysis": analysis}, indent=2))
     report = folder / "report.html"
-    atomic_write_text(report, render(results, analysis, budget))
+    atomic_write_text(report, render(results, analysis, budget, folder))
     return report
 
 
@@ -401,69 +402,122 @@ def _fmt(value: float) -> str:
 
 
 def _table(results: list[dict], analysis: dict) -> str:
+    """Two tables, one row per method: how well it did (the metric, its noise, the test against the best), then
+    what it cost (parameters, delta, time, memory, forgetting)."""
     ok = [e for e in results if _finished(e)]
     if not ok:
         return "<p>No method finished.</p>"
     name, summary = analysis["metric"], analysis["methods"]
     first = _finished(ok[0])[0]["metrics"]["eval"]
     labels = list(first.get("per_class", {}))
-    head = ["method", "learning rate", f"{name} mean", "sd (seeds)", "95 % interval", f"vs best {analysis['best']}",
-            f"baseline {name}"] + (["macro-F1"] if "macro_f1" in first else []) + [f"F1 {x}" for x in labels] + \
-           ["trainable", "trainable %", "delta MB", "train s", "peak MB"]
+    head = ["method", "learning rate", f"{name} mean", "sd over seeds", "95 % interval", f"vs best ({analysis['best']})",
+            f"{name} before tuning"] + (["macro-F1"] if "macro_f1" in first else []) + [f"F1 {x}" for x in labels]
     forgets = any("forgetting" in r["metrics"] for e in ok for r in _finished(e))
-    head += ["forgetting (ppl ratio)"] if forgets else []
-    rows = []
+    cost_head = ["method", "trainable parameters", "trainable share", "delta size", "train time", "peak memory"] + (
+        ["forgetting: general-text perplexity after / before"] if forgets else [])
+    rows, costs = [], []
     for e in results:
         if not _finished(e):
             errors = [e["error"]] if "error" in e else [r["error"] for r in e.get("runs", []) if "error" in r]
-            rows.append(f"<tr><td>{_esc(e['method'])}</td><td colspan='{len(head) - 1}' class='l'>failed: "
+            rows.append(f"<tr><th class='l'>{_esc(e['method'])}</th><td colspan='{len(head) - 1}' class='l'>failed: "
                         f"{_esc('; '.join(errors))}</td></tr>")
             continue
         runs, s = _finished(e), summary[e["method"]]
         mean = lambda key: statistics.fmean(key(r["metrics"]) for r in runs)  # noqa: E731
         vs = s.get("vs_best")
         versus = "best" if e["method"] == analysis["best"] else (
-            f"{vs['low']:+.4f} to {vs['high']:+.4f}, p {vs['p']:.2g}{' *' if vs['significant'] else ''}" if vs else "-")
+            f"{vs['low']:+.4f} to {vs['high']:+.4f}, p {vs['p']:.2g}{' *' if vs['significant'] else ''}" if vs else "–")
         lr = "not used" if e.get("lr") is None else f"{e['lr']:.3g}"
-        cells = [e["method"], lr, f"{_fmt(s['mean'])} ({len(runs)})", _fmt(s["sd"]) if s["sd"] is not None else "-",
-                 f"{_fmt(s['ci'][0])} – {_fmt(s['ci'][1])}" if "ci" in s else "-", versus,
+        cells = [lr, f"{_fmt(s['mean'])} ({len(runs)})", _fmt(s["sd"]) if s["sd"] is not None else "–",
+                 f"{_fmt(s['ci'][0])} – {_fmt(s['ci'][1])}" if "ci" in s else "–", versus,
                  _fmt(runs[0]["metrics"]["baseline"][name])]
         cells += [_fmt(mean(lambda m: m["eval"]["macro_f1"]))] if "macro_f1" in first else []
         cells += [f"{mean(lambda m: m['eval']['per_class'][x]['f1']):.3f}" for x in labels]
+        rows.append(_row(e["method"], cells))
         m = runs[0]["metrics"]
         forgetting = [r["metrics"].get("forgetting", {}).get("ratio") for r in runs]
         seconds = train_seconds(e)
-        cells += [f"{m['trainable_params']:,}", f"{100 * m['trainable_params'] / m['total_params']:.3f}",
-                  f"{statistics.fmean(r['delta_bytes'] for r in runs) / 1e6:.2f}",
-                  f"{seconds:.1f}" if seconds is not None else "shared machine",
-                  f"{mean(lambda m: m['peak_rss_mb']):.0f}"]
-        cells += [f"{statistics.fmean(forgetting):.3f}" if all(forgetting) else "-"] if forgets else []
-        rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
-    return ("<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
+        cost = [hr.count(m["trainable_params"]), hr.percent(m["trainable_params"], m["total_params"]),
+                hr.size(statistics.fmean(r["delta_bytes"] for r in runs)),
+                f"{seconds:,.1f} s" if seconds is not None else "shared machine",
+                f"{mean(lambda m: m['peak_rss_mb']):,.0f} MB"]
+        cost += [f"x{statistics.fmean(forgetting):.2f}" if all(forgetting) else "–"] if forgets else []
+        costs.append(_row(e["method"], cost))
+    return (_table_means(ok, analysis) + _grid(head, rows) + _LEGEND + "<h2>What each method costs</h2>"
+            + _cost_means(ok) + _grid(cost_head, costs) + _COST_LEGEND)
+
+
+def _row(method: str, cells: list[str]) -> str:
+    return f"<tr><th class='l'>{_esc(method)}</th>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>"
+
+
+def _grid(head: list[str], rows: list[str]) -> str:
+    return ("<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{_esc(h)}</th>" for i, h in enumerate(head))
+            + "</tr>" + "".join(rows) + "</table>")
+
+
+def _cost_means(ok: list[dict]) -> str:
+    """The cost table in a line: the range of trainable parameters and of delta sizes."""
+    params = {e["method"]: _finished(e)[0]["metrics"]["trainable_params"] for e in ok}
+    sizes = {e["method"]: _mean_of(e, lambda r: r["delta_bytes"]) for e in ok}
+    few, many = min(params, key=params.get), max(params, key=params.get)
+    small, big = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    text = (f"Trainable parameters run from {hr.count(params[few])} ({_esc(few)}) to {hr.count(params[many])} "
+            f"({_esc(many)}); the delta a method saves from {hr.size(sizes[small])} ({_esc(small)}) to "
+            f"{hr.size(sizes[big])} ({_esc(big)}).") if len(ok) > 1 else ""
+    return hr.means(text) if text else ""
+
+
+def _table_means(ok: list[dict], analysis: dict) -> str:
+    """What the table says, in a line: the best, who is within its noise, who is worse, the untuned model."""
+    name, summary, best = analysis["metric"], analysis["methods"], analysis["best"]
+    better = "higher" if analysis.get("higher_is_better", True) else "lower"
+    text = f"<b>{_esc(best)}</b> has the best mean {_esc(name)} ({_fmt(summary[best]['mean'])}; {better} is better)."
+    tied = [m for m, s in summary.items() if m != best and "vs_best" in s and not s["vs_best"]["significant"]]
+    worse = [m for m, s in summary.items() if s.get("vs_best", {}).get("significant")]
+    if tied:
+        text += f" Within the evaluation's noise of it (no significant difference): {_esc(', '.join(tied))}."
+    if worse:
+        text += f" Significantly worse: {_esc(', '.join(worse))}."
+    baseline = _finished(ok[0])[0]["metrics"].get("baseline", {}).get(name)
+    if baseline is not None:
+        text += f" Before tuning the model scored {_fmt(baseline)}."
+    return hr.means(text)
+
+
+_LEGEND = ("<p class='small'>Mean over the seeds (their number in brackets). <i>vs best</i>: the best method's metric "
+           "minus this one's on the same evaluation examples (paired bootstrap, 95 % interval, p-value; * significant)."
+           "</p>")
+_COST_LEGEND = ("<p class='small'>Trainable share: trainable parameters as a share of the model's. Delta size: what "
+                "the method saves (mean over seeds). Train time: median over the runs that had the machine to "
+                "themselves. Peak memory: the training process's resident memory (mean over seeds).</p>")
 
 
 def _searches(results: list[dict]) -> str:
     """Each method's learning-rate trials: rate, state, score."""
-    rows = []
+    rows, edges = [], []
     for e in results:
         trials = e.get("search", [])
         if not trials:
             continue
         tried = sorted((t for t in trials if t.get("lr") is not None), key=lambda t: t["lr"])
-        cells = "; ".join(("<b>{}</b>" if t["lr"] == e.get("lr") else "{}").format(_esc(
+        cells = "; ".join(("<b class='t'>{}</b>" if t["lr"] == e.get("lr") else "<span class='t'>{}</span>").format(_esc(
             f"{t['lr']:.3g}: {t['value']:.4f}" if "value" in t else f"{t['lr']:.3g}: {t['state']}")) for t in tried)
         edge = ""
         if len(tried) > 1 and e.get("lr") in (tried[0]["lr"], tried[-1]["lr"]):
             top = e["lr"] == tried[-1]["lr"]
             edge = (f". The chosen rate is the {'highest' if top else 'lowest'} tried: a {'higher' if top else 'lower'} "
                     "one may be better still")
-        rows.append(f"<tr><td>{_esc(e['method'])}</td><td class='l'>{_esc(e.get('lr_choice', '') + edge)}</td>"
+            edges.append(e["method"])
+        rows.append(f"<tr><th class='l'>{_esc(e['method'])}</th><td class='l'>{_esc(e.get('lr_choice', '') + edge)}</td>"
                     f"<td class='l'>{cells}</td></tr>")
     if not rows:
         return ""
-    return ("<h2>Learning-rate search</h2><p>Each method's trials by rate (rate: score on the evaluation split, or "
-            "pruned / failed); the chosen rate, in bold, trained the seeds above.</p><table><tr><th>method</th>"
-            "<th>how chosen</th><th>trials</th></tr>" + "".join(rows) + "</table>")
+    said = (f"The chosen rate is at the edge of the range tried for {_esc(', '.join(edges))}: a rate beyond it may do "
+            "better." if edges else "Every chosen rate lies inside the range tried.")
+    return ("<h2>Learning-rate search</h2>" + hr.means(said) + "<p class='small'>Each method's trials by rate (rate: "
+            "score on the evaluation split, or pruned / failed); the chosen rate, in bold, trained the seeds above."
+            "</p><table><tr><th class='l'>method</th><th class='l'>how chosen</th><th class='l'>trials</th></tr>" + "".join(rows) + "</table>")
 
 
 def _flat(results: list[dict], analysis: dict) -> list[dict]:
@@ -478,56 +532,82 @@ def _flat(results: list[dict], analysis: dict) -> list[dict]:
     return out
 
 
-def _scatter(results: list[dict], w: int = 560, h: int = 320) -> str:
+def _params(n: float) -> str:
+    """A power of ten as a person says it: 1,000 -> '1k', 1e7 -> '10M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
+
+
+def _placed(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Where each point's label (x, y, text) goes: right of the point, else left of it, else a line lower or
+    higher, whichever first overlaps no point and no label placed before it; as (x, baseline y, text-anchor)."""
+    boxes = [(x - 6, x + 6, y - 6, y + 6) for x, y, _ in points]  # x0, x1, y0, y1: the points
+    out = []
+    for x, y, text in points:
+        width = 6.5 * len(text)
+        for dy in (0, 13, -13, 26, -26, 39):
+            spots = [(x + 8, x + 8 + width, "start"), (x - 8 - width, x - 8, "end")]
+            free = [(a, b, anchor) for a, b, anchor in spots if not any(
+                a < bx1 and bx0 < b and y + dy - 6 < by1 and by0 < y + dy + 6 for bx0, bx1, by0, by1 in boxes)]
+            if free:
+                break
+        a, b, anchor = (free or spots)[0]
+        boxes.append((a, b, y + dy - 6, y + dy + 6))
+        out.append((x + 8 if anchor == "start" else x - 8, y + dy + 4, anchor))
+    return out
+
+
+def _scatter(results: list[dict], colors: dict, w: int = 640, h: int = 360) -> str:
     ok = [r for r in results if "metrics" in r]
     if not ok:
         return ""
     name, higher = main_metric(ok[0]["metrics"])
     pts = [(max(r["metrics"]["trainable_params"], 1), r["metrics"]["eval"][name]) for r in ok]
     xs, ys = [math.log10(p) for p, _ in pts], [m for _, m in pts]
-    x0, x1 = min(xs) - 0.2, max(xs) + 0.2
-    y0, y1 = min(ys), max(ys)
-    y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
-    px = lambda x: 50 + (x - x0) / (x1 - x0) * (w - 70)  # noqa: E731
-    py = lambda y: h - 40 - (y - y0) / (y1 - y0) * (h - 60)  # noqa: E731
+    x0, x1 = math.floor(min(xs) - 0.2), math.ceil(max(xs) + 0.2)
+    pad = 0.05 * ((max(ys) - min(ys)) or abs(max(ys)) or 1)
+    frame = hr.Frame(w, h, [(t, _params(10 ** t)) for t in range(x0, x1 + 1)],
+                     hr.value_ticks(min(ys) - pad, max(ys) + pad, 5), "trainable parameters (log scale)",
+                     f"{name} ({'higher' if higher else 'lower'} is better)", right=120)
     front = sorted(pareto(pts, higher), key=lambda i: pts[i][0])
-    parts = [f'<svg role="img" aria-label="{name} against trainable parameters" width="{w}" height="{h}">',
-             f'<line x1="50" y1="{h - 40}" x2="{w - 10}" y2="{h - 40}" stroke="#333"/>'
-             f'<line x1="50" y1="10" x2="50" y2="{h - 40}" stroke="#333"/>',
-             f'<text x="{w / 2 - 80}" y="{h - 8}" font-size="12">trainable parameters (log10)</text>'
-             f'<text x="4" y="20" font-size="12">{_esc(name)}</text>']
-    for tick in range(math.ceil(x0), math.floor(x1) + 1):
-        parts.append(f'<text x="{px(tick) - 8:.1f}" y="{h - 24}" font-size="11">1e{tick}</text>')
+    parts = [frame.open(f"{name} against trainable parameters")]
     if len(front) > 1:
-        line = " ".join(f"{px(xs[i]):.1f},{py(ys[i]):.1f}" for i in front)
+        line = " ".join(f"{frame.px(xs[i]):.1f},{frame.py(ys[i]):.1f}" for i in front)
         parts.append(f'<polyline points="{line}" fill="none" stroke="#999" stroke-dasharray="4 3"/>')
+    texts = [f"{r['method']}{' *' if i in front else ''}" for i, r in enumerate(ok)]
+    spots = _placed([(frame.px(xs[i]), frame.py(ys[i]), t) for i, t in enumerate(texts)])
     for i, r in enumerate(ok):
-        parts.append(f'<circle cx="{px(xs[i]):.1f}" cy="{py(ys[i]):.1f}" r="5" fill="{COLORS[i % len(COLORS)]}">'
-                     f'<title>{_esc(r["method"])}: {ys[i]:.4f}, {pts[i][0]:,} params</title></circle>'
-                     f'<text x="{px(xs[i]) + 7:.1f}" y="{py(ys[i]) + 4:.1f}" font-size="11">{_esc(r["method"])}'
-                     f'{" *" if i in front else ""}</text>')
-    return "<h2>Metric against trainable parameters</h2><p>* on the Pareto front (dashed).</p>" + "".join(parts) + "</svg>"
+        x, y, anchor = spots[i]
+        parts.append(f'<circle cx="{frame.px(xs[i]):.1f}" cy="{frame.py(ys[i]):.1f}" r="5" fill="{colors[r["method"]]}">'
+                     f'<title>{_esc(r["method"])}: {ys[i]:.4f}, {pts[i][0]:,} trainable parameters</title></circle>'
+                     f'<text x="{x:.1f}" y="{y:.1f}" font-size="12" text-anchor="{anchor}">{_esc(texts[i])}</text>')
+    said = (f"Each method's mean {_esc(name)} over its seeds against how many parameters it trains. The dashed line "
+            f"joins the Pareto front (*): the methods that no other beats with fewer trainable parameters and a better "
+            f"{_esc(name)}: {_esc(', '.join(ok[i]['method'] for i in front))}.")
+    return "<h2>Metric against trainable parameters</h2>" + hr.means(said) + "".join(parts) + "</svg>"
 
 
-def _curves(results: list[dict], w: int = 560, h: int = 280) -> str:
+def _curves(results: list[dict], colors: dict, w: int = 640, h: int = 320) -> str:
     ok = [r for r in results if r.get("curve")]
     if not ok:
         return ""
     steps = [s for r in ok for s, _ in r["curve"]]
     losses = [v for r in ok for _, v in r["curve"]]
-    s1, l0, l1 = max(steps) or 1, min(losses), max(losses)
-    px = lambda s: 50 + s / s1 * (w - 70)  # noqa: E731
-    py = lambda v: h - 30 - (v - l0) / ((l1 - l0) or 1) * (h - 50)  # noqa: E731
-    parts = [f'<svg role="img" aria-label="training loss by step" width="{w}" height="{h + 20 * len(ok)}">',
-             f'<line x1="50" y1="{h - 30}" x2="{w - 10}" y2="{h - 30}" stroke="#333"/>'
-             f'<text x="{w / 2}" y="{h - 10}" font-size="12">step (max {s1})</text>'
-             f'<text x="4" y="20" font-size="12">loss {l1:.2f}</text><text x="4" y="{h - 34}" font-size="12">{l0:.2f}</text>']
-    for i, r in enumerate(ok):
-        color = COLORS[i % len(COLORS)]
-        pts = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in r["curve"])
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>'
-                     f'<text x="60" y="{h + 14 + 20 * i}" font-size="12" fill="{color}">{_esc(r["method"])}</text>')
-    return "<h2>Learning curves (training loss)</h2>" + "".join(parts) + "</svg>"
+    frame = hr.Frame(w, h, hr.value_ticks(0, max(steps) or 1, 6, integer=True),
+                     hr.value_ticks(min(losses), max(losses), 5), "optimizer step", "training loss",
+                     xrange=(0, max(steps) or 1))
+    parts = [frame.open("training loss by step")]
+    for r in ok:
+        pts = " ".join(f"{frame.px(s):.1f},{frame.py(v):.1f}" for s, v in r["curve"])
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colors[r["method"]]}" stroke-width="1.5">'
+                     f"<title>{_esc(r['method'])}</title></polyline>")
+    without = [r["method"] for r in results if not r.get("curve")]
+    said = ("Training loss of each method's first seed at every logged step: one batch's loss, so it is noisy; "
+            "look at the trend." + (f" No curve for {_esc(', '.join(without))} (fitted directly, no steps)." if without else ""))
+    return ("<h2>Learning curves (training loss)</h2>" + hr.means(said) + "".join(parts) + "</svg>"
+            + hr.legend([(r["method"], colors[r["method"]]) for r in ok]))
 
 
 def _confusions(results: list[dict]) -> str:
@@ -540,22 +620,45 @@ def _confusions(results: list[dict]) -> str:
         top = max(max(row) for row in matrix) or 1
         cells = "".join(f"<th>{_esc(x)}</th>" for x in labels)
         body = "".join("<tr><th>" + _esc(labels[i]) + "</th>" + "".join(
-            f'<td style="background:rgba(76,120,168,{v / top:.2f})">{v}</td>' for v in row) + "</tr>"
-            for i, row in enumerate(matrix))
+            f'<td style="background:rgba(76,120,168,{v / top:.2f});color:{"#fff" if v / top > 0.6 else "#222"}">'
+            f"{hr.count(v)}</td>" for v in row) + "</tr>" for i, row in enumerate(matrix))
         out.append(f"<div class='cm'><h3>{_esc(r['method'])}</h3><table><tr><th>true \\ predicted</th>{cells}</tr>{body}</table></div>")
-    return "<h2>Confusion matrices</h2>" + "".join(out) if out else ""
+    said = ("Rows are the true classes, columns the predicted ones (each method's first seed, on the evaluation "
+            "split): the diagonal counts correct predictions, and darker cells hold more examples.")
+    return "<h2>Confusion matrices</h2>" + hr.means(said) + "".join(out) if out else ""
 
 
-def render(results: list[dict], analysis: dict, budget: Budget) -> str:
-    style = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin-bottom:1em}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}td{white-space:nowrap}"
-             "td.l{text-align:left;white-space:normal}"
-             ".cm{display:inline-block;margin-right:2em;vertical-align:top}.pick{font-size:15px;background:#eef5ee;"
-             "padding:8px 12px;border-left:4px solid #54a24b}")
+def _finished_at(results: list[dict]) -> str | None:
+    """When the last of the runs finished (their status.json), as text; None if none says."""
+    times = []
+    for e in results:
+        for r in _finished(e):
+            try:
+                times.append(json.loads((Path(r["run"]) / "status.json").read_text(encoding="utf-8"))["time"])
+            except (OSError, ValueError, KeyError):
+                continue
+    return hr.when(max(times)) if times else None
+
+
+def _contention_banner(contended: list[str]) -> str:
+    if not contended:
+        return ""
+    return hr.banner(
+        f"{len(contended)} {'run' if len(contended) == 1 else 'runs'} shared the machine with other work while "
+        f"training: {_esc(', '.join(contended))}. Their training times are not comparable and are left out: "
+        "<i>train time</i> is the median over the runs that had the machine to themselves (<i>shared machine</i> "
+        "where none did). Metrics, delta sizes and peak memory are not affected.")
+
+
+def render(results: list[dict], analysis: dict, budget: Budget, folder: Path | None = None) -> str:
+    """The comparison as a page for people; ``folder`` (the comparison's) defaults to the one its runs are in."""
+    if folder is None:
+        runs = [Path(r["run"]) for e in results for r in e.get("runs", []) if "run" in r]
+        folder = runs[0].parent.parent if runs else None
+    colors = {e["method"]: COLORS[i % len(COLORS)] for i, e in enumerate(results)}
     flat = _flat(results, analysis)
     search = (f"a learning-rate search of {budget.trials} trials per method (its default first), then "
               if budget.trials else "each method's default learning rate, ")
-    contended = analysis.get("contended", [])
     notes = [f"{len(results)} methods, the same data and budget: {search}{budget.seeds} seed(s) of the chosen rate. "
              "A seed sets the initialisation, the data order and the train/eval split; every method trains on the "
              "same splits. Figures are means over the seeds."]
@@ -567,11 +670,17 @@ def render(results: list[dict], analysis: dict, budget: Budget) -> str:
             "against each other."))
     else:
         notes.append("The runs kept no per-example results, so there are no intervals or tests.")
-    if contended:
-        notes.append(f"Shared the machine with other work while training (times not shown, not comparable): "
-                     f"{_esc(', '.join(contended))}. Train s is the median over runs that had it to themselves.")
-    body = "".join([f"<h1>deltatune method comparison</h1><p class='pick'>{_esc(analysis['recommendation'])}</p>",
-                    "".join(f"<p>{n}</p>" for n in notes), _table(results, analysis), _searches(results),
-                    _scatter(flat), _curves(flat), _confusions(flat)])
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>deltatune compare</title>'
-            f"<style>{style}</style></head><body>{body}</body></html>\n")
+    finished = _finished_at(results)
+    meta = ([("Folder", str(folder))] if folder else []) + [
+        ("Runs finished", finished) if finished else ("Written", hr.when(None))]
+    if "metric" in analysis:
+        meta.append(("Metric", f"{analysis['metric']} ({'higher' if analysis.get('higher_is_better', True) else 'lower'} "
+                               "is better)"))
+    meta.append(("Budget per method", f"{budget.trials} rate trials, {budget.seeds} seeds"))
+    body = "".join([_contention_banner(analysis.get("contended", [])),
+                    f"<p class='pick'>{_esc(analysis['recommendation'])}</p>",
+                    "".join(f"<p>{n}</p>" for n in notes), "<h2>How well each method did</h2>", _table(results, analysis),
+                    _searches(results), _scatter(flat, colors), _curves(flat, colors), _confusions(flat)])
+    style = ("table th,table td{text-align:right}table td{white-space:nowrap}table th.l,table td.l{text-align:left;"
+             "white-space:normal}.t{white-space:nowrap}.cm{display:inline-block;margin-right:2em;vertical-align:top}")
+    return hr.page("deltatune method comparison", meta, body, style)

@@ -67,7 +67,7 @@ def test_compare_searches_each_method_s_rate_trains_seeds_and_tests_the_differen
     page.feed((out / "report.html").read_text())
     assert page.stack == [] and not page.external  # well-formed and self-contained
     assert page.counts["svg"] == 2 and page.counts["circle"] == 3 and page.counts["polyline"] >= 3
-    assert page.counts["table"] == 1 + 1 + 3  # results, the searches and one confusion matrix per method
+    assert page.counts["table"] == 2 + 1 + 3  # results and costs, the searches and one confusion matrix per method
     recorded = registry_db.list_runs(kind="compare")
     assert sorted(r["method"] for r in recorded) == ["bitfit", "bitfit", "houlsby", "houlsby", "lora", "lora"]
     assert len(registry_db.list_runs(kind="trial")) == 6

@@ -4,12 +4,14 @@ plots as inline SVG so the file is self-contained and safe to open)."""
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 from collections import Counter
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 
+from .. import html_report as h
 from ..config import Config, to_dict
 
 
@@ -52,6 +54,7 @@ def build_report(cfg: Config, splits, fields, ledger, files: dict, tokenizer) ->
     rows_out = sum(len(rows) for rows in splits.values())
     leakage = {s: dict(c) for s, c in ledger.leaks.items()}
     report = {
+        "name": cfg.run_name, "written": datetime.now().isoformat(timespec="seconds"),
         "task": cfg.task, "mode": fields.kind, "files": files, "columns": fields.columns,
         "rows_in": ledger.rows_in,
         "rows_out": rows_out,
@@ -89,8 +92,6 @@ def build_report(cfg: Config, splits, fields, ledger, files: dict, tokenizer) ->
 
 def inspect_file(path: str) -> dict:
     """Rows, and per column: type, missing and distinct values, text lengths, most common values."""
-    from pathlib import Path
-
     from .clean import is_missing
     from .load import FILE, ROW, load_table
 
@@ -127,59 +128,182 @@ def inspect_file(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- HTML
 
-def _bars(title: str, counts: dict, width: int = 520) -> str:
-    if not counts:
+LABELS = {  # the report's keys in plain words (the key itself is shown beside them, in small type)
+    "task": "Task (what is trained)", "mode": "Row format (what a row holds)", "name": "Run name",
+    "rows_in": "Rows read", "rows_out": "Rows kept", "rows_per_split": "Rows kept per split",
+    "rejected_rows": "Rows rejected as malformed or invalid (see rejects.jsonl)",
+    "missing_handled": "Missing values dropped or filled", "length_filtered": "Rows dropped as too short or too long",
+    "control_chars_stripped": "Control characters removed", "exact_duplicates_removed": "Rows dropped as exact duplicates",
+    "near_duplicates_removed": "Rows dropped as near duplicates", "duplicates_by_split": "Duplicates dropped per split",
+    "conflicting_labels": "Texts seen with conflicting labels",
+    "leakage_found": "Eval/test rows that repeat a training row", "leakage_removed": "Eval/test rows removed for repeating a training row",
+    "pii_redacted": "Personal data redacted (by kind)", "augmented_rows": "Rows added by augmentation",
+    "augmented_by_kind": "Added rows by augmentation kind", "left_out_by_limits": "Rows left out by the row limits",
+    "files": "Data files", "columns": "Columns used", "fingerprint": "Data fingerprint (sha256 of the rows used)",
+    "streamed": "Read as a stream (figures on lengths from a sample)",
+    "comparisons_per_split": "Preference pairs per split (each better response against each worse one)",
+}
+LEAK_KINDS = {"exact": "exactly", "near": "nearly", "prompt_in_train": "by its prompt"}
+MODES = {  # fields.kind: the shape of a row, in words
+    "classification": "a text and its class label", "text": "plain text (the model learns to continue it)",
+    "sft": "a prompt and its response (the model learns the response)", "seq2seq": "an input text and its target text",
+    "tokens": "a list of words with a tag per word", "prompts": "a prompt (answers are generated while training)",
+    "preferences": "a prompt and responses ranked from best to worst",
+}
+
+
+def _fact(report: dict, key: str, shown=None) -> tuple[str, str, object]:
+    return LABELS[key], key, report[key] if shown is None else shown
+
+
+def _rows_section(report: dict) -> str:
+    r, settings = report, report.get("settings", {})
+    dropped = sum(r.get("missing_handled", {}).get("dropped", {}).values())
+    removed = [(n, what) for n, what in (
+        (r.get("rejected_rows", 0), "rejected as malformed"), (dropped, "dropped for a missing value"),
+        (r.get("length_filtered", 0), "dropped for their length"),
+        (r.get("exact_duplicates_removed", 0), "dropped as exact duplicates"),
+        (r.get("near_duplicates_removed", 0), "dropped as near duplicates"),
+        (r.get("leakage_removed", 0), "removed for repeating a training row")) if n]
+    limits = ", ".join(f"data.{k} {h.count(settings[k])}" for k in ("train_limit", "eval_limit") if settings.get(k))
+    if r.get("left_out_by_limits"):
+        removed.append((r["left_out_by_limits"], f"left out by the row limits{f' ({limits})' if limits else ''}"))
+    splits = ", ".join(f"{h.count(n)} {s}" for s, n in r["rows_per_split"].items() if n)
+    text = (f"Of {h.plural(r['rows_in'], 'row')} read, {h.count(r['rows_out'])} ({h.percent(r['rows_out'], r['rows_in'])}) "
+            f"were kept: {splits}.")
+    if removed:
+        text += " " + "; ".join(f"{h.count(n)} {what}" for n, what in removed) + "."
+    if r.get("augmented_rows"):
+        text += f" Augmentation added {h.plural(r['augmented_rows'], 'row')} (counted among those kept)."
+    dropped_row = ("Rows dropped for a missing value", "missing_handled.dropped", dropped)
+    keys = ["rows_in", "rejected_rows", None, "length_filtered", "exact_duplicates_removed", "near_duplicates_removed",
+            "leakage_removed", "left_out_by_limits", "augmented_rows", "rows_out", "rows_per_split",
+            "comparisons_per_split"]
+    rows = [dropped_row if k is None else _fact(r, k) for k in keys if k is None or k in r]
+    return "<h2>Rows: what was kept</h2>" + h.means(h.esc(text)) + h.facts(rows)
+
+
+def _cleaning_section(report: dict) -> str:
+    r = report
+    missing = r.get("missing_handled", {})
+    found = [(missing.get("total", 0), "missing values handled"), (r.get("control_chars_stripped", 0),
+             "control characters removed"), (sum(r.get("pii_redacted", {}).values()), "personal data items redacted"),
+             (r.get("conflicting_labels") or 0, "texts seen with conflicting labels")]
+    said = "; ".join(f"{h.count(n)} {what}" for n, what in found if n)
+    text = said + "." if said else "Cleaning found nothing to change: no missing values, control characters or personal data."
+    keys = [k for k in ("missing_handled", "control_chars_stripped", "pii_redacted", "conflicting_labels") if k in r]
+    return "<h2>Cleaning</h2>" + h.means(h.esc(text)) + h.facts([_fact(r, k) for k in keys])
+
+
+def _leakage_section(report: dict) -> str:
+    r = report
+    found = {split: sum(kinds.values()) for split, kinds in r.get("leakage_found", {}).items()}
+    leaked = sum(found.values())
+    action = r.get("settings", {}).get("dedup", {}).get("leakage")
+    if not leaked:
+        text = "No evaluation or test row repeats a training row."
+    else:
+        where = " and ".join(f"{h.count(n)} {split}" for split, n in found.items() if n)
+        kinds = Counter()
+        for by_kind in r["leakage_found"].values():
+            kinds.update(by_kind)
+        how = ", ".join(f"{h.count(n)} {LEAK_KINDS.get(kind, kind)}" for kind, n in sorted(kinds.items()) if n)
+        done = ("removed" if r.get("leakage_removed") else
+                "reported, not removed (data.dedup.leakage=remove drops them)" if action != "remove" else "reported")
+        text = (f"{where} {'row repeats' if leaked == 1 else 'rows repeat'} a training row ({how}): {done}.")
+    dups = r.get("exact_duplicates_removed", 0) + r.get("near_duplicates_removed", 0)
+    text += f" {h.plural(dups, 'duplicate row')} dropped within the splits." if dups else " No duplicate rows within the splits."
+    keys = [k for k in ("duplicates_by_split", "leakage_found", "leakage_removed") if k in r]
+    rows = [_fact(r, k) for k in keys]
+    if r.get("leaks"):
+        shown = r["leaks"][:10]
+        items = "".join(f"<li>{h.esc(x['split'])} row {h.count(x['row'])} ({h.esc(Path(str(x['file'])).name)}) "
+                        f"{'is' if x['kind'] == 'exact' else 'nearly is'} train row {h.count(x['train_row'])}</li>"
+                        if "train_row" in x else f"<li>{h.esc(x['split'])} row {h.count(x['row'])} ({h.esc(x['kind'])})</li>"
+                        for x in shown)
+        more = f"<li>… and {h.count(len(r['leaks']) - len(shown))} more in data_report.json</li>" if len(r["leaks"]) > 10 else ""
+        rows.append(("Examples", "leaks", f'<ul class="small">{items}{more}</ul>'))
+    return "<h2>Duplicates and leakage</h2>" + h.means(h.esc(text)) + h.facts(rows)
+
+
+def _tasks_section(report: dict) -> str:
+    """Multi-task data (data/multitask.py): each task's own figures."""
+    keys = ("rows_per_split", "exact_duplicates_removed", "leakage_found", "left_out_by_limits")
+    head = "".join(f"<th>{h.label(LABELS[k], k)}</th>" for k in keys)
+    rows = "".join(f"<tr><th>{h.esc(task)}</th>" + "".join(f"<td{' class=n' if isinstance(t.get(k), int) else ''}>{h.value(t.get(k))}</td>" for k in keys) + "</tr>"
+                   for task, t in report["tasks"].items())
+    return (f"<h2>Tasks</h2>{h.means(h.esc(h.plural(len(report['tasks']), 'task') + ' share these splits; each task’s own figures:'))}"
+            f"<table><tr><th>task</th>{head}</tr>{rows}</table>")
+
+
+def _labels_section(report: dict) -> str:
+    parts, lines = [], []
+    for split, counts in report.get("label_counts", {}).items():
+        if not counts:
+            continue
+        parts.append(h.bars(f"Labels in {split}", counts, unit="rows"))
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        if len(counts) == 1:
+            lines.append(f"{split}: every row has the one label {big}")
+        elif counts[small] == 0:
+            lines.append(f"{split}: the class {small} has no rows")
+        elif counts[big] / counts[small] < 1.05:
+            lines.append(f"{split}: balanced, {h.plural(len(counts), 'class', 'classes')} of "
+                         f"{h.count(counts[small])} to {h.count(counts[big])} rows" if counts[big] != counts[small] else
+                         f"{split}: balanced, {h.plural(len(counts), 'class', 'classes')} of {h.count(counts[big])} rows each")
+        else:
+            lines.append(f"{split}: the largest class ({big}, {h.count(counts[big])}) is "
+                         f"{counts[big] / counts[small]:.1f}x the smallest ({small}, {h.count(counts[small])})")
+    if not parts:
         return ""
-    top = max(counts.values()) or 1
-    row_h, label_w = 22, 150
-    parts = [f'<svg role="img" aria-label="{html.escape(title)}" width="{width}" height="{row_h * len(counts) + 8}">']
-    for i, (name, n) in enumerate(counts.items()):
-        y, w = i * row_h + 4, (width - label_w - 60) * n / top
-        parts.append(f'<text x="0" y="{y + 15}" font-size="12">{html.escape(str(name))[:24]}</text>'
-                     f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="16" fill="#4c78a8"/>'
-                     f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" font-size="12">{n}</text>')
-    return f"<h3>{html.escape(title)}</h3>" + "".join(parts) + "</svg>"
+    return ("<h2>Labels</h2>" + h.means(h.esc("Label balance: " + "; ".join(lines) + "."))
+            + '<div class="figs">' + "".join(f"<div>{part}</div>" for part in parts) + "</div>")
 
 
-def _histogram(title: str, hist: dict, width: int = 520, height: int = 160) -> str:
-    if not hist:
+def _lengths_section(report: dict) -> str:
+    parts, lines = [], []
+    for split, n in report.get("token_lengths", {}).items():
+        if not n:
+            continue
+        sample = f" (a sample of {h.count(n['sampled_rows'])} rows)" if "sampled_rows" in n else ""
+        lines.append(f"half the {split} rows{sample} have at most {h.count(n['p50'])} tokens, 95 % at most "
+                     f"{h.count(n['p95'])}, the longest {h.count(n['max'])}")
+        hist = n.get("histogram", {})
+        plot = h.histogram(f"Token lengths in {split} (p50 {n['p50']}, p95 {n['p95']}, max {n['max']})",
+                           hist.get("counts", []), hist.get("edges", []), "tokens per row", "rows",
+                           markers=[(n["p50"], f"median {n['p50']}"), (n["p95"], f"p95 {n['p95']}")])
+        stats = [(name, f"token_lengths.{split}.{key}", n[key]) for name, key in (
+            ("Shortest", "min"), ("Median (p50)", "p50"), ("90th percentile", "p90"), ("95th percentile", "p95"),
+            ("99th percentile", "p99"), ("Longest", "max"), ("Mean", "mean")) if key in n]
+        parts.append(f'<div class="figs"><div>{plot}</div><div><h3>In tokens</h3>{h.facts(stats)}</div></div>')
+    if not parts:
         return ""
-    counts, edges = hist["counts"], hist["edges"]
-    top, bar_w = max(counts) or 1, width / len(counts)
-    parts = [f'<svg role="img" aria-label="{html.escape(title)}" width="{width}" height="{height + 20}">']
-    for i, n in enumerate(counts):
-        h = (height - 10) * n / top
-        parts.append(f'<rect x="{i * bar_w:.1f}" y="{height - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
-                     f'fill="#f58518"><title>{edges[i]}-{edges[i + 1]} tokens: {n}</title></rect>')
-    parts.append(f'<text x="0" y="{height + 15}" font-size="11">{edges[0]}</text>'
-                 f'<text x="{width - 40}" y="{height + 15}" font-size="11">{edges[-1]} tokens</text>')
-    return f"<h3>{html.escape(title)}</h3>" + "".join(parts) + "</svg>"
+    text = "Lengths as the model sees them (tokens after the template): " + "; ".join(lines) + "."
+    return "<h2>Token lengths</h2>" + h.means(h.esc(text)) + "".join(parts)
 
 
-def _table(pairs: list[tuple[str, object]]) -> str:
-    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
-                    for k, v in pairs)
-    return f"<table>{cells}</table>"
+def _details_section(report: dict) -> str:
+    r = report
+    mode = r.get("mode")
+    rows = [_fact(r, "task"), _fact(r, "mode", f"{MODES[mode]} ({mode})" if mode in MODES else mode)] if "task" in r else []
+    rows += [_fact(r, k) for k in ("files", "columns", "streamed", "fingerprint") if k in r]
+    settings = (f"<details><summary>Data settings used (<code>data.*</code>)</summary>{h.value(r['settings'])}</details>"
+                if r.get("settings") else "")
+    return "<h2>Data and settings</h2>" + h.facts(rows) + settings
 
 
-def render_html(report: dict) -> str:
-    keys = ["task", "mode", "rows_in", "rows_out", "rows_per_split", "rejected_rows", "missing_handled",
-            "length_filtered", "control_chars_stripped", "exact_duplicates_removed", "near_duplicates_removed",
-            "conflicting_labels", "leakage_found", "leakage_removed", "pii_redacted", "augmented_rows", "augmented_by_kind",
-            "left_out_by_limits", "fingerprint"]
-    body = [f"<h1>Data report</h1><p>{html.escape(', '.join(f'{k}: {v}' for k, v in report['files'].items()))}</p>",
-            _table([(k, report[k]) for k in keys if k in report])]  # older reports lack newer keys
-    if report.get("tasks"):  # multi-task data (data/multitask.py): each task's own figures
-        body.append("<h2>Tasks</h2>" + _table([(task, {k: t[k] for k in ("rows_per_split", "exact_duplicates_removed",
-                                                                          "leakage_found", "left_out_by_limits")})
-                                               for task, t in report["tasks"].items()]))
-    for split, counts in report["label_counts"].items():
-        body.append(_bars(f"Labels in {split}", counts))
-    for split, lengths in report["token_lengths"].items():
-        if lengths:
-            body.append(_histogram(f"Token lengths in {split} (p50 {lengths['p50']}, p95 {lengths['p95']}, "
-                                   f"max {lengths['max']})", lengths["histogram"]))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px}")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>deltatune data report</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+def render_html(report: dict, name: str | None = None, written=None) -> str:
+    """The report as a page for people. ``name`` (the run's) and ``written`` (a datetime or ISO text) default
+    to the report's own ``name`` and ``written`` (older reports lack them: the time of rendering)."""
+    name = name or report.get("name")
+    written = written or report.get("written")
+    files = ", ".join(f"{Path(str(p)).name} ({split})" for split, p in report.get("files", {}).items())
+    meta = ([("Run", name)] if name else []) + [("Task", report.get("task", "?")), ("Data", files or "?"),
+                                                 ("Written" if written else "Rendered", h.when(written))]
+    body = [_rows_section(report), _cleaning_section(report), _leakage_section(report)]
+    if report.get("augmented_by_kind"):
+        body.append("<h2>Augmentation</h2>" + h.facts([_fact(report, "augmented_rows"), _fact(report, "augmented_by_kind")]))
+    if report.get("tasks"):
+        body.append(_tasks_section(report))
+    body += [_labels_section(report), _lengths_section(report), _details_section(report)]
+    return h.page("Data report", meta, "".join(body))

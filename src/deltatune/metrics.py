@@ -35,6 +35,50 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
     }
 
 
+# ----------------------------------------------------------------------------- entities (BIO / IOB2 tags)
+
+def is_iob2(labels: list[str]) -> bool:
+    """Tags of the IOB2 scheme: ``O`` and ``B-TYPE`` / ``I-TYPE``, with at least one ``B-``."""
+    return any(t.startswith("B-") for t in labels) and all(t == "O" or t[:2] in ("B-", "I-") and t[2:]
+                                                            for t in labels)
+
+
+def entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) of each entity in one IOB2 sentence, as seqeval's strict mode reads them: a
+    ``B-X`` starts one and the ``I-X`` right after it continue it; an ``I-X`` that continues no ``X``
+    starts nothing (the default, lenient mode would count it as an entity)."""
+    found, start, kind = set(), None, ""
+    for i, tag in enumerate([*tags, "O"]):
+        if start is not None and tag == f"I-{kind}":
+            continue
+        if start is not None:
+            found.add((kind, start, i))
+            start = None
+        if tag.startswith("B-"):
+            start, kind = i, tag[2:]
+    return found
+
+
+def entity_metrics(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
+    """Entity-level precision, recall and F1 (micro over all entities, and macro over types) and per
+    type, with an entity right only when its type and both ends are (seqeval, strict mode, IOB2)."""
+    true = {(n, *e) for n, tags in enumerate(true_tags) for e in entities(tags)}
+    pred = {(n, *e) for n, tags in enumerate(pred_tags) for e in entities(tags)}
+
+    def scores(t: set, p: set) -> dict:
+        hit = len(t & p)
+        precision, recall = hit / len(p) if p else 0.0, hit / len(t) if t else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1, "support": len(t)}
+
+    kinds = sorted({e[1] for e in true | pred})
+    per_type = {k: scores({e for e in true if e[1] == k}, {e for e in pred if e[1] == k}) for k in kinds}
+    micro = scores(true, pred)
+    return {"entity_precision": micro["precision"], "entity_recall": micro["recall"], "entity_f1": micro["f1"],
+            "entity_macro_f1": sum(v["f1"] for v in per_type.values()) / len(kinds) if kinds else 0.0,
+            "entity_per_type": per_type}
+
+
 def perplexity(mean_loss: float) -> float:
     """exp of the mean per-token negative log-likelihood (inf past float range)."""
     return math.exp(mean_loss) if mean_loss < 700 else float("inf")

@@ -4,12 +4,16 @@ so callers can average over exactly the items that count, across micro-batches."
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+torch_checkpoint = lazy("torch.utils.checkpoint")
 
 IGNORE = -100
 # Positions per chunk of chunked_causal_lm_loss: SmolLM2's 49,152-word vocabulary makes a
@@ -71,7 +75,7 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
     total = None
     for start in range(0, count, chunk_tokens):
         args = (rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
-        part = checkpoint(chunk_loss, *args, use_reentrant=False) if grad else chunk_loss(*args)
+        part = torch_checkpoint.checkpoint(chunk_loss, *args, use_reentrant=False) if grad else chunk_loss(*args)
         total = part if total is None else total + part
     return total, count
 
@@ -91,39 +95,9 @@ def linear_cross_entropy(rows: Tensor, weight: Tensor, bias: Tensor | None, targ
     them. Against checkpointed chunks this saves one projection to the vocabulary and the separate
     log-softmax / NLL backward passes over the logits.
     """
-    return _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk_tokens)
+    from .fused_cross_entropy import LinearCrossEntropy
 
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_tokens: int) -> Tensor:
-        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad_rows = torch.empty_like(rows) if need_rows else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in range(0, rows.shape[0], chunk_tokens):
-            x, y = rows[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            logits = F.linear(x, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(y.numel(), device=y.device), y] -= 1.0  # minus one_hot: d loss / d logits
-            g = probs.to(x.dtype)
-            if need_rows:
-                grad_rows[start:start + chunk_tokens] = g @ weight
-            if need_weight:
-                grad_weight.addmm_(probs.t(), x.float())
-            if need_bias:
-                grad_bias += probs.sum(0)
-        ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype),
-                              None if grad_bias is None else grad_bias.to(bias.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: Tensor):
-        return (*(None if g is None else g * grad_total for g in ctx.saved_tensors), None, None)
+    return LinearCrossEntropy.apply(rows, weight, bias, targets, chunk_tokens)
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel)
-from transformers.utils import logging as hf_logging
+from typing import TYPE_CHECKING
 
 from .assets import resolve_model
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
+transformers = lazy("transformers")
+hf_logging = lazy("transformers.utils.logging")
 
 
 def load_tokenizer(path: str | Path):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
-HEADS = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification,
-         "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+HEADS = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification",
+         "causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
+
+
+def head_class(head: str) -> type:
+    """The transformers auto class that loads a base model with ``head`` (a key of ``HEADS``)."""
+    return getattr(transformers, HEADS[head])
 
 
 def load_model(model_ref: str | Path, head: str, labels: list[str] | None = None,
@@ -38,7 +47,7 @@ def load_model(model_ref: str | Path, head: str, labels: list[str] | None = None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     try:
-        model = HEADS[head].from_pretrained(path, **kwargs)
+        model = head_class(head).from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if labels is not None and model.config.pad_token_id is None:  # decoders need it to find the last real token

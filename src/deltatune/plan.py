@@ -34,7 +34,7 @@ from .assets import resolve_model
 from .config import Config, TrainConfig
 from .errors import ArgumentError
 from .methods import registry
-from .models import HEADS, count_parameters, load_tokenizer, transformer_layers
+from .models import count_parameters, head_class, load_tokenizer, transformer_layers
 from .tasks import registry as tasks
 from .tasks.base import Task
 
@@ -246,12 +246,12 @@ def _adapter_inputs(layers: nn.ModuleList) -> float:
 
 
 def _meta_model(config, task: Task) -> nn.Module:
-    """The task's model (``models.HEADS[task.head]``, as ``Task.build_model`` loads it), without weights."""
+    """The task's model (``models.head_class(task.head)``, as ``Task.build_model`` loads it), without weights."""
     labels = task.head_labels()
     if labels is not None:
         config.num_labels = len(labels)
     with torch.device("meta"):
-        return HEADS[task.head].from_config(config)
+        return head_class(task.head).from_config(config)
 
 
 def _linear_weights(model: nn.Module, skip: tuple[str, ...]) -> int:

@@ -124,14 +124,14 @@ def test_freeze_rejects_more_layers_than_the_model_has(tiny_bert, cls_csv):
 
 def test_feature_cache_is_reused(tiny_bert, cls_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
-    from deltatune.methods import feature_extraction as fe
+    from deltatune.methods.feature_classifier import FeatureClassifier
 
     cfg = config(tiny_bert, "classification", "feature_extraction", cls_csv)
     job, _, _ = build_job(cfg, None)
     shards = list((tmp_path / "cache" / "features").glob("*/*.safetensors"))
     assert len(shards) == 2  # train and eval, each encoded once
     calls = []
-    monkeypatch.setattr(fe.FeatureClassifier, "encode", lambda *a: calls.append(1))
+    monkeypatch.setattr(FeatureClassifier, "encode", lambda *a: calls.append(1))
     job2, _, _ = build_job(cfg, None)  # a second run: every vector comes from disk
     assert calls == []
     torch.testing.assert_close(job2.train_examples[0]["features"], job.train_examples[0]["features"])

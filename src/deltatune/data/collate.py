@@ -9,9 +9,10 @@ stacks the chosen sequences of all its pairs, then the rejected ones.
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import lazy
 from .examples import IGNORE, LabelledText, Pair, Ranking, TokenTargets
+
+torch = lazy("torch")
 
 
 def pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from datasketch import MinHash, MinHashLSH
-
 from ..config import DedupConfig
+from ..lazy import lazy
+
+datasketch = lazy("datasketch")
 
 Key = Callable[[dict], str]  # the text of a row that duplicates are judged on
 
@@ -37,18 +38,19 @@ class NearIndex:
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
-        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-        self.items: dict[int, tuple[MinHash, dict]] = {}
+        self.lsh = datasketch.MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        self.items: dict[int, tuple[datasketch.MinHash, dict]] = {}
         # Drawing the random permutations is most of a MinHash's cost: draw them once per index.
-        template = MinHash(num_perm=cfg.num_perm, seed=1)
+        template = datasketch.MinHash(num_perm=cfg.num_perm, seed=1)
         self.permutations, self.scheme = template.permutations, template.scheme
 
-    def signature(self, text: str) -> MinHash:
-        m = MinHash(num_perm=self.cfg.num_perm, seed=1, permutations=self.permutations, scheme=self.scheme)
+    def signature(self, text: str) -> datasketch.MinHash:
+        m = datasketch.MinHash(num_perm=self.cfg.num_perm, seed=1, permutations=self.permutations,
+                               scheme=self.scheme)
         m.update_batch([s.encode("utf-8") for s in shingles(text, self.cfg.ngram)])
         return m
 
-    def match(self, m: MinHash) -> dict | None:
+    def match(self, m: datasketch.MinHash) -> dict | None:
         best, best_sim = None, 0.0
         for key in self.lsh.query(m):
             other, row = self.items[key]
@@ -57,7 +59,7 @@ class NearIndex:
                 best, best_sim = row, sim
         return best
 
-    def add(self, m: MinHash, row: dict) -> None:
+    def add(self, m: datasketch.MinHash, row: dict) -> None:
         key = len(self.items)
         self.items[key] = (m, row)
         self.lsh.insert(key, m)

@@ -11,13 +11,16 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import CannotMerge, RunError
+from ..lazy import lazy
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+torch = lazy("torch")
+safetensors_torch = lazy("safetensors.torch")
 
 DELTA_FILE = "delta.safetensors"
 
@@ -98,7 +101,8 @@ class Method:
 
     def save_delta(self, model: nn.Module, path: Path, options) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.delta_state_dict(model).items()}, path / DELTA_FILE)
+        delta = {k: v.contiguous() for k, v in self.delta_state_dict(model).items()}
+        safetensors_torch.save_file(delta, path / DELTA_FILE)
         (path / "method.json").write_text(json.dumps({"method": self.name, "options": asdict(options)}))
 
     def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
@@ -107,7 +111,7 @@ class Method:
         file = Path(path) / DELTA_FILE
         if not file.is_file():
             raise RunError(f"{path}: no {DELTA_FILE}; this run did not finish saving its delta")
-        state = load_file(file)
+        state = safetensors_torch.load_file(file)
         expected = set(self.delta_state_dict(model))
         if set(state) != expected:
             missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]

@@ -7,12 +7,15 @@ family, e.g. SmolLM2) cannot use it.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import DeltatuneError
 from ..models import head_parameter_names
 from .base import Method, set_trainable
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register

@@ -13,17 +13,21 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..fs import cache_dir
+from ..lazy import lazy
 from .base import Method, set_trainable
 from .registry import register
+
+if TYPE_CHECKING:
+    from .feature_classifier import FeatureClassifier
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
+safetensors = lazy("safetensors")
+safetensors_torch = lazy("safetensors.torch")
 
 
 @dataclass
@@ -42,48 +46,6 @@ class FeatureOptions:
         if self.l2 != "auto" and (isinstance(self.l2, (bool, str)) or not self.l2 >= 0):
             problems.append(f"l2: use auto or a number >= 0, got {self.l2!r}")
         return problems
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """One vector per text from ``(texts, tokens, hidden)`` states: the mean over its real tokens
-    (``attention_mask``), or the first token's (``cls``)."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-class FeatureClassifier(nn.Module):
-    """Frozen backbone + linear head; reads precomputed ``features`` when the batch has them."""
-
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, config):
-        super().__init__()
-        self.backbone = backbone
-        self.pooling = pooling
-        self.config = config
-        self.head = nn.Linear(config.hidden_size, num_labels)
-        self._cache_key: str | None = None
-
-    @property
-    def cache_key(self) -> str:
-        """Identifies the features: the frozen backbone's weights and the pooling (hashed once)."""
-        if self._cache_key is None:
-            h = hashlib.sha256(self.pooling.encode())
-            for name, param in self.backbone.state_dict().items():
-                h.update(name.encode())
-                h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._cache_key = h.hexdigest()[:16]
-        return self._cache_key
-
-    @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
-
-    def forward(self, input_ids=None, attention_mask=None, features=None, **_):
-        if features is None:
-            features = self.encode(input_ids, attention_mask)
-        return SimpleNamespace(logits=self.head(features))
 
 
 @register
@@ -106,6 +68,8 @@ class FeatureExtraction(Method):
         return None
 
     def apply(self, model: nn.Module, options: FeatureOptions, task) -> nn.Module:
+        from .feature_classifier import FeatureClassifier
+
         wrapped = FeatureClassifier(model.base_model, model.config.num_labels, options.pooling, model.config)
         set_trainable(wrapped, lambda name: name.startswith("head."))
         return wrapped
@@ -154,7 +118,7 @@ def cached_features(model: FeatureClassifier, ids: list[list[int]]) -> torch.Ten
         folder.mkdir(parents=True, exist_ok=True)
         shard = folder / f"{hashlib.sha1(''.join(missing).encode()).hexdigest()[:16]}.safetensors"
         tmp = shard.with_suffix(".tmp")
-        save_file({"features": vectors.contiguous()}, tmp, metadata={"keys": json.dumps(missing)})
+        safetensors_torch.save_file({"features": vectors.contiguous()}, tmp, metadata={"keys": json.dumps(missing)})
         tmp.replace(shard)
         known.update(zip(missing, vectors))
     return torch.stack([known[k] for k in keys])
@@ -163,7 +127,7 @@ def cached_features(model: FeatureClassifier, ids: list[list[int]]) -> torch.Ten
 def _read_shards(folder: Path) -> dict[str, torch.Tensor]:
     known: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as fh:
+        with safetensors.safe_open(shard, "pt") as fh:
             keys = json.loads(fh.metadata()["keys"])
             known.update(zip(keys, fh.get_tensor("features")))
     return known

@@ -8,14 +8,16 @@ head alone (with the backbone's last norm/pooler).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..errors import DeltatuneError
 from ..models import transformer_layers
 from .base import Method, set_trainable
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass

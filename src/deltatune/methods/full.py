@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import Method, set_trainable
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register

@@ -16,14 +16,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from ..config import doc
 from ..errors import CannotMerge, DeltatuneError
+from ..lazy import lazy
 from ..models import head_parameter_names, replace_module
 from .base import Method, set_trainable
 from .registry import register
+
+nn = lazy("torch.nn")
 
 # Output projections of the attention and feed-forward sub-layers, by architecture.
 SITES = {
@@ -31,7 +31,7 @@ SITES = {
     "llama": (r"self_attn\.o_proj$", r"mlp\.down_proj$"),
     "t5": (r"(SelfAttention|EncDecAttention)\.o$", r"DenseReluDense\.wo$"),
 }
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "swish": "SiLU"}  # torch.nn classes
 
 
 @dataclass
@@ -53,39 +53,6 @@ class AdapterOptions:
         if self.reduction_factor < 1:
             out.append(f"reduction_factor: must be at least 1, got {self.reduction_factor}")
         return out
-
-
-class Adapter(nn.Module):
-    """``h + W_up f(W_down h)``, with ``W_up = 0`` at initialisation."""
-
-    def __init__(self, dim: int, bottleneck: int, activation: str):
-        super().__init__()
-        self.down = nn.Linear(dim, bottleneck)
-        self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(bottleneck, dim)
-        nn.init.normal_(self.down.weight, std=1e-2)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
-
-
-class WithAdapter(nn.Module):
-    """A frozen output projection followed by its adapter."""
-
-    def __init__(self, base: nn.Linear, adapter: Adapter):
-        super().__init__()
-        self.base = base
-        self.adapter = adapter
-
-    @property
-    def weight(self) -> torch.Tensor:  # some models read their projection's weight (T5: its dtype)
-        return self.base.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.base(x))
 
 
 def adapter_sites(model: nn.Module, placement: str) -> list[str]:
@@ -113,6 +80,8 @@ class Houlsby(Method):
         return {"reduction_factor": [8, 16, 32, 64]}
 
     def apply(self, model: nn.Module, options: AdapterOptions, task) -> nn.Module:
+        from .houlsby_layers import Adapter, WithAdapter
+
         head = set(head_parameter_names(model))
         for name in adapter_sites(model, options.placement):
             base = model.get_submodule(name)

@@ -8,13 +8,17 @@ Keys, values and the feed-forward activations are multiplied element-wise by tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from peft import IA3Config
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..config import doc
+from ..lazy import lazy
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+peft = lazy("peft")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class IA3(PeftMethod):
     default_lr = 3e-3  # Liu et al. 2022 (T-Few): IA3 trained at 3e-3
     default_lr_source = "Liu et al. 2022 (T-Few): IA3 vectors trained at 3e-3"
 
-    def peft_config(self, options: IA3Options, task, model: nn.Module) -> IA3Config:
-        return IA3Config(task_type=task_type(task), target_modules=options.target_modules,
-                         feedforward_modules=options.feedforward_modules,
-                         modules_to_save=head_modules(task, model))
+    def peft_config(self, options: IA3Options, task, model: nn.Module) -> peft.IA3Config:
+        return peft.IA3Config(task_type=task_type(task), target_modules=options.target_modules,
+                              feedforward_modules=options.feedforward_modules,
+                              modules_to_save=head_modules(task, model))

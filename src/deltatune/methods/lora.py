@@ -7,13 +7,17 @@ loads our adapters; ``merge`` folds ``(alpha / r) * B A`` into ``W`` (no added l
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from peft import LoraConfig
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..config import doc
+from ..lazy import lazy
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+peft = lazy("peft")
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Lora(PeftMethod):
     def search_space(self) -> dict:
         return {"r": [4, 8, 16, 32], "alpha": [8, 16, 32, 64], "dropout": [0.0, 0.05, 0.1]}
 
-    def peft_config(self, options: LoraOptions, task, model: nn.Module) -> LoraConfig:
-        return LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
-                          lora_dropout=options.dropout, target_modules=options.target_modules,
-                          modules_to_save=head_modules(task, model))
+    def peft_config(self, options: LoraOptions, task, model: nn.Module) -> peft.LoraConfig:
+        return peft.LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
+                               lora_dropout=options.dropout, target_modules=options.target_modules,
+                               modules_to_save=head_modules(task, model))

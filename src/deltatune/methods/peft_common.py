@@ -11,17 +11,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from peft import PeftConfig, PeftModel, TaskType, get_peft_model
-from torch import nn
-
 from ..errors import CannotMerge, ConfigError
+from ..lazy import lazy
 from ..models import head_module_names
 from .base import Method
 
+nn = lazy("torch.nn")
+peft = lazy("peft")
 
-def task_type(task) -> TaskType:
+
+def task_type(task) -> peft.TaskType:
     """peft's task type for the task's head (``task.peft_type`` names a ``TaskType`` member)."""
-    return TaskType[task.peft_type]
+    return peft.TaskType[task.peft_type]
 
 
 def head_modules(task, model: nn.Module) -> list[str] | None:
@@ -80,7 +81,7 @@ class PeftMethod(Method):
     switchable_off = True
     adaptable = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d")  # layer types peft can wrap
 
-    def peft_config(self, options, task, model: nn.Module) -> PeftConfig:
+    def peft_config(self, options, task, model: nn.Module) -> peft.PeftConfig:
         raise NotImplementedError
 
     def apply(self, model: nn.Module, options, task) -> nn.Module:
@@ -92,7 +93,7 @@ class PeftMethod(Method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
             try:
-                return get_peft_model(model, self.peft_config(options, task, model))
+                return peft.get_peft_model(model, self.peft_config(options, task, model))
             except ValueError as exc:  # e.g. peft has no default target_modules for this architecture
                 if "target_modules" not in str(exc):
                     raise
@@ -106,7 +107,7 @@ class PeftMethod(Method):
     def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return PeftModel.from_pretrained(model, path, is_trainable=False)
+            return peft.PeftModel.from_pretrained(model, path, is_trainable=False)
 
     @contextmanager
     def switched_off(self, model: nn.Module) -> Iterator[nn.Module]:

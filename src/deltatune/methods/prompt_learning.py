@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
-
-from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
-                  PromptTuningConfig, PromptTuningInit)
-from torch import nn
+from typing import TYPE_CHECKING, Iterator
 
 from ..config import doc
+from ..lazy import lazy
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+peft = lazy("peft")
 
 WHY = ("the trained virtual tokens are inputs, not weight changes, so there is nothing to fold into "
        "the base; serve the run directory (base + delta), or train lora or ia3 for a merged model")
@@ -86,11 +88,11 @@ class Prefix(SoftPromptMethod):
     default_lr_source = "Liu et al. 2022 (P-tuning v2, deep prefixes on NLU tasks): 5e-3 to 1e-2"
     Options = PrefixOptions
 
-    def peft_config(self, options: PrefixOptions, task, model: nn.Module) -> PrefixTuningConfig:
-        return PrefixTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
-                                  prefix_projection=options.projection,
-                                  encoder_hidden_size=options.encoder_hidden_size or model.config.hidden_size,
-                                  modules_to_save=head_modules(task, model))
+    def peft_config(self, options: PrefixOptions, task, model: nn.Module) -> peft.PrefixTuningConfig:
+        return peft.PrefixTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                       prefix_projection=options.projection,
+                                       encoder_hidden_size=options.encoder_hidden_size or model.config.hidden_size,
+                                       modules_to_save=head_modules(task, model))
 
 
 @register
@@ -101,13 +103,13 @@ class Prompt(SoftPromptMethod):
     default_lr_source = "Lester et al. 2021 (prompt tuning): 0.3 on T5"
     Options = PromptOptions
 
-    def peft_config(self, options: PromptOptions, task, model: nn.Module) -> PromptTuningConfig:
+    def peft_config(self, options: PromptOptions, task, model: nn.Module) -> peft.PromptTuningConfig:
         text = options.init_text
-        return PromptTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
-                                  prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
-                                  prompt_tuning_init_text=text,
-                                  tokenizer_name_or_path=model.name_or_path if text else None,
-                                  modules_to_save=head_modules(task, model))
+        init = peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM
+        return peft.PromptTuningConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                       prompt_tuning_init=init, prompt_tuning_init_text=text,
+                                       tokenizer_name_or_path=model.name_or_path if text else None,
+                                       modules_to_save=head_modules(task, model))
 
 
 @register
@@ -119,9 +121,10 @@ class PTuning(SoftPromptMethod):
                          "encoder; the geometric middle")
     Options = PTuningOptions
 
-    def peft_config(self, options: PTuningOptions, task, model: nn.Module) -> PromptEncoderConfig:
-        kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}
-        return PromptEncoderConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
-                                   encoder_reparameterization_type=kind[options.encoder],
-                                   encoder_hidden_size=options.encoder_hidden_size,
-                                   modules_to_save=head_modules(task, model))
+    def peft_config(self, options: PTuningOptions, task, model: nn.Module) -> peft.PromptEncoderConfig:
+        kind = {"mlp": peft.PromptEncoderReparameterizationType.MLP,
+                "lstm": peft.PromptEncoderReparameterizationType.LSTM}
+        return peft.PromptEncoderConfig(task_type=task_type(task), num_virtual_tokens=options.num_virtual_tokens,
+                                        encoder_reparameterization_type=kind[options.encoder],
+                                        encoder_hidden_size=options.encoder_hidden_size,
+                                        modules_to_save=head_modules(task, model))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from ..config import doc
+from ..lazy import lazy
 from ..models import replace_module
 from .lora import Lora, LoraOptions
 from .registry import register
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
 
 # Heads stay in full precision: they are new (classification) or tied to the embeddings (LM).
 KEEP_FULL_PRECISION = ["classifier", "score", "lm_head"]

@@ -12,9 +12,15 @@ they differ.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 IGNORE = -100
 
@@ -146,7 +152,6 @@ def kl_penalty_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, m
     return rewards
 
 
-@torch.no_grad()
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens:
@@ -159,17 +164,18 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     there). ``mask`` must mark one contiguous run of tokens per row. Returns (advantages,
     returns), 0 on masked positions, without gradient. Advantages are not whitened: see ``whiten``.
     """
-    m = mask.to(values.dtype)
-    values = torch.where(mask.bool(), values, torch.zeros_like(values))
-    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
-    advantages = torch.zeros_like(values)
-    next_value = next_advantage = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
-        next_value = values[:, t]
-        advantages[:, t] = next_advantage
-    return advantages, advantages + values
+    with torch.no_grad():
+        m = mask.to(values.dtype)
+        values = torch.where(mask.bool(), values, torch.zeros_like(values))
+        rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+        advantages = torch.zeros_like(values)
+        next_value = next_advantage = torch.zeros_like(values[:, 0])
+        for t in reversed(range(values.shape[1])):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
+            next_value = values[:, t]
+            advantages[:, t] = next_advantage
+        return advantages, advantages + values
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:

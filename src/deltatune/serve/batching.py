@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..methods.feature_extraction import FeatureClassifier, pool
+from ..methods.feature_classifier import FeatureClassifier, pool
 from ..tasks.classification import class_probabilities
 from ..tasks.reward import response_scores
 from ..tasks.token_classification import token_logits

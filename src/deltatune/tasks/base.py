@@ -12,9 +12,7 @@ an instance, ``Task(cfg, pad_id)``, binds the run's settings, and ``prepare`` se
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..data.examples import PreparedData, Split, check_known_labels
@@ -22,6 +20,10 @@ from ..data.prepare import Fields, Ledger, PreparedRows, RowStage, prepare_rows
 from ..errors import DataError, RunError
 from ..models import load_model
 from .common import batches
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)

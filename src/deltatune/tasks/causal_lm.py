@@ -7,18 +7,23 @@ not fit (soft prompts, see ``common.decoder_parts``) take the plain path.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..data.collate import collate
 from ..data.examples import PreparedData, encode_sft, encode_text, prompt_ids
 from ..data.pack import pack
 from ..data.prepare import Fields
+from ..lazy import lazy
 from ..losses import causal_lm_loss, chunked_causal_lm_loss
 from ..metrics import outcome_record, perplexity
 from .base import Metric, Task
 from .common import decoder_parts, evaluating, forward, to_device
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy("torch")
 
 
 class LanguageModelling(Task):
@@ -68,20 +73,20 @@ def causal_loss(model: nn.Module, batch: dict, chunked: bool, per_row: bool = Fa
     return loss(out, targets)
 
 
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], chat_template: bool,
              max_new_tokens: int = 64) -> list[dict]:
     """Greedy responses, each prompt framed as in training."""
-    device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:  # one at a time: no padding side effects on short CPU runs
-        ids = torch.tensor([prompt_ids(tokenizer, prompt, chat_template)], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        new = gen[0, ids.shape[1]:]
-        out.append({"prompt": prompt, "response": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                    "new_tokens": len(new)})
-    return out
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        out = []
+        for prompt in prompts:  # one at a time: no padding side effects on short CPU runs
+            ids = torch.tensor([prompt_ids(tokenizer, prompt, chat_template)], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            new = gen[0, ids.shape[1]:]
+            out.append({"prompt": prompt, "response": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                        "new_tokens": len(new)})
+        return out
 
 
 @register

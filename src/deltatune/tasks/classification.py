@@ -8,19 +8,23 @@ example over its own task's labels only) and metrics per task.
 from __future__ import annotations
 
 from functools import lru_cache
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..data.collate import collate_labelled
 from ..data.examples import encode_classification, label_list
 from ..data.multitask import prepare_tasks
 from ..data.prepare import Fields, PreparedRows
+from ..lazy import lazy
 from ..losses import classification_loss, masked_classification_loss
 from ..metrics import classification_metrics, multitask_metrics, outcome_record, same_task, task_groups
 from .base import Metric, Task
 from .common import evaluate_logits, forward
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy("torch")
 
 
 @register
@@ -95,14 +99,14 @@ class Classification(Task):
                 for text, p in zip(texts, probs)]
 
 
-@torch.no_grad()
 def class_probabilities(model: nn.Module, tokenizer, ids: list[list[int]]) -> torch.Tensor:
     """``(texts, classes)`` softmax of the head for token-id lists, padded into one batch as the tokenizer
     pads (``serve`` batches several runs' texts through here, with a model that routes rows to deltas)."""
-    device = next(model.parameters()).device
-    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
-    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-    return torch.softmax(logits.float(), -1).cpu()
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        return torch.softmax(logits.float(), -1).cpu()
 
 
 @lru_cache(maxsize=8)

@@ -7,11 +7,12 @@ import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-import torch
-from peft import PeftModel
-from torch import nn
-
+from ..lazy import lazy
 from ..losses import IGNORE
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
+peft = lazy("peft")
 
 
 def forward(model: nn.Module, inputs: dict, targets: torch.Tensor, encoder_decoder: bool = False) -> torch.Tensor:
@@ -41,7 +42,7 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if isinstance(model, nn.parallel.DistributedDataParallel):  # its own forward syncs the gradients
         return None
     lm = model
-    if isinstance(model, PeftModel):
+    if isinstance(model, peft.PeftModel):
         if model.active_peft_config.is_prompt_learning:
             return None
         lm = model.get_base_model()

@@ -20,14 +20,12 @@ chosen and rejected log-probabilities from the reference. Both evaluation and th
 from __future__ import annotations
 
 from functools import partial
-
-import torch
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from typing import TYPE_CHECKING
 
 from ..data.collate import collate_pairs
 from ..data.examples import encode_pairs
 from ..errors import DeltatuneError
+from ..lazy import lazy
 from ..losses import CHUNK_TOKENS, IGNORE
 from ..rlhf.losses import dpo_loss, sequence_logps
 from .base import Metric
@@ -35,6 +33,12 @@ from .causal_lm import generate
 from .common import decoder_parts, evaluating, forward, to_device
 from .preferences import PreferenceTask
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+torch = lazy("torch")
+torch_checkpoint = lazy("torch.utils.checkpoint")
 
 
 def batch_logps(model: nn.Module, inputs: dict, labels: Tensor, chunked: bool, average: bool) -> Tensor:
@@ -59,7 +63,8 @@ def chunked_sequence_logps(hidden: Tensor, head, labels: Tensor, average: bool =
     parts = []
     for start in range(0, len(targets), chunk_tokens):
         args = (rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
-        parts.append(checkpoint(token_logps, *args, use_reentrant=False) if grad else token_logps(*args))
+        part = torch_checkpoint.checkpoint(token_logps, *args, use_reentrant=False) if grad else token_logps(*args)
+        parts.append(part)
     total = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
     if parts:
         total = total.index_add(0, owner, torch.cat(parts))

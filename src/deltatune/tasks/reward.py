@@ -14,17 +14,22 @@ people did) and ``margin``, the mean of ``r_better - r_worse`` over those pairs.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from ..data.collate import collate_rankings, pad
 from ..data.examples import encode_rankings, reward_ids
 from ..errors import RunError
+from ..lazy import lazy
 from ..rlhf.losses import listwise_loss, pairwise_accuracy, pairwise_loss
 from .base import Metric
 from .common import evaluating, to_device
 from .preferences import PreferenceTask
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+torch = lazy("torch")
 
 
 def rewards(model: nn.Module, inputs: dict) -> Tensor:
@@ -109,9 +114,9 @@ class Reward(PreferenceTask):
         return reward_ids(tokenizer, prompts, responses, self.cfg.data.chat_template, self.cfg.train.max_length)
 
 
-@torch.no_grad()
 def response_scores(model: nn.Module, pad_id: int, ids: list[list[int]]) -> list[float]:
     """The reward of each token-id list, in one right-padded batch."""
-    device = next(model.parameters()).device
-    input_ids, mask = pad(ids, pad_id)
-    return rewards(model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}).cpu().tolist()
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        input_ids, mask = pad(ids, pad_id)
+        return rewards(model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}).cpu().tolist()

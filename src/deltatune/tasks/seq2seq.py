@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..data.examples import encode_seq2seq
 from ..data.prepare import Fields
+from ..lazy import lazy
 from ..losses import token_loss
 from .causal_lm import LanguageModelling
 from .common import forward
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy("torch")
 
 
 @register
@@ -30,17 +35,17 @@ class Seq2Seq(LanguageModelling):
         logits = forward(model, batch["inputs"], batch["targets"], encoder_decoder=True)
         return token_loss(logits, batch["targets"])
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         """The decoder's greedy output for each source text."""
-        device = next(model.parameters()).device
-        out = []
-        for source in texts:
-            ids = tokenizer(source, truncation=True, max_length=self.cfg.train.max_length,
-                            return_tensors="pt")["input_ids"].to(device)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens)
-            out.append({"prompt": source, "response": tokenizer.decode(gen[0], skip_special_tokens=True).strip(),
-                        "new_tokens": int((gen[0] != tokenizer.pad_token_id).sum())})
-        return out
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            out = []
+            for source in texts:
+                ids = tokenizer(source, truncation=True, max_length=self.cfg.train.max_length,
+                                return_tensors="pt")["input_ids"].to(device)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens)
+                out.append({"prompt": source, "response": tokenizer.decode(gen[0], skip_special_tokens=True).strip(),
+                            "new_tokens": int((gen[0] != tokenizer.pad_token_id).sum())})
+            return out
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..data.collate import collate
 from ..data.examples import encode_tagged, label_list
 from ..data.prepare import Fields
+from ..lazy import lazy
 from ..losses import IGNORE, token_loss
 from ..metrics import classification_metrics, outcome_record
 from .base import Metric, Task
 from .common import evaluate_logits, forward, tagged_predictions
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy("torch")
 
 
 @register
@@ -92,12 +97,12 @@ class TokenClassification(Task):
         return {"text": text, "tokens": text.split()[: len(tags)], "tags": tags}
 
 
-@torch.no_grad()
 def token_logits(model: nn.Module, tokenizer, ids: list[list[int]]) -> list[torch.Tensor]:
     """Each sequence's ``(tokens, tags)`` logits from one padded batch (virtual tokens a soft prompt puts
     before the text left out)."""
-    device = next(model.parameters()).device
-    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
-    logits = logits[:, -enc["input_ids"].shape[1]:].float().cpu()
-    return [row[mask.bool()] for row, mask in zip(logits, enc["attention_mask"])]
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+        logits = logits[:, -enc["input_ids"].shape[1]:].float().cpu()
+        return [row[mask.bool()] for row, mask in zip(logits, enc["attention_mask"])]

@@ -8,6 +8,7 @@ mid-conversion never leaves a half-written model or data file behind.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -75,6 +76,35 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
     "minilm": ("sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 22.7M params)", _minilm_path),
     "smollm2-135m": ("SmolLM2-135M-Instruct (Llama decoder, chat template)", _smollm2_path),
 }
+
+
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_name(ref: str) -> str:
+    """How a delta names its base so that another machine can find it: a packaged model's Hugging Face id,
+    or a local folder's own name (never this machine's path; ``model_fingerprint`` tells copies apart)."""
+    return HUB_IDS.get(ref) or Path(ref).expanduser().resolve().name
+
+
+def model_fingerprint(path: Path) -> str:
+    """SHA-256 over a model folder's config and weight files (names and bytes), computed once per folder
+    state and kept in the cache (keyed by the files' sizes and modification times)."""
+    files = sorted(f for f in Path(path).iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in (
+        ".safetensors", ".bin", ".gguf")))
+    key = json.dumps([str(Path(path).resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    known_file = fs.cache_dir() / "model_fingerprints.json"
+    known = json.loads(known_file.read_text(encoding="utf-8")) if known_file.is_file() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        known[key] = digest.hexdigest()
+        fs.atomic_write_text(known_file, json.dumps(known, indent=1))
+    return known[key]
 
 
 def resolve_model(ref: str) -> Path:

@@ -40,7 +40,7 @@ def test_a_packaged_name_works_where_a_data_file_goes(capsys, tmp_path):
 @pytest.fixture
 def tiny_run(tiny_bert, cls_csv, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", f"model={tiny_bert}", f"data.train={cls_csv}", *QUICK, "train.epochs=1",
+    assert main(["train", f"model={tiny_bert}", f"data.train={cls_csv}", *QUICK, "train.epochs=1", "method.name=lora",
                  f"output_dir={run}"]) == 0
     capsys.readouterr()
     return run
@@ -90,3 +90,12 @@ def test_explain_names_every_packaged_data_set(capsys):
     text = explained.split(line, 1)[1].split("\ndata.", 1)[0]
     for name in assets.DATASETS:
         assert name in text, name
+
+
+def test_a_delta_names_its_base_portably_with_a_fingerprint(tiny_run, tiny_bert):
+    adapter = json.loads((tiny_run / "delta" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == tiny_bert.name  # not this machine's path
+    base = json.loads((tiny_run / "env.json").read_text())["base_model"]
+    assert base["name"] == tiny_bert.name and base["sha256"] == assets.model_fingerprint(tiny_bert)
+    assert len(base["sha256"]) == 64
+    assert assets.portable_name("minilm") == "sentence-transformers/all-MiniLM-L6-v2"

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..assets import portable_name
 from ..errors import CannotMerge, ConfigError
 from ..lazy import lazy
 from ..models import head_module_names
@@ -93,16 +94,21 @@ class PeftMethod(Method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
             try:
-                return peft.get_peft_model(model, self.peft_config(options, task, model))
+                adapted = peft.get_peft_model(model, self.peft_config(options, task, model))
             except ValueError as exc:  # e.g. peft has no default target_modules for this architecture
                 if "target_modules" not in str(exc):
                     raise
                 raise ConfigError([f"method.target_modules: peft cannot adapt {type(model).__name__} with these "
                                    f"settings ({exc}); set method.target_modules to some of its linear layers: "
                                    f"{', '.join(linear_layer_names(model, head))}"]) from exc
+        for config in adapted.peft_config.values():  # adapter_config.json: a name, not this machine's path
+            config.base_model_name_or_path = portable_name(task.cfg.model)
+        return adapted
 
     def save_delta(self, model: nn.Module, path: Path, options) -> None:
-        model.save_pretrained(path, safe_serialization=True)
+        # The vocabulary is never resized, so no embedding matrix is saved ("auto" would look the base up on the
+        # Hub by its name in adapter_config.json).
+        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
 
     def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         with warnings.catch_warnings():

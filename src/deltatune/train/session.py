@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .. import __version__
+from ..assets import model_fingerprint, portable_name, resolve_model
 from ..config import Config, dump_yaml
 from ..data.report import render_html
 from ..fs import atomic_dir, atomic_write_text, clean_temporaries, recover_dir
@@ -53,7 +54,8 @@ def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: lis
     atomic_write_text(run.path / "data_report.html", render_html(report))
     if rejects:
         run.write_jsonl("rejects.jsonl", rejects)
-    run.write_json("env.json", environment())
+    base = {"ref": cfg.model, "name": portable_name(cfg.model), "sha256": model_fingerprint(resolve_model(cfg.model))}
+    run.write_json("env.json", {**environment(), "base_model": base})
 
 
 def recover(run: RunDir) -> None:

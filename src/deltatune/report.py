@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 MAX_MATRIX = 12  # classes; a wider confusion matrix does not fit a terminal
-MAIN = ("accuracy", "macro_f1", "loss", "perplexity", "reward", "accuracy_chosen")
+MAIN = ("accuracy", "macro_f1", "entity_f1", "entity_precision", "entity_recall", "loss", "perplexity", "reward",
+        "accuracy_chosen")
 
 
 def summary_table(metrics: dict, run_path: Path | None = None, title: str = "deltatune") -> None:

@@ -75,3 +75,39 @@ def test_generated_sets_match_seqeval(seed):
 def test_which_tag_sets_are_iob2():
     assert is_iob2(["O", "B-PER", "I-PER"]) and is_iob2(["B-X"])
     assert not is_iob2(["NN", "VBZ", "O"]) and not is_iob2(["O", "I-PER"]) and not is_iob2(["O", "B-"])
+
+
+def bio_rows(n: int) -> list[dict]:
+    from tests.conftest import tagged_rows
+
+    rows = []
+    for row in tagged_rows(n):
+        tags, previous = [], "O"
+        for tag in row["tags"]:
+            tags.append("O" if tag == "O" else f"{'I' if previous == tag else 'B'}-{tag}")
+            previous = tag
+        rows.append({"tokens": row["tokens"], "tags": tags})
+    return rows
+
+
+def test_a_bio_tagger_reports_entity_figures_that_seqeval_confirms(tiny_bert, tmp_path, capsys):
+    import json
+
+    from deltatune.cli import main
+    from tests.conftest import write_jsonl
+    from tests.helpers import QUICK
+
+    data = write_jsonl(tmp_path / "bio.jsonl", bio_rows(64))
+    run = tmp_path / "run"
+    assert main(["train", f"model={tiny_bert}", "task=token_classification", f"data.train={data}", *QUICK,
+                 "method.name=lora", "train.epochs=2", "train.lr=1e-2", f"output_dir={run}"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())["eval"]
+    assert {"entity_precision", "entity_recall", "entity_f1", "entity_macro_f1"} <= set(metrics)
+    assert set(metrics["entity_per_type"]) <= {"POS", "NEG"}
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["eval"]
+    assert main(["predict", str(run), "--input", str(data)]) == 0
+    predicted = [json.loads(line)["tags"] for line in capsys.readouterr().out.splitlines()]
+    true = [json.loads(line)["tags"] for line in data.read_text().splitlines()]
+    assert_same({k: v for k, v in evaluated.items() if k.startswith("entity_")}, seqeval_figures(true, predicted))

@@ -9,7 +9,7 @@ from ..data.examples import encode_tagged, label_list
 from ..data.prepare import Fields
 from ..lazy import lazy
 from ..losses import IGNORE, token_loss
-from ..metrics import classification_metrics, outcome_record
+from ..metrics import classification_metrics, entity_metrics, is_iob2, outcome_record
 from .base import Metric, Task
 from .common import evaluate_logits, forward, tagged_predictions
 from .registry import register
@@ -51,13 +51,21 @@ class TokenClassification(Task):
         return token_loss(forward(model, batch["inputs"], batch["targets"]), batch["targets"])
 
     def evaluate(self, model: nn.Module, examples: list, outcomes: dict | None = None) -> dict:
-        """Per word: accuracy, macro-F1 over tags, per-tag precision/recall/F1, confusion matrix."""
+        """Per word: accuracy, macro-F1 over tags, per-tag precision/recall/F1, confusion matrix; with BIO
+        (IOB2) tags also per entity: precision, recall, F1 (``metrics.entity_metrics``)."""
         y_true, y_pred, index, right, words = [], [], [], [], []
+        sentences: list[tuple[list[str], list[str]]] = []  # BIO tags: each sentence's true and predicted tags
+        bio = is_iob2(self.labels)
 
         def keep(logits: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
             true, pred = tagged_predictions(logits, targets)
             y_true.extend(true)
             y_pred.extend(pred)
+            if bio:
+                predicted = logits[:, -targets.shape[1]:].argmax(-1)
+                for t_row, p_row in zip(targets.tolist(), predicted.tolist()):
+                    pairs = [(self.labels[t], self.labels[p]) for t, p in zip(t_row, p_row) if t != IGNORE]
+                    sentences.append(([t for t, _ in pairs], [p for _, p in pairs]))
             if outcomes is not None:  # per sentence: its right words and its words
                 hit = (logits[:, -targets.shape[1]:].argmax(-1) == targets) & (targets != IGNORE)
                 index.extend(rows)
@@ -67,7 +75,8 @@ class TokenClassification(Task):
         mean = evaluate_logits(model, self.batches(examples), token_loss, keep)
         if outcomes is not None:
             outcomes.update(outcome_record("accuracy", "identity", index, right, words))
-        return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels)}
+        entity = entity_metrics(*zip(*sentences)) if sentences else {}
+        return {"loss": mean, **classification_metrics(y_true, y_pred, self.labels), **entity}
 
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         """One tag per whitespace-separated word."""

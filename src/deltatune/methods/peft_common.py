@@ -101,8 +101,9 @@ class PeftMethod(Method):
                 raise ConfigError([f"method.target_modules: peft cannot adapt {type(model).__name__} with these "
                                    f"settings ({exc}); set method.target_modules to some of its linear layers: "
                                    f"{', '.join(linear_layer_names(model, head))}"]) from exc
-        for config in adapted.peft_config.values():  # adapter_config.json: a name, not this machine's path
-            config.base_model_name_or_path = portable_name(task.cfg.model)
+        if getattr(task, "cfg", None) is not None:  # a bound task (plan sizes a model with the task class)
+            for config in adapted.peft_config.values():  # adapter_config.json: a name, not this machine's path
+                config.base_model_name_or_path = portable_name(task.cfg.model)
         return adapted
 
     def save_delta(self, model: nn.Module, path: Path, options) -> None:

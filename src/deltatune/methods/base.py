@@ -84,6 +84,11 @@ class Method:
         train.lr is not used, and ``train.lr: auto`` has nothing to search."""
         return False
 
+    def lr_scale(self, name: str, options) -> float:
+        """The learning rate of the trainable parameter ``name`` as a multiple of train.lr (LoRA+ trains its B
+        matrices faster); the loop gives each scale its own optimizer group."""
+        return 1.0
+
     def load_kwargs(self, options) -> dict:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
         return {}

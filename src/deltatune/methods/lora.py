@@ -2,22 +2,56 @@
 
 Saved in peft's own format, so ``peft.PeftModel.from_pretrained(base, run_dir / "delta")``
 loads our adapters; ``merge`` folds ``(alpha / r) * B A`` into ``W`` (no added latency).
+
+Variants, all peft's (docs/methods.md, "LoRA variants"):
+
+- DoRA (Liu et al., 2024), ``use_dora``: ``W' = m * (W + s B A) / ||W + s B A||`` (norm per output row),
+  with the magnitude ``m`` trained too: ``out_features`` more parameters per adapted layer.
+- rsLoRA (Kalajdzievski, 2023), ``use_rslora``: ``s = alpha / sqrt(r)`` instead of ``alpha / r``.
+- PiSSA (Meng et al., 2024) and OLoRA (Buyukakyuz, 2024), ``init``: ``B0 A0`` starts as ``W``'s top-r
+  singular directions (PiSSA) or the first r columns of its QR decomposition (OLoRA), and the frozen
+  base becomes the residual ``W - s B0 A0``, so the model is unchanged at init. A saved delta is
+  converted to a plain LoRA adapter on the untouched ``W`` (``as_plain_lora``).
+- LoRA+ (Hayou et al., 2024), ``loraplus_lr_ratio``: every ``B`` trains at train.lr times the ratio
+  (``lr_scale``; train/loop.py builds the optimizer's groups from it).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import doc
+from ..errors import ConfigError
 from ..lazy import lazy
 from .peft_common import PeftMethod, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
+torch = lazy("torch")
 peft = lazy("peft")
+safetensors_torch = lazy("safetensors.torch")
+
+# method.init -> peft's init_lora_weights.
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Inits that move part of W into B0 A0 and leave the residual as the frozen base.
+CHANGES_BASE = ("pissa", "olora")
+NOT_OFFERED = {
+    "eva": "EVA (Paischer et al. 2024) sets A from an SVD of each layer's inputs over training batches and "
+           "redistributes the ranks across layers: a data pass before training, which the method, applied "
+           "before it sees any data, cannot make, and a per-layer rank that a resumed run would have to recompute",
+    "loftq": "LoftQ (Li et al. 2023) fits B0 A0 to the error of a 4-bit quantized base; peft 0.21 computes it on "
+             "CUDA or XPU only (peft.utils.loftq_utils), and deltatune trains on the CPU",
+}
+# On a model whose base was changed at init: its B0 and A0, keyed as peft saves them. Kept in memory only: a
+# resumed run applies the method again, and the SVD or QR of the same weights gives the same start (on the
+# same machine and library versions, as bit-exact resuming assumes anyway).
+START = "deltatune_initial_factors"
 
 
 @dataclass
@@ -27,6 +61,20 @@ class LoraOptions:
     dropout: float = doc(0.05, "Dropout on the LoRA branch's input.")
     target_modules: list[str] | None = doc(None, "Linear layers to adapt by name (e.g. [q_proj, v_proj]); "
                                                  "default: peft's choice for the architecture.")
+    use_dora: bool = doc(False, "DoRA (Liu et al. 2024): each adapted weight is a trained magnitude per output row "
+                                "times the direction of W + s B A (out_features more parameters per layer; every "
+                                "forward forms W + s B A for its norm). Merges.")
+    use_rslora: bool = doc(False, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
+                                  "alpha / r, so that large ranks still learn. No extra parameters.")
+    init: str = doc("default", "How B A starts. default: A Kaiming-uniform, B = 0; gaussian: A normal with std 1/r, "
+                               "B = 0; pissa (Meng et al. 2024): W's top-r singular directions; olora (Buyukakyuz "
+                               "2024): the first r columns of W's QR decomposition. pissa and olora leave the residual "
+                               "as the frozen base (the model is unchanged at start; not with qlora's 4-bit base); the "
+                               "saved delta is a plain LoRA of rank 2r on the untouched base. Not offered: eva (needs "
+                               "a pass over the data before training) and loftq (peft computes it on CUDA only).")
+    loraplus_lr_ratio: float | None = doc(None, "LoRA+ (Hayou et al. 2024): every B trains at train.lr times this "
+                                                "ratio (the paper suggests about 16), A and the head at train.lr. "
+                                                "Unset: one rate for all.")
 
     def problems(self) -> list[str]:
         out = []
@@ -37,6 +85,14 @@ class LoraOptions:
         if self.target_modules == []:
             out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
                        "for peft's choice for the architecture")
+        if self.init in NOT_OFFERED:
+            out.append(f"init: {self.init} is not offered: {NOT_OFFERED[self.init]}; use {', '.join(INITS)}")
+        elif self.init not in INITS:
+            out.append(f"init: use {', '.join(INITS)}, got {self.init!r}")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
+            out.append(f"loraplus_lr_ratio: must be a positive number (B trains at train.lr times it; Hayou et al. "
+                       f"suggest about 16), got {ratio}; leave it unset for one rate")
         return out
 
 
@@ -56,4 +112,71 @@ class Lora(PeftMethod):
     def peft_config(self, options: LoraOptions, task, model: nn.Module) -> peft.LoraConfig:
         return peft.LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
                                lora_dropout=options.dropout, target_modules=options.target_modules,
-                               modules_to_save=head_modules(task, model))
+                               modules_to_save=head_modules(task, model), use_dora=options.use_dora,
+                               use_rslora=options.use_rslora, init_lora_weights=INITS[options.init])
+
+    def apply(self, model: nn.Module, options: LoraOptions, task) -> nn.Module:
+        problems = _rollout_problems(options, task.name) if task.loop == "rollouts" else []
+        if problems:
+            raise ConfigError(problems)
+        adapted = super().apply(model, options, task)
+        if options.init in CHANGES_BASE:
+            state = peft.get_peft_model_state_dict(adapted)
+            setattr(adapted, START, {k: v.detach().clone() for k, v in state.items() if _factor(k)})
+        return adapted
+
+    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+        super().save_delta(model, path, options)
+        start = getattr(model, START, None)
+        if start is not None:
+            as_plain_lora(Path(path), start)
+
+    def lr_scale(self, name: str, options: LoraOptions) -> float:
+        ratio = options.loraplus_lr_ratio
+        return ratio if ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name) else 1.0
+
+
+def _rollout_problems(options: LoraOptions, task: str) -> list[str]:
+    """What a task with its own loop of sampled rollouts (train/ppo.py) cannot do with these options."""
+    out = []
+    if options.init in CHANGES_BASE:  # its reference model is the policy with the adapter switched off
+        out.append(f"method.init: {options.init} changes the base weights (the frozen part becomes W - B0 A0), so "
+                   f"the adapter switched off is no longer the base model that {task}'s reference must be; use "
+                   "method.init=default or gaussian")
+    if options.loraplus_lr_ratio is not None:
+        out.append(f"method.loraplus_lr_ratio: {task} trains in its own loop, whose optimizer has one rate for all "
+                   "parameters; leave it unset")
+    return out
+
+
+def _factor(key: str) -> str | None:
+    """"A" or "B" for a LoRA factor's key in a saved adapter (``...query.lora_A.weight``), else None."""
+    for side in "AB":
+        if f".lora_{side}." in key or f".lora_embedding_{side}" in key:
+            return side
+    return None
+
+
+def as_plain_lora(path: Path, start: dict[str, Tensor]) -> None:
+    """Rewrite the adapter saved in ``path`` (B, A trained on the residual base ``W - s B0 A0`` that PiSSA and
+    OLoRA leave) as a plain LoRA adapter on the untouched base ``W``:
+
+        W - s B0 A0 + s B A = W + s [B | -B0] [A ; A0]
+
+    rank 2r at the same scale ``s`` (alpha doubled, or times sqrt(2) under rsLoRA); every other tensor (a new
+    head, DoRA's magnitudes) as it is. peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    writes the same A and B, but in peft 0.21 nothing else: it would lose the head and the magnitudes.
+    deltatune sets no rank_pattern or alpha_pattern, so r and alpha are the same for every layer.
+    """
+    weights = path / "adapter_model.safetensors"
+    state = safetensors_torch.load_file(weights)
+    for key, initial in start.items():
+        trained, initial = state[key], initial.to(state[key])
+        state[key] = torch.cat([trained, initial], 0) if _factor(key) == "A" else torch.cat([trained, -initial], 1)
+    safetensors_torch.save_file(state, weights, metadata={"format": "pt"})
+    file = path / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config["r"] *= 2
+    config["lora_alpha"] *= math.sqrt(2) if config.get("use_rslora") else 2
+    config["init_lora_weights"] = True  # loading must not decompose the (untouched) base again
+    file.write_text(json.dumps(config, indent=2, sort_keys=True))

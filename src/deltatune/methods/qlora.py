@@ -5,7 +5,7 @@ scales); each forward dequantizes block by block, so the frozen weights take abo
 of the memory. The trained delta is an ordinary LoRA adapter in peft's format.
 
 ``merge`` first dequantizes every 4-bit weight to fp32 exactly (``dequantize_4bit``), then folds
-``(alpha / r) B A`` in, in fp32. (Merging into the 4-bit weights would re-quantize the sum and
+``(alpha / r) B A`` in, in fp32 (under DoRA, then scales each row to its trained magnitude). (Merging into the 4-bit weights would re-quantize the sum and
 lose most of the update's precision.)
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..config import doc
 from ..lazy import lazy
 from ..models import replace_module
-from .lora import Lora, LoraOptions
+from .lora import CHANGES_BASE, Lora, LoraOptions
 from .registry import register
 
 torch = lazy("torch")
@@ -33,6 +33,11 @@ class QLoraOptions(LoraOptions):
 
     def problems(self) -> list[str]:
         bad = [] if self.quant_type in ("nf4", "fp4") else [f"quant_type: use nf4 or fp4, got {self.quant_type!r}"]
+        if self.init in CHANGES_BASE:
+            bad.append(f"init: {self.init} cannot be used with qlora: it moves part of each base weight into B0 A0 "
+                       "and leaves the residual as the frozen base, which qlora stores in 4 bits, so the saved "
+                       "delta would not give the trained model back on a freshly quantized base (and peft refuses "
+                       "PiSSA on 4-bit weights); use method.name=lora for it, or init default or gaussian")
         return super().problems() + bad
 
 
@@ -76,12 +81,22 @@ class QLora(Lora):
                 layer = module.get_base_layer()
                 weight = _dequantized(layer)
                 for adapter in module.active_adapters:
-                    weight = weight + module.get_delta_weight(adapter).float()
+                    weight = _merged(module, adapter, weight)
                 replace_module(base, name, _linear(weight, layer.bias))
             elif isinstance(module, ModulesToSaveWrapper):  # the trained copy of a head
                 replace_module(base, name, module.modules_to_save[module.active_adapter])
         dequantize_4bit_layers(base)
         return base
+
+
+def _merged(module: nn.Module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with one adapter folded in: ``W + s B A``, or under DoRA ``m * (W + s B A) / ||W + s B A||``
+    with the norm over each output row, as peft's DoRA merge (its forward divides by the same norm)."""
+    merged = weight + module.get_delta_weight(adapter).float()
+    if adapter in module.lora_magnitude_vector:
+        magnitude = module.lora_magnitude_vector[adapter].weight.float()
+        merged = merged * (magnitude / merged.norm(p=2, dim=1)).view(-1, 1)
+    return merged
 
 
 def _exact_cpu_path(model: nn.Module) -> nn.Module:

@@ -100,6 +100,19 @@ def adamw(param_groups, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, fused=fused or None, **kwargs)
 
 
+def param_groups(model: nn.Module, method: Method, options, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW's groups of the trainable parameters: no weight decay on biases and norms (1-D), and each rate the
+    method asks for (``Method.lr_scale``: LoRA+ trains B faster) in groups of its own at ``lr`` x scale; the
+    scheduler multiplies every group's rate by the same factor. The two groups at ``lr`` always come first, even
+    empty: the log's rate is the first group's, and checkpoints from before the scales still load."""
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((float(method.lr_scale(name, options)), param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (scale, decay), params in groups.items() if params or scale == 1.0]
+
+
 def _fused_kernels_devices() -> list[str]:
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -133,11 +146,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
         enable_gradient_checkpointing(job.model)
     main = is_main_process()  # first: refuses a multi-process launch that accelerate would not join
     accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
-    params = [p for p in job.model.parameters() if p.requires_grad]
-    optimizer = adamw(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # no decay on biases, norms
-        lr=t.lr)
+    optimizer = adamw(param_groups(job.model, job.method, job.options, t.lr, t.weight_decay), lr=t.lr)
     # From the prepared loader: with several processes each one sees its shard of the batches.
     per_epoch = math.ceil(len(_epoch_loader(job, 0, accelerator)) / t.grad_accum)
     total = t.max_steps or per_epoch * t.epochs

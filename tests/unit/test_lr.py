@@ -103,6 +103,21 @@ def test_the_range_test_saves_its_curve_and_leaves_the_model_and_rngs_as_they_we
                                         "training loss", "chosen", "1e-7"))
 
 
+def test_the_range_test_keeps_loraplus_ratio_between_its_groups(tiny_bert, cls_csv, monkeypatch):
+    job, _, _ = build_job(config(tiny_bert, "classification", "lora", cls_csv, None, "train.lr=auto",
+                                 "method.loraplus_lr_ratio=16"), None)
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append({g["lr"] for g in self.param_groups if g["params"]})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    lr_find._sweep(job, [1e-4, 1e-3])
+    assert [sorted(rates) for rates in seen] == [[1e-4, 1.6e-3], [1e-3, 1.6e-2]]
+
+
 def _delta(run) -> dict:
     return load_file(run.delta / "adapter_model.safetensors")
 

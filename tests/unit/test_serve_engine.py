@@ -491,3 +491,18 @@ def test_one_shot_rows_are_batched_by_length_at_the_least_padded_cost():
     assert length_batches(lengths, max_batch=8, forward_cost=10_000) == [sorted(range(8), key=lambda i: lengths[i])]
     assert all(len(b) <= 3 for b in length_batches(lengths, max_batch=3))
     assert length_batches([], 4) == []
+
+
+def test_dora_runs_are_served_on_a_model_of_their_own(tmp_path):
+    """peft refuses mixed batches of DoRA adapters: such a run never joins a shared base."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from deltatune.methods import registry
+    from deltatune.rundir import RunDir
+    from deltatune.serve.loading import group_key
+
+    (tmp_path / "delta").mkdir()
+    (tmp_path / "delta" / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "use_dora": True}))
+    parts = SimpleNamespace(method=registry.get("lora"), run=RunDir(tmp_path))
+    assert group_key(parts) is None

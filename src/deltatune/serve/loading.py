@@ -199,6 +199,8 @@ def group_key(parts: RunParts) -> tuple | None:
         return None
     adapter = json.loads((parts.run.delta / "adapter_config.json").read_text()) \
         if (parts.run.delta / "adapter_config.json").is_file() else {}
+    if adapter.get("use_dora"):  # peft refuses mixed batches of DoRA adapters: such a run gets a model of its own
+        return None
     head_labels = parts.task.head_labels()
     load = json.dumps(parts.method.load_kwargs(parts.cfg.method.options), sort_keys=True,
                       default=lambda v: v.to_dict() if hasattr(v, "to_dict") else repr(v))

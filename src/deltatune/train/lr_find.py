@@ -43,7 +43,7 @@ from ..errors import RunError
 from ..fs import atomic_write_text
 from ..rundir import RunDir, barrier, is_main_process
 from .checkpoint import LoopState
-from .loop import Job, adamw
+from .loop import Job, adamw, param_groups
 from .lr_plot import lr_find_svg
 from .progress import Progress
 
@@ -78,16 +78,16 @@ def _sweep(job: Job, rates: list[float]) -> tuple[list[dict], str]:
     """One step at each rate; the points (lr, loss, smoothed) and why it stopped."""
     model, t = job.model, job.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw([{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=rates[0])
+    optimizer = adamw(param_groups(model, job.method, job.options, 1.0, t.weight_decay), lr=1.0)
+    scales = [group["lr"] for group in optimizer.param_groups]  # a method's own ratios (LoRA+) stay
     batches, points, average, lowest = _batches(job), [], 0.0, math.inf
     state, stopped = LoopState(), "finished"
     model.train()
     with Progress(len(rates), enabled=t.progress, label="lr range test") as bar:
         for i, lr in enumerate(rates):
             start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, scale in zip(optimizer.param_groups, scales):
+                group["lr"] = lr * scale
             loss_sum, count = job.task.loss(model, next(batches))
             loss = loss_sum.float() / max(count, 1)
             value = loss.item()

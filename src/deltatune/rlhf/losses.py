@@ -262,3 +262,67 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+# ----------------------------------------------------------------------------- reference-free: ORPO, SimPO
+
+def log_odds(logps: Tensor) -> Tensor:
+    """The log odds of probabilities given as log-probabilities:
+
+        log (p / (1 - p)) = log p - log(1 - exp(log p))
+
+    ``log(1 - exp(x))`` is computed as TRL's ``log1mexp`` (``log1p(-exp x)`` below -ln 2,
+    ``log(-expm1 x)`` above; Maechler 2012), so it is accurate at both ends. ``logps`` is clamped to
+    at most -1e-12 first: a response the model gives probability 1 in float32 (log-probability 0)
+    would otherwise have infinite odds, and its gradient would be inf * 0 = NaN.
+    """
+    x = logps.float().clamp(max=-1e-12)
+    log1mexp = torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return x - log1mexp
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, lam: float = 0.1,
+              chosen_nll: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, eqs. 6-7): an SFT loss plus lam times the odds-ratio loss,
+
+        h = log odds(y_w) - log odds(y_l),        odds(y) = p(y|x) / (1 - p(y|x))
+        L = mean_b [ L_SFT - lam * log sigmoid(h) ]
+
+    where p(y|x) is the per-token mean probability: ``chosen_logps`` and ``rejected_logps`` are
+    length-averaged log-probabilities of the responses (``sequence_logps(..., average=True)``), as in
+    the paper and TRL. No reference model. ``chosen_nll`` is the SFT term, one per pair or one for
+    the batch; None means ``-chosen_logps``, each chosen response's per-token negative log-likelihood
+    (the paper's L_SFT on y_w; the ORPO task's choice). TRL 1.16's ORPOTrainer passes instead the
+    cross-entropy of all tokens of the batch's chosen sequences, prompts included.
+
+    ``lam`` is TRL's ``beta``. Returns (loss, sft, h): the SFT term's batch mean and the log odds
+    ratio of each pair, both detached, for logging.
+    """
+    if lam < 0:
+        raise ValueError(f"lam={lam} must be 0 or more: it weighs the odds-ratio loss against the SFT loss")
+    sft = -chosen_logps.float() if chosen_nll is None else torch.as_tensor(chosen_nll).float()
+    h = log_odds(chosen_logps) - log_odds(rejected_logps)
+    losses = sft - lam * F.logsigmoid(h)
+    return losses.mean(), sft.detach().mean(), h.detach()
+
+
+def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0,
+               gamma: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): a Bradley-Terry loss on length-normalised rewards with a
+    target margin, and no reference model,
+
+        r(y) = beta / |y| * log p(y|x)
+        L    = mean_b -log sigmoid(r(y_w) - r(y_l) - gamma)
+
+    ``chosen_logps`` and ``rejected_logps`` are per-token mean log-probabilities
+    (``sequence_logps(..., average=True)``). This is TRL 1.16's CPOTrainer with
+    ``loss_type="simpo"`` and ``cpo_alpha=0`` (its ``simpo_gamma`` is gamma; no label smoothing).
+
+    Returns (loss, chosen_rewards, rejected_rewards), the rewards ``beta * logps`` detached.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be greater than 0: it scales the length-normalised rewards")
+    chosen = beta * chosen_logps.float()
+    rejected = beta * rejected_logps.float()
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return losses.mean(), chosen.detach(), rejected.detach()

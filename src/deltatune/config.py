@@ -298,6 +298,26 @@ class DpoConfig:
 
 
 @dataclass
+class OrpoConfig:
+    lam: float = doc(0.1, "Task orpo: lambda, the weight of the odds-ratio loss against the SFT loss on the chosen "
+                          "response (Hong et al. 2024; TRL's ORPOConfig.beta). 0: SFT on the chosen responses only.")
+
+    def problems(self) -> list[str]:
+        return _zero_or_more({"orpo.lam": self.lam})
+
+
+@dataclass
+class SimpoConfig:
+    beta: float = doc(2.0, "Task simpo: scale of the length-normalised reward beta/|y| * log p(y|x) (the experiments "
+                           "of Meng et al. 2024 use 2.0 to 2.5).")
+    gamma: float = doc(1.0, "Task simpo: target margin between the chosen and the rejected reward (the defaults give "
+                            "gamma/beta = 0.5).")
+
+    def problems(self) -> list[str]:
+        return _greater_than_zero({"simpo.beta": self.beta}) + _zero_or_more({"simpo.gamma": self.gamma})
+
+
+@dataclass
 class PpoConfig:
     reward_model: str | None = doc(None, "Task ppo: run directory of a trained reward model (task reward) or classifier "
                                          "(task classification) that scores prompt + response.")
@@ -366,7 +386,8 @@ class MethodConfig:
 class Config:
     model: str = doc("minilm", "Base model: a local Hugging Face folder, or a packaged alias (minilm, smollm2-135m).")
     task: str = doc("classification", "What to train: a registered task (`deltatune tasks` lists them: "
-                                      "classification, token_classification, causal_lm, seq2seq, reward, dpo, ppo).")
+                                      "classification, token_classification, causal_lm, seq2seq, reward, dpo, orpo, "
+                                      "simpo, ppo).")
     name: str | None = doc(None, "Run name; defaults to <model>-<task>-<method>.")
     output_dir: str | None = doc(None, "Run directory; defaults to runs/<name>-<timestamp>.")
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -375,6 +396,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
 
     @property
@@ -388,8 +411,8 @@ class Config:
         problems = []
         if self.output_dir is not None and not self.output_dir.strip():
             problems.append(EMPTY_OUTPUT_DIR)
-        return problems + [p for section in (self.data, self.train, self.eval, self.reward, self.dpo)
-                           for p in section.problems()]
+        sections = (self.data, self.train, self.eval, self.reward, self.dpo, self.orpo, self.simpo)
+        return problems + [p for section in sections for p in section.problems()]
 
 
 EMPTY_OUTPUT_DIR = ("output_dir: empty; give the run directory (e.g. output_dir=runs/my-run), or leave output_dir "

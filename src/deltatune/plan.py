@@ -32,7 +32,7 @@ from transformers import AutoConfig
 
 from .assets import resolve_model
 from .config import Config, TrainConfig
-from .errors import ArgumentError
+from .errors import ArgumentError, ConfigError
 from .methods import registry
 from .models import count_parameters, head_class, load_tokenizer, transformer_layers
 from .tasks import registry as tasks
@@ -159,7 +159,14 @@ def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = Non
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     task = tasks.get(cfg.task)(cfg, pad_id=tokenizer.pad_token_id)
+    if task.loop != "examples":
+        raise ConfigError([f"task: plan predicts runs over fixed examples; {cfg.task} samples its own data "
+                           "(its memory and time depend on generation): measure a few steps instead"])
     data = task.prepare(tokenizer)
+    if data.train.examples and "input_ids" not in data.train.examples[0]:
+        raise ConfigError([f"task: plan models one sequence per example; {cfg.task} trains on pairs of sequences "
+                           "(chosen and rejected), which it does not model yet: measure a few steps instead "
+                           "(train.max_steps=5) and read peak_rss_mb and train_seconds in metrics.json"])
     shape = model_shape(path, task, cfg.method.name, cfg.method.options)
     batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
     speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)

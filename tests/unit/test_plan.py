@@ -127,3 +127,14 @@ def test_the_planned_model_is_the_one_the_task_trains(name, tiny_bert, tiny_llam
     planned, real = _meta_model(AutoConfig.from_pretrained(path), task), task.build_model(path)
     assert type(planned) is type(real)
     assert count_parameters(planned) == count_parameters(real)
+
+
+def test_pair_tasks_are_refused_by_name_not_with_a_traceback(tiny_llama, tmp_path, capsys):
+    from deltatune.cli import main
+    from tests.conftest import write_jsonl
+    from tests.unit.test_reward_dpo import preference_rows
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
+    assert main(["plan", f"model={tiny_llama}", "task=dpo", f"data.train={prefs}", "method.name=lora"]) == 2
+    err = capsys.readouterr().err
+    assert "trains on pairs of sequences" in err and "train.max_steps=5" in err

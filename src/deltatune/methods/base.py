@@ -93,6 +93,19 @@ class Method:
         """Extra ``from_pretrained`` arguments for the base (QLoRA loads it quantized)."""
         return {}
 
+    def after_step(self, model: nn.Module, options, step: int, total: int) -> None:
+        """Called by the loop after every optimizer step (one skipped for a NaN/inf gradient too), before the
+        gradients are cleared; ``step`` counts the steps done, this one included, of ``total``. AdaLoRA moves
+        its rank budget here."""
+
+    def loop_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """Tensors the method keeps beside its trainable weights while training (AdaLoRA's importance averages);
+        checkpoints save them, so that a resumed run continues exactly."""
+        return {}
+
+    def load_loop_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Put back, when a run resumes, what ``loop_state`` returned."""
+
     def apply(self, model: nn.Module, options, task) -> nn.Module:
         """Freeze or wrap ``model`` so that exactly the delta is trainable.
 

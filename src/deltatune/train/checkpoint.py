@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG and loop position.
+"""Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG, loop position and what the method
+keeps while it trains (``Method.loop_state``).
 
 Stored as safetensors plus JSON (nothing is unpickled on load) and committed by ``fs.atomic_dir``:
 a crash while saving leaves the previous checkpoint or the new one, never half of one.
@@ -17,6 +18,9 @@ from torch import nn
 
 from ..errors import RunError
 from ..fs import atomic_dir
+from ..methods.base import Method
+
+METHOD_STATE = "method_state.safetensors"
 
 
 @dataclass
@@ -36,7 +40,7 @@ class LoopState:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    state: LoopState) -> None:
+                    state: LoopState, method: Method | None = None) -> None:
     params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
     tensors, meta = {}, {}
@@ -47,10 +51,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             else:
                 meta[f"{index}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
+    kept = {k: v.contiguous() for k, v in method.loop_state(model).items()} if method else {}
 
     def write(tmp: Path) -> None:
         save_file(params, tmp / "trainable.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
+        if kept:
+            save_file(kept, tmp / METHOD_STATE)
         (tmp / "state.json").write_text(json.dumps({
             "loop": asdict(state), "param_groups": opt["param_groups"], "optimizer_scalars": meta,
             "scheduler": scheduler.state_dict()}, indent=1))
@@ -58,9 +65,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     atomic_dir(path, write)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    method: Method | None = None) -> LoopState:
     try:
-        return _load(path, model, optimizer, scheduler)
+        state = _load(path, model, optimizer, scheduler)
+        if method:
+            method.load_loop_state(model, load_file(path / METHOD_STATE) if (path / METHOD_STATE).is_file() else {})
+        return state
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged disk or a hand-edited file
         raise RunError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
                        f"Remove the folder {path} and resume again: the run then starts over from its first "

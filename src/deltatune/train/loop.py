@@ -157,7 +157,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
     state = LoopState()
     best_metrics = None
     if resume:
-        state = load_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, job.method)
         if main:
             job.run.truncate_log(state.step)
         best_metrics = job.run.read_json("best_metrics.json") if state.best is not None else None
@@ -174,7 +174,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                 loader = accelerator.skip_first_batches(loader, state.batches_done)
             for batch in loader:
                 if not _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, state,
-                                   n_batches):
+                                   n_batches, total):
                     continue
                 bar.update(state)
                 if main and (state.step % eval_every == 0 or state.step == total):
@@ -182,7 +182,7 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                 if main and state.step % save_every == 0 and state.step < total:
                     watch.lap()
                     save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer,
-                                    scheduler, state)
+                                    scheduler, state, job.method)
                 for callback in callbacks:
                     callback(state)
                 if state.step >= total:
@@ -246,7 +246,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch
 
 
 def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, state: LoopState,
-                n_batches: int) -> bool:
+                n_batches: int, total: int) -> bool:
     """One forward/backward; returns True when it completed an optimizer step.
 
     Micro-batches are grouped ``grad_accum`` at a time within an epoch (the last group may be
@@ -282,6 +282,7 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
             state.skipped += 1  # train.on_nonfinite=skip: this step leaves the weights as they were
         else:
             optimizer.step()
+        job.method.after_step(accelerator.unwrap_model(model), job.options, state.step + 1, total)  # AdaLoRA's budget
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1

@@ -19,6 +19,9 @@ TASKS_BEFORE = {
     "feature_extraction": ["classification"],
     "lora": [*ALL_BUT_PPO, "ppo"], "qlora": [*ALL_BUT_PPO, "ppo"], "ia3": [*ALL_BUT_PPO, "ppo"],
     "prefix": ALL_BUT_PPO, "prompt": ALL_BUT_PPO, "ptuning": ALL_BUT_PPO,
+    # Added later: peft's other delta methods. AdaLoRA's rank schedule runs on the one loop, which PPO does not use.
+    "vera": [*ALL_BUT_PPO, "ppo"], "loha": [*ALL_BUT_PPO, "ppo"], "lokr": [*ALL_BUT_PPO, "ppo"],
+    "oft": [*ALL_BUT_PPO, "ppo"], "adalora": ALL_BUT_PPO,
 }
 # hpo.DEFAULT_SPACE before each method declared its own search space.
 DEFAULT_SPACE_BEFORE = {
@@ -31,6 +34,12 @@ DEFAULT_SPACE_BEFORE = {
     "prefix.num_virtual_tokens": [5, 10, 20], "prompt.num_virtual_tokens": [5, 10, 20],
     "ptuning.num_virtual_tokens": [5, 10, 20],
     "freeze.trainable_layers": {"low": 1, "high": 4},
+}
+# The search spaces of the methods added since.
+NEW_SPACES = {
+    "vera.r": [64, 256, 1024], "vera.d_initial": [0.01, 0.1, 1.0],
+    "loha.r": [4, 8, 16], "loha.alpha": [4, 8, 16, 32], "lokr.r": [4, 8, 16], "lokr.alpha": [4, 8, 16, 32],
+    "oft.block_size": [8, 16, 32, 64], "adalora.target_r": [2, 4, 8], "adalora.init_r": [12, 16],
 }
 
 
@@ -53,7 +62,8 @@ def test_capabilities_of_each_method():
     assert having("quantized_base") == {"qlora"}
     assert having("caches_features") == {"feature_extraction"}
     assert having("traceable") == {"houlsby", "feature_extraction"}
-    assert having("switchable_off") == {"lora", "qlora", "ia3", "prefix", "prompt", "ptuning"}
+    assert having("switchable_off") == {"lora", "qlora", "ia3", "prefix", "prompt", "ptuning",
+                                        "vera", "loha", "lokr", "oft", "adalora"}
 
 
 def test_refusals_name_the_reason_in_config_errors(tiny_llama, qa_jsonl):
@@ -65,8 +75,8 @@ def test_refusals_name_the_reason_in_config_errors(tiny_llama, qa_jsonl):
 
 
 def test_default_space_is_built_from_the_methods():
-    assert hpo.default_space() == DEFAULT_SPACE_BEFORE
-    assert hpo.read_space(None) == DEFAULT_SPACE_BEFORE
+    assert hpo.default_space() == {**DEFAULT_SPACE_BEFORE, **NEW_SPACES}
+    assert hpo.read_space(None) == {**DEFAULT_SPACE_BEFORE, **NEW_SPACES}
 
 
 def test_default_objective_is_the_tasks_main_metric():

@@ -106,7 +106,9 @@ def test_wrapped_peft_methods_equal_peft_used_directly(method, kind, task, reque
 
 MERGEABLE = [("bert", "classification", "lora"), ("bert", "classification", "ia3"),
              ("bert", "classification", "bitfit"), ("bert", "classification", "freeze"),
-             ("llama", "causal_lm", "lora"), ("llama", "causal_lm", "ia3")]
+             ("llama", "causal_lm", "lora"), ("llama", "causal_lm", "ia3"),
+             *[(kind, task, m) for m in ("vera", "loha", "lokr", "oft", "adalora")
+               for kind, task in (("bert", "classification"), ("llama", "causal_lm"))]]
 
 
 @pytest.mark.parametrize("kind,task,method", MERGEABLE, ids=["-".join(c) for c in MERGEABLE])
@@ -122,7 +124,8 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(kind, task, method, req
     with torch.no_grad():
         expected = model(**batch).logits
         merged = registry.get(method).merge(model).eval()
-        assert not any(k in n for n, _ in merged.named_parameters() for k in ("lora_", "ia3_", "base_layer"))
+        assert not any(k in n for n, _ in merged.named_parameters()
+                       for k in ("lora_", "ia3_", "vera_", "hada_", "lokr_", "oft_", "base_layer"))
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-4)
 
 

@@ -95,8 +95,9 @@ def test_methods_table_and_merge_refusal(tiny_bert, cls_csv, tmp_path, capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"full", "freeze", "feature_extraction", "lora", "qlora", "bitfit", "houlsby", "ia3",
-                         "prefix", "prompt", "ptuning"}
-    assert {name for name, r in rows.items() if r["can_merge"]} == {"full", "freeze", "lora", "qlora", "bitfit", "ia3"}
+                         "vera", "loha", "lokr", "oft", "adalora", "prefix", "prompt", "ptuning"}
+    assert {name for name, r in rows.items() if r["can_merge"]} == {"full", "freeze", "lora", "qlora", "bitfit", "ia3",
+                                                                    "vera", "loha", "lokr", "oft", "adalora"}
     assert rows["feature_extraction"]["tasks"] == ["classification"] and not rows["feature_extraction"]["can_merge"]
     assert rows["lora"]["can_merge"] and "causal_lm" in rows["lora"]["tasks"]
     assert main(["methods"]) == 0

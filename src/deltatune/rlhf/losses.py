@@ -326,3 +326,45 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, beta: float = 2.0,
     rejected = beta * rejected_logps.float()
     losses = -F.logsigmoid(chosen - rejected - gamma)
     return losses.mean(), chosen.detach(), rejected.detach()
+
+
+# ----------------------------------------------------------------------------- KTO
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_kl_logps: Tensor,
+             ref_kl_logps: Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, eqs. 7-8) on unpaired completions, each desirable or not.
+
+    With each completion's log-ratio to the reference  r = log pi(y|x) - log ref(y|x)  (summed
+    log-probs of the completion tokens) and the reference point
+
+        z0 = max(0, mean_j [log pi(y'_j|x_j) - log ref(y'_j|x_j)])
+
+    estimated on mismatched pairs (x_j, y'_j), a prompt with another row's completion, and detached:
+
+        desirable:    l = desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+        undesirable:  l = undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+
+    L is the sum of l over all rows divided by the number of rows (TRL 1.16's KTOTrainer with
+    ``loss_type="kto"``: the mean of the weighted losses, not a weighted mean). ``desirable`` is a
+    bool per row (thumbs up). ``policy_kl_logps`` and ``ref_kl_logps`` hold one value per mismatched
+    pair (at least one); z0 takes no gradient (TRL scores the mismatched pairs under no_grad).
+
+    Returns (loss, rewards, z0): the rewards ``beta * r`` of each row and z0, both detached.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be greater than 0: it scales the log-ratios to the reference")
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise ValueError(f"desirable_weight={desirable_weight} and undesirable_weight={undesirable_weight} must both "
+                         "be greater than 0: they weigh the two kinds of rows")
+    if policy_kl_logps.numel() == 0:
+        raise ValueError("no mismatched pairs: the reference point z0 is estimated from at least one")
+    desirable = torch.as_tensor(desirable, device=policy_logps.device).bool()
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable has shape {tuple(desirable.shape)}, the log-probs {tuple(policy_logps.shape)}; "
+                         "give one label per row")
+    z0 = (policy_kl_logps.float() - ref_kl_logps.float()).detach().mean().clamp(min=0)
+    logratios = policy_logps.float() - ref_logps.float()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
+    return losses.mean(), beta * logratios.detach(), z0

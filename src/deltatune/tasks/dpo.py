@@ -76,17 +76,12 @@ def _token_logps(head, rows: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-@register
-class DPO(PreferenceTask):
-    name = "dpo"
-    summary = "preference pairs -> policy (DPO / IPO)"
-    # Not the reward accuracy: it saturates early while the margins keep growing.
+class PolicyPairs(PreferenceTask):
+    """What the tasks that tune a policy on preference pairs share (dpo, orpo, simpo): a causal LM, each pair
+    encoded as its chosen and rejected sequence, batched chosen-first; ``predict`` generates."""
+    # Not the preference accuracy: it saturates early while the margins keep growing.
     main_metric = Metric("loss", maximize=False)
-    head, peft_type, needs_reference, generates = "causal", "CAUSAL_LM", True, True
-
-    @property
-    def average(self) -> bool:
-        return self.cfg.dpo.loss == "ipo"  # IPO compares per-token means, DPO sums
+    head, peft_type, generates = "causal", "CAUSAL_LM", True
 
     def encode(self, prefs, tokenizer) -> list:
         return encode_pairs(prefs, tokenizer, self.cfg)
@@ -96,6 +91,20 @@ class DPO(PreferenceTask):
 
     def collate(self, examples: list) -> dict:
         return collate_pairs(examples, self.pad_id)
+
+    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
+        return generate(model, tokenizer, texts, self.cfg.data.chat_template, max_new_tokens)
+
+
+@register
+class DPO(PolicyPairs):
+    name = "dpo"
+    summary = "preference pairs -> policy (DPO / IPO)"
+    needs_reference = True
+
+    @property
+    def average(self) -> bool:
+        return self.cfg.dpo.loss == "ipo"  # IPO compares per-token means, DPO sums
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, int]:
         """(DPO loss summed over the batch's pairs, number of pairs)."""
@@ -135,6 +144,3 @@ class DPO(PreferenceTask):
         return {"loss": float(loss), "accuracy": float((margin > 0).float().mean()),
                 "margin": float(margin.mean()), "chosen_logp_change": float(change[0]),
                 "rejected_logp_change": float(change[1]), "pairs": len(examples)}
-
-    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
-        return generate(model, tokenizer, texts, self.cfg.data.chat_template, max_new_tokens)

@@ -27,15 +27,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..data.collate import collate_pairs
-from ..data.examples import encode_pairs
 from ..lazy import lazy
 from ..rlhf.losses import orpo_loss, simpo_loss
-from .base import Metric
-from .causal_lm import generate
 from .common import evaluating, to_device
-from .dpo import batch_logps
-from .preferences import PreferenceTask
+from .dpo import PolicyPairs, batch_logps
 from .registry import register
 
 if TYPE_CHECKING:
@@ -44,24 +39,13 @@ if TYPE_CHECKING:
 torch = lazy("torch")
 
 
-class ReferenceFree(PreferenceTask):
-    """What orpo and simpo share: pairs in, per-token mean log-probabilities, one objective of them."""
-    main_metric = Metric("loss", maximize=False)
-    head, peft_type, generates = "causal", "CAUSAL_LM", True
+class ReferenceFree(PolicyPairs):
+    """What orpo and simpo share: per-token mean log-probabilities of each pair, one objective of them."""
 
     def objective(self, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss averaged over the pairs, each pair's margin, its detached SFT term or None) from each pair's
         per-token mean log-probabilities; a positive margin means the chosen response scores higher."""
         raise NotImplementedError
-
-    def encode(self, prefs, tokenizer) -> list:
-        return encode_pairs(prefs, tokenizer, self.cfg)
-
-    def length(self, example) -> int:
-        return len(example["chosen"]["input_ids"]) + len(example["rejected"]["input_ids"])
-
-    def collate(self, examples: list) -> dict:
-        return collate_pairs(examples, self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, int]:
         """(loss summed over the batch's pairs, number of pairs)."""
@@ -87,9 +71,6 @@ class ReferenceFree(PreferenceTask):
         return {"loss": float(loss), "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
                 **({} if nll is None else {"nll": float(nll)}), "chosen_logp": float(mean[0]),
                 "rejected_logp": float(mean[1]), "pairs": len(examples)}
-
-    def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
-        return generate(model, tokenizer, texts, self.cfg.data.chat_template, max_new_tokens)
 
 
 @register

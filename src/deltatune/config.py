@@ -318,6 +318,20 @@ class SimpoConfig:
 
 
 @dataclass
+class KtoConfig:
+    beta: float = doc(0.1, "Task kto: scale of the log-ratios to the reference (the base model) inside the sigmoid "
+                           "of the value function (Ethayarajh et al. 2024; TRL's KTOConfig.beta).")
+    desirable_weight: float = doc(1.0, "Task kto: weight of the loss of desirable (thumbs-up) rows. The paper "
+                                       "recommends desirable_weight * #desirable / (undesirable_weight * "
+                                       "#undesirable) in [1, 4/3]; training notes when it is outside.")
+    undesirable_weight: float = doc(1.0, "Task kto: weight of the loss of undesirable (thumbs-down) rows.")
+
+    def problems(self) -> list[str]:
+        return _greater_than_zero({"kto.beta": self.beta, "kto.desirable_weight": self.desirable_weight,
+                                   "kto.undesirable_weight": self.undesirable_weight})
+
+
+@dataclass
 class PpoConfig:
     reward_model: str | None = doc(None, "Task ppo: run directory of a trained reward model (task reward) or classifier "
                                          "(task classification) that scores prompt + response.")
@@ -387,7 +401,7 @@ class Config:
     model: str = doc("minilm", "Base model: a local Hugging Face folder, or a packaged alias (minilm, smollm2-135m).")
     task: str = doc("classification", "What to train: a registered task (`deltatune tasks` lists them: "
                                       "classification, token_classification, causal_lm, seq2seq, reward, dpo, orpo, "
-                                      "simpo, ppo).")
+                                      "simpo, kto, ppo).")
     name: str | None = doc(None, "Run name; defaults to <model>-<task>-<method>.")
     output_dir: str | None = doc(None, "Run directory; defaults to runs/<name>-<timestamp>.")
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -398,6 +412,7 @@ class Config:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
 
     @property
@@ -411,7 +426,7 @@ class Config:
         problems = []
         if self.output_dir is not None and not self.output_dir.strip():
             problems.append(EMPTY_OUTPUT_DIR)
-        sections = (self.data, self.train, self.eval, self.reward, self.dpo, self.orpo, self.simpo)
+        sections = (self.data, self.train, self.eval, self.reward, self.dpo, self.orpo, self.simpo, self.kto)
         return problems + [p for section in sections for p in section.problems()]
 
 

@@ -12,7 +12,8 @@ from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
 from tests.helpers import config
 
-ALL_BUT_PPO = ["classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "orpo", "simpo"]
+ALL_BUT_PPO = ["classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "orpo", "simpo",
+               "kto"]
 # The `tasks` tuples the methods declared before capabilities replaced them.
 TASKS_BEFORE = {
     "full": ALL_BUT_PPO, "freeze": ALL_BUT_PPO, "bitfit": ALL_BUT_PPO, "houlsby": ALL_BUT_PPO,

@@ -16,6 +16,16 @@ Other columns are ignored. Text is kept exactly as written (no stripping).
 A bad row (a field missing, empty or of the wrong type; chosen equal to rejected; a ranking that
 is not a permutation; fewer than 2 responses) raises a DataError naming file and row, or with
 ``on_error="skip"`` goes to ``rejects`` as ``{"file", "row", "reason"}``.
+
+Thumbs (KTO, ``load_thumbs``): one completion with a thumbs up or down, no comparison,
+
+- a thumbs row: ``{"prompt": ..., "completion": ..., "label": true}``
+
+where ``label`` is true/false, up/down or 1/0 (true, up and 1: a desirable completion): JSON and
+Parquet booleans or numbers, or that text in any case (CSV cells). Anything else is a bad row. Pair
+and ranking rows may be mixed in: a pair gives its chosen response as desirable and its rejected
+one as undesirable, a ranking its best and its worst response (the middle ones carry no absolute
+judgement).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from .load import FILE, ROW, load_table
 
 PAIR_FIELDS = ("chosen", "rejected")
 RANKING_FIELDS = ("responses", "ranking")
+THUMBS_FIELDS = ("completion", "label")
+UP, DOWN = ("true", "up", "1"), ("false", "down", "0")  # thumbs labels written as text, lower case
 
 
 @dataclass
@@ -40,12 +52,31 @@ class Preference:
     source: tuple[str, int]  # (file, row) as load_table numbers rows
 
 
+@dataclass
+class Thumb:
+    """One prompt, one completion and whether the completion is desirable (thumbs up) or not."""
+    prompt: str
+    completion: str
+    desirable: bool
+    source: tuple[str, int]  # (file, row) as load_table numbers rows
+
+
 class _BadRow(Exception):
     """Why a row cannot be used (becomes a DataError or a reject)."""
 
 
 def load_preferences(path: str | Path, on_error: str = "fail", rejects: list[dict] | None = None) -> list[Preference]:
     """Read pairs and rankings from ``path``; see the module docstring for the row shapes."""
+    return _load(path, on_error, rejects, lambda row: [parse_preference(row)], "preference")
+
+
+def load_thumbs(path: str | Path, on_error: str = "fail", rejects: list[dict] | None = None) -> list[Thumb]:
+    """Read thumbs rows, and pairs and rankings as thumbs, from ``path`` (see the module docstring)."""
+    return _load(path, on_error, rejects, parse_thumbs, "thumbs")
+
+
+def _load(path: str | Path, on_error: str, rejects: list[dict] | None, parse, kind: str) -> list:
+    """``parse`` (a row -> a list of items, or _BadRow) over the rows of ``path``, bad rows failing or skipped."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error={on_error!r}; use 'fail' or 'skip'")
     skip = on_error == "skip"
@@ -55,7 +86,7 @@ def load_preferences(path: str | Path, on_error: str = "fail", rejects: list[dic
     out = []
     for row in rows:
         try:
-            out.append(parse_preference(row))
+            out.extend(parse(row))
         except _BadRow as exc:
             if not skip:
                 raise DataError(f"{row[FILE]}: row {row[ROW]}: {exc}. Fix the row, or set data.on_error=skip to "
@@ -64,9 +95,9 @@ def load_preferences(path: str | Path, on_error: str = "fail", rejects: list[dic
     skipped = sink[before:]
     if not out:
         first = f" (first: row {skipped[0]['row']}: {skipped[0]['reason']})" if skipped else ""
-        raise DataError(f"{path}: no usable preference rows; all {len(skipped)} were rejected{first}")
+        raise DataError(f"{path}: no usable {kind} rows; all {len(skipped)} were rejected{first}")
     if skipped and rejects is None:
-        print(f"note: {path}: skipped {len(skipped)} bad preference row(s); pass a rejects list to see them",
+        print(f"note: {path}: skipped {len(skipped)} bad {kind} row(s); pass a rejects list to see them",
               file=sys.stderr)
     return out
 
@@ -82,6 +113,42 @@ def parse_preference(row: dict) -> Preference:
     else:
         responses = _ranked_responses(row)
     return Preference(prompt, responses, (row[FILE], row[ROW]))
+
+
+def parse_thumbs(row: dict) -> list[Thumb]:
+    """One row from ``load_table`` as thumbs (a thumbs row gives one; a pair or a ranking two), or _BadRow."""
+    thumbs = [k for k in THUMBS_FIELDS if _filled(row.get(k))]
+    compared = [k for k in PAIR_FIELDS + RANKING_FIELDS if _filled(row.get(k))]
+    if thumbs and compared:
+        raise _BadRow(f"fills in {thumbs[0]!r} (a thumbs row) and {compared[0]!r} (a preference); a row is either "
+                      "a completion with a label or a preference: empty one set")
+    source = (row[FILE], row[ROW])
+    if thumbs or (not compared and any(k in row for k in THUMBS_FIELDS)):
+        return [Thumb(_text(row, "prompt"), _text(row, "completion"), _thumb_label(row), source)]
+    if compared or any(k in row for k in PAIR_FIELDS + RANKING_FIELDS):
+        pref = parse_preference(row)
+        best, worst = pref.responses[0], pref.responses[-1]
+        return [Thumb(pref.prompt, best, True, source), Thumb(pref.prompt, worst, False, source)]
+    fields = ", ".join(k for k in row if k not in (ROW, FILE))
+    raise _BadRow(f"needs 'completion' and 'label' (a completion with a thumbs up or down), or a preference: "
+                  f"'chosen' and 'rejected', or 'responses' and 'ranking'; it has: {fields}")
+
+
+def _thumb_label(row: dict) -> bool:
+    """True for a desirable completion: see UP and DOWN; JSON/Parquet booleans and the numbers 1 and 0 too."""
+    accepted = "use true or false, up or down, 1 or 0 (true, up and 1 mark a desirable completion)"
+    if "label" not in row:
+        raise _BadRow(f"no 'label' field; {accepted}")
+    value = row["label"]
+    if not _filled(value):
+        raise _BadRow(f"'label' is empty; {accepted}")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in UP + DOWN:
+        return value.strip().lower() in UP
+    raise _BadRow(f"'label' is {value!r}; {accepted}")
 
 
 def to_pairs(prefs: list[Preference]) -> list[tuple[str, str, str]]:

@@ -123,11 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--install", action="store_true")
 
     f = sub.add_parser("feedback", help="sample k responses per prompt; a person (or --judge) ranks them into "
-                                        "preference JSONL; run it again to resume")
+                                        "preference JSONL (--thumbs: one response, up or down, for task kto); "
+                                        "run it again to resume")
     f.add_argument("--prompts", required=True, help="a table with a prompt column, or .txt with one prompt per line")
     f.add_argument("--model", required=True, help="a causal-LM run directory, a base model folder or a packaged alias")
     f.add_argument("--out", required=True, help="preference JSONL to append to (skipped prompts: OUT.skipped.jsonl)")
-    f.add_argument("--k", type=int, default=2, help="responses per prompt")
+    f.add_argument("--k", type=int, help="responses per prompt (default 2; with --thumbs 1)")
     f.add_argument("--prompt-column", default="prompt")
     f.add_argument("--max-new-tokens", type=int, default=64)
     f.add_argument("--temperature", type=float, default=0.8)
@@ -135,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="the same seed and prompt give the same responses")
     f.add_argument("--judge", metavar="RUN_DIR", help="no person: a classification or reward-model run ranks them")
     f.add_argument("--judge-label", help="with a classification judge: the label whose log-odds is the score")
+    f.add_argument("--thumbs", action="store_true", help="one response per prompt; the person answers u (thumbs up) "
+                                                         "or d (down): prompt/completion/label rows for task kto")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for completed runs (docs/serving.md)")
     sv.add_argument("config", nargs="?", help="serve config YAML (--explain lists its keys)")
@@ -647,7 +650,7 @@ def cmd_feedback(args) -> int:
 
     feedback(args.prompts, args.model, args.out, args.k, prompt_column=args.prompt_column,
              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             judge=args.judge, judge_label=args.judge_label)
+             judge=args.judge, judge_label=args.judge_label, thumbs=args.thumbs)
     print(args.out)
     return 0
 

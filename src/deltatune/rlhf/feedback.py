@@ -1,4 +1,5 @@
-"""Collect preference data: sample k responses per prompt and let a person (or a judge model) rank them.
+"""Collect preference data: sample k responses per prompt and let a person (or a judge model) rank them;
+or (``thumbs``) one response per prompt that a person calls good or bad, for task kto.
 
 Every answered prompt is appended to the output JSONL at once (write, flush, fsync), in the row
 shapes ``data.preferences.load_preferences`` reads, plus a ``source`` field:
@@ -9,13 +10,16 @@ shapes ``data.preferences.load_preferences`` reads, plus a ``source`` field:
   Nothing is said about the order of the others, so no pair is made among them.
 - a judge ranks fully (a pair for k=2, a ranking for k>2) and adds ``scores``: the judge's score of
   each response, in the order of ``responses`` (ranking rows) or ``[chosen, rejected]`` (pairs).
+- thumbs (one response, up or down):     ``{"prompt", "completion", "label", "source"}``, ``label`` true for
+  a thumbs up; the rows ``data.preferences.load_thumbs`` reads (task kto). A file holds one kind of row:
+  a thumbs session does not go on in a file of pairs and rankings, nor a ranking session in one of thumbs.
 
 ``source`` is ``{"model", "seed", "temperature", "top_p", "max_new_tokens", "index", "row", "rows"}``
 (``index``: the prompt's 0-based position in the prompts file; ``row``: where it is in the file;
 ``rows``: how many output rows the prompt wrote), plus ``"judge"`` when a model ranked.
 
 Skipped prompts (``s``; ``t`` for a tie or both bad; a judge's tie; a model that gave fewer than
-two different responses) go to ``OUT.skipped.jsonl`` (``OUT`` without its ``.jsonl``) with the
+two different responses, or with thumbs no non-empty one) go to ``OUT.skipped.jsonl`` (``OUT`` without its ``.jsonl``) with the
 reason, so the preference file stays loadable and a resumed session does not ask again.
 
 Resume: run the same command again. A last line cut off by a crash (or a prompt whose rows were
@@ -60,6 +64,7 @@ class Outcome:
     order: list[int] | None = None  # indices into the responses, best first: all of them, or only the best
     skip: str | None = None  # why no preference was recorded
     scores: list[float] | None = None  # a judge's score per response
+    label: bool | None = None  # thumbs: the one response is desirable (up) or not (down)
 
 
 Decide = Callable[[Prompt, list[str]], "Outcome | None"]  # None: the person quit
@@ -251,19 +256,35 @@ def parse_answer(answer: str, n: int) -> Outcome | None:
     return Outcome(order=[x - 1 for x in numbers])
 
 
-def person_decider(ask: Callable[[str], str], console: Console, total: int) -> Decide:
-    """Shows the prompt and numbered responses on ``console``; reads answers with ``ask``."""
+THUMBS_USAGE = "u: thumbs up (a good response); d: thumbs down (a bad one); s: skip; q: quit"
+
+
+def parse_thumb(answer: str) -> Outcome | None:
+    """A person's thumbs up or down on one response: an Outcome, None to quit; ValueError saying what is valid."""
+    text = answer.strip().lower()
+    if text in ("q", "quit"):
+        return None
+    if text in ("s", "skip"):
+        return Outcome(skip="skipped")
+    if text in ("u", "up", "d", "down"):
+        return Outcome(label=text.startswith("u"))
+    raise ValueError(f"{answer!r} is not an answer; type {THUMBS_USAGE}")
+
+
+def person_decider(ask: Callable[[str], str], console: Console, total: int, thumbs: bool = False) -> Decide:
+    """Shows the prompt and numbered responses (``thumbs``: the one response) on ``console``; reads answers
+    with ``ask``."""
     def decide(prompt: Prompt, responses: list[str]) -> Outcome | None:
         console.print(Panel(Text(prompt.text), title=f"prompt {prompt.index + 1} of {total} (row {prompt.row})"))
         for number, response in enumerate(responses, start=1):
-            console.print(Panel(Text(response), title=str(number), title_align="left"))
+            console.print(Panel(Text(response), title="response" if thumbs else str(number), title_align="left"))
         while True:
             try:
-                answer = ask(f"{usage(len(responses))}\n> ")
+                answer = ask(f"{THUMBS_USAGE if thumbs else usage(len(responses))}\n> ")
             except (EOFError, KeyboardInterrupt):
                 return None
             try:
-                return parse_answer(answer, len(responses))
+                return parse_thumb(answer) if thumbs else parse_answer(answer, len(responses))
             except ValueError as exc:
                 console.print(Text(str(exc), style="red"))
     return decide
@@ -278,7 +299,9 @@ def skipped_path(out: Path) -> Path:
 def output_rows(prompt: Prompt, responses: list[str], outcome: Outcome, source: dict) -> list[dict]:
     """The preference rows an outcome implies (see the module docstring)."""
     order, scores = outcome.order, outcome.scores
-    if len(order) == len(responses) and len(responses) > 2:
+    if outcome.label is not None:
+        rows = [{"prompt": prompt.text, "completion": responses[0], "label": outcome.label}]
+    elif len(order) == len(responses) and len(responses) > 2:
         rows = [{"prompt": prompt.text, "responses": responses, "ranking": order}]
         if scores is not None:
             rows[0]["scores"] = scores
@@ -360,6 +383,16 @@ def _torn_row(piece: bytes) -> bool:
     return isinstance(row, dict) and isinstance(row.get("source"), dict) and isinstance(row["source"].get("index"), int)
 
 
+def check_kind(rows: list[dict], path: Path, thumbs: bool) -> None:
+    """A file holds thumbs rows or preference rows (pairs, rankings), never both."""
+    for number, row in enumerate(rows, start=1):
+        if ("completion" in row) != thumbs:
+            found, mode = ("pairs or rankings", "with") if thumbs else ("thumbs rows", "without")
+            raise DataError(f"{path}: line {number}: the file holds {found} of an earlier session, and this one runs "
+                            f"{mode} --thumbs; a file holds one kind of row. Give a new --out file, or run as that "
+                            "session did")
+
+
 def check_prompts(prompts: list[Prompt], rows: list[dict], path: Path, prompts_path: Path) -> None:
     """Every row written must be the same prompt text at the same index as in today's prompts file."""
     for number, row in enumerate(rows, start=1):
@@ -382,12 +415,15 @@ class Session:
     sample: Callable[[Prompt], list[str]]
     decide: Decide
     console: Console
+    least: int = 2  # the fewest responses that can be judged (thumbs: 1)
 
 
-def pending(prompts: list[Prompt], out: Path, prompts_path: Path, console: Console) -> list[Prompt]:
+def pending(prompts: list[Prompt], out: Path, prompts_path: Path, console: Console,
+            thumbs: bool = False) -> list[Prompt]:
     """The prompts neither answered nor skipped in earlier sessions, after checking those files."""
     answered = read_log(out, console)
     skipped = read_log(skipped_path(out), console)
+    check_kind(answered, out, thumbs)
     check_prompts(prompts, answered, out, prompts_path)
     check_prompts(prompts, skipped, skipped_path(out), prompts_path)
     done = {r["source"]["index"] for r in answered + skipped}
@@ -403,7 +439,7 @@ def run_session(session: Session, todo: list[Prompt]) -> dict:
     counts = {"answered": 0, "skipped": 0}
     for prompt in todo:
         responses = session.sample(prompt)
-        if len(responses) < 2:
+        if len(responses) < session.least:
             outcome = Outcome(skip=f"the model gave {len(responses)} different non-empty response(s)")
         else:
             outcome = session.decide(prompt, responses)
@@ -422,17 +458,19 @@ def run_session(session: Session, todo: list[Prompt]) -> dict:
     return {**counts, "remaining": remaining, "out": str(session.out), "skipped_file": str(skipped_path(session.out))}
 
 
-def feedback(prompts_path: str | Path, model: str, out: str | Path, k: int = 2, *, prompt_column: str = "prompt",
-             max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
-             judge: str | None = None, judge_label: str | None = None,
+def feedback(prompts_path: str | Path, model: str, out: str | Path, k: int | None = None, *,
+             prompt_column: str = "prompt", max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+             seed: int = 0, judge: str | None = None, judge_label: str | None = None, thumbs: bool = False,
              ask: Callable[[str], str] | None = None, console: Console | None = None) -> dict:
-    """Sample k responses per prompt from ``model``; a person (``ask``, else the terminal) or ``judge``
-    ranks them; rows go to ``out`` as they are decided. Returns counts of this session."""
+    """Sample k responses per prompt from ``model`` (None: 2); a person (``ask``, else the terminal) or ``judge``
+    ranks them; with ``thumbs`` one response per prompt, that a person calls good or bad. Rows go to ``out``
+    as they are decided. Returns counts of this session."""
     console = console or Console()
     out, prompts_path = Path(out), Path(prompts_path)
-    _check_options(out, k, temperature, top_p, max_new_tokens, judge, judge_label, ask)
+    _check_options(out, k, temperature, top_p, max_new_tokens, judge, judge_label, ask, thumbs)
+    k = 1 if thumbs else k or 2
     prompts = read_prompts(prompts_path, prompt_column)
-    todo = pending(prompts, out, prompts_path, console)
+    todo = pending(prompts, out, prompts_path, console, thumbs)
     if not todo:
         console.print(f"all {len(prompts)} prompts are done in {out}", markup=False)
         return {"answered": 0, "skipped": 0, "remaining": 0, "out": str(out), "skipped_file": str(skipped_path(out))}
@@ -444,23 +482,30 @@ def feedback(prompts_path: str | Path, model: str, out: str | Path, k: int = 2, 
         decide = judge_decider(chosen_judge, console)
         source["judge"] = chosen_judge.name
     else:
-        decide = person_decider(ask or console.input, console, len(prompts))
+        decide = person_decider(ask or console.input, console, len(prompts), thumbs)
     session = Session(out, source, lambda p: sample_responses(
-        sampler, p.text, k, max_new_tokens, temperature, top_p, seed), decide, console)
+        sampler, p.text, k, max_new_tokens, temperature, top_p, seed), decide, console, least=min(k, 2))
     return run_session(session, todo)
 
 
-def _check_options(out: Path, k: int, temperature: float, top_p: float, max_new_tokens: int, judge: str | None,
-                   judge_label: str | None, ask) -> None:
+def _check_options(out: Path, k: int | None, temperature: float, top_p: float, max_new_tokens: int,
+                   judge: str | None, judge_label: str | None, ask, thumbs: bool = False) -> None:
     if out.suffix.lower() != ".jsonl":
         raise DeltatuneError(f"--out {out}: preference files are JSONL; name it {out.with_suffix('.jsonl').name}")
-    if k < 2:
-        raise DeltatuneError(f"--k {k}: a preference compares at least 2 responses")
+    if thumbs and (judge or (k is not None and k != 1)):
+        raise DeltatuneError(f"--thumbs: a person judges one response per prompt, up or down; drop "
+                             f"{'--judge (a judge ranks responses)' if judge else f'--k {k}'}")
+    if not thumbs and k is not None and k < 2:
+        raise DeltatuneError(f"--k {k}: a preference compares at least 2 responses (one response, up or down: "
+                             "--thumbs)")
     if temperature <= 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise DeltatuneError("--temperature must be > 0 (greedy decoding repeats one response), --top-p in (0, 1], "
                              "--max-new-tokens at least 1")
     if judge_label and not judge:
         raise DeltatuneError("--judge-label needs --judge RUN_DIR (the classifier whose label it names)")
     if not judge and ask is None and not sys.stdin.isatty():
+        if thumbs:
+            raise DeltatuneError("feedback --thumbs: stdin is not a terminal, so nobody can judge the responses; "
+                                 "run it in a terminal")
         raise DeltatuneError("feedback: stdin is not a terminal, so nobody can rank the responses; run it in a "
                              "terminal, or pass --judge RUN_DIR to let a model rank them")

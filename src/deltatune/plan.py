@@ -164,9 +164,10 @@ def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = Non
                            "(its memory and time depend on generation): measure a few steps instead"])
     data = task.prepare(tokenizer)
     if data.train.examples and "input_ids" not in data.train.examples[0]:
-        raise ConfigError([f"task: plan models one sequence per example; {cfg.task} trains on pairs of sequences "
-                           "(chosen and rejected), which it does not model yet: measure a few steps instead "
-                           "(train.max_steps=5) and read peak_rss_mb and train_seconds in metrics.json"])
+        raise ConfigError([f"task: plan models one sequence per example; {cfg.task}'s examples hold several "
+                           "(e.g. chosen and rejected, or a completion and its mismatched partner), which it does "
+                           "not model yet: measure a few steps instead (train.max_steps=5) and read peak_rss_mb "
+                           "and train_seconds in metrics.json"])
     shape = model_shape(path, task, cfg.method.name, cfg.method.options)
     batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
     speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)

@@ -137,4 +137,4 @@ def test_pair_tasks_are_refused_by_name_not_with_a_traceback(tiny_llama, tmp_pat
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
     assert main(["plan", f"model={tiny_llama}", "task=dpo", f"data.train={prefs}", "method.name=lora"]) == 2
     err = capsys.readouterr().err
-    assert "trains on pairs of sequences" in err and "train.max_steps=5" in err
+    assert "examples hold several" in err and "train.max_steps=5" in err

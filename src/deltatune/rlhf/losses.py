@@ -368,3 +368,78 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, policy_
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
     return losses.mean(), beta * logratios.detach(), z0
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages (Shao et al. 2024, section 4.1.2, outcome supervision): each completion's reward
+    against the others sampled for the same prompt,
+
+        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)
+
+    ``rewards`` ``(n_prompts * group_size,)``, each prompt's completions next to each other. std is the
+    unbiased one (Bessel's correction) and eps = 1e-4, as TRL 1.16's default (``scale_rewards="group"``):
+    a group whose rewards are all equal gets advantages 0. The same advantage applies to every token of a
+    completion. Rewards are data, so the result is detached.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group needs at least 2 completions to have a spread")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.detach().float().view(-1, group_size)
+    mean = grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).flatten()
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman 2020's "k3"; Shao et al.
+    2024, eq. 4), unbiased and never negative; 0 on masked positions:
+
+        kl_t = exp(log ref(o_t) - log pi(o_t)) - (log ref(o_t) - log pi(o_t)) - 1
+    """
+    keep = mask.bool()
+    to_ref = torch.where(keep, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+    return to_ref.exp() - to_ref - 1
+
+
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              clip: float = 0.2, beta: float = 0.04, aggregate: str = "sequence") -> tuple[Tensor, Tensor, Tensor]:
+    """GRPO's objective (Shao et al. 2024, eq. 3), as a loss to minimise. Per response token t:
+
+        rho_t = exp(log pi(o_t) - log pi_old(o_t))
+        kl_t  = exp(log ref(o_t) - log pi(o_t)) - (log ref(o_t) - log pi(o_t)) - 1     (``k3_kl``, eq. 4)
+        l_t   = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * kl_t
+
+    aggregated over the masked tokens as
+
+        "sequence": mean over completions of each completion's mean l_t   (the paper; TRL's loss_type="grpo")
+        "token":    mean over all tokens of the batch                     (TRL's loss_type="bnpo")
+
+    ``logprobs`` ``(batch, T)`` the policy's (with gradient), ``old_logprobs`` the sampling policy's and
+    ``ref_logprobs`` the reference's (constants, detached), ``advantages`` ``(batch,)`` (``group_advantages``).
+    This is TRL 1.16's ``GRPOTrainer._compute_loss`` with ``importance_sampling_level="token"``, equal
+    ``epsilon`` and ``epsilon_high``, no ``delta``, and ``use_bias_correction_kl=False``: TRL's default
+    multiplies kl_t by rho_t (DeepSeek-V3.2's correction), which the paper does not.
+
+    Returns (loss, kl, clip_fraction), detached statistics as TRL logs them: kl the mean kl_t over the
+    masked tokens; clip_fraction the share of masked tokens whose ratio is clipped where it counts
+    (rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0: their gradient is 0).
+    """
+    if aggregate not in ("sequence", "token"):
+        raise ValueError(f"unknown aggregate {aggregate!r}; use 'sequence' or 'token'")
+    keep = mask.bool()
+    zero = torch.zeros_like(logprobs)
+    log_ratio = torch.where(keep, logprobs - old_logprobs.detach(), zero)
+    ratio = log_ratio.exp()
+    advantages = advantages.detach().float().unsqueeze(-1)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    kl = k3_kl(logprobs, ref_logprobs.detach(), keep)
+    per_token = torch.where(keep, -surrogate + beta * kl, zero)
+    if aggregate == "sequence":
+        loss = (per_token.sum(-1) / keep.sum(-1).clamp(min=1)).mean()
+    else:
+        loss = per_token.sum() / keep.sum().clamp(min=1)
+    clipped = ((ratio < 1 - clip) & (advantages < 0)) | ((ratio > 1 + clip) & (advantages > 0))
+    return loss, masked_mean(kl.detach(), keep), masked_mean(clipped.float(), keep)

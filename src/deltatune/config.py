@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -390,6 +391,103 @@ class PpoConfig:
         return problems
 
 
+GRPO_REWARD_FUNCTIONS = ("arithmetic", "format")  # built in (rlhf/rewards.py); other names are 'module:function'
+GRPO_REWARD_KEYS = ("function", "run", "weight", "label", "pattern")
+
+
+@dataclass
+class GrpoConfig:
+    rewards: list[dict[str, str]] = doc([], "Task grpo: the reward, a weighted sum of sources, each {function: NAME, "
+                                            "weight: W} or {run: RUN_DIR, weight: W}. NAME: arithmetic (1 if the "
+                                            "completion's last number equals the row's answer column), format (1 if "
+                                            "the completion matches the regex given as pattern: REGEX), or "
+                                            "'module:function' / 'path/to/file.py:function' (your code: train runs "
+                                            "it). RUN_DIR: a reward run, or a classifier run with label: LABEL (its "
+                                            "log-odds). weight defaults to 1.")
+    group_size: int = doc(4, "Completions sampled per prompt: the group whose mean and std normalise the rewards.")
+    prompts_per_step: int = doc(4, "Prompts per iteration (train.max_steps iterations in all); each iteration "
+                                   "samples prompts_per_step x group_size completions.")
+    minibatch: int | None = doc(None, "Completions per gradient step (null: the whole batch, one step per epoch).")
+    epochs_per_batch: int = doc(1, "Passes over each iteration's completions (TRL's num_iterations; 1: on-policy).")
+    clip: float = doc(0.2, "Clipped objective: the probability ratio to the sampling policy is clipped to "
+                           "[1 - clip, 1 + clip].")
+    beta: float = doc(0.04, "Weight of the KL penalty to the reference, the base model (the k3 estimator per "
+                            "token); 0: none.")
+    aggregate: str = doc("sequence", "'sequence': each completion's mean token loss, then the mean over "
+                                     "completions (the paper; TRL's loss_type grpo); 'token': the mean over all "
+                                     "tokens of the minibatch (TRL's bnpo).")
+    max_new_tokens: int = doc(32, "Length limit of each sampled completion.")
+    temperature: float = doc(1.0, "Sampling temperature of the completions.")
+    top_k: int = doc(0, "Sample only from the k likeliest tokens (0: the whole vocabulary).")
+
+    def reward_problems(self, required: bool = True) -> list[str]:
+        """What is wrong with grpo.rewards, without loading anything (no run, no module). No rewards at all
+        is a problem only when ``required`` (a run starting): a shipped config may leave them to the command line."""
+        if not self.rewards:
+            return ["grpo.rewards: no reward given; e.g. grpo.rewards='[{function: arithmetic}]' or "
+                    "'[{run: RUN_DIR, weight: 1}]'"] if required else []
+        problems = []
+        for i, entry in enumerate(self.rewards):
+            problems += _grpo_reward_problems(f"grpo.rewards[{i}]", entry)
+        return problems
+
+    def problems(self, need_rewards: bool = False) -> list[str]:
+        """Every problem with the grpo.* values, at once (no rewards at all only if ``need_rewards``).
+        Only task grpo reads this section: its ``Task.problems`` checks it."""
+        problems = self.reward_problems(need_rewards)
+        if self.group_size < 2:
+            problems.append(f"grpo.group_size: must be at least 2, got {self.group_size} (the advantages compare "
+                            "each completion with the others of its group)")
+        at_least = {"prompts_per_step": (self.prompts_per_step, 1), "epochs_per_batch": (self.epochs_per_batch, 1),
+                    "max_new_tokens": (self.max_new_tokens, 1), "top_k": (self.top_k, 0),
+                    "minibatch": (1 if self.minibatch is None else self.minibatch, 1)}
+        problems += [f"grpo.{k}: must be at least {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
+        batch = self.prompts_per_step * self.group_size
+        if self.minibatch and self.minibatch > batch:
+            problems.append(f"grpo.minibatch: {self.minibatch} is more than the {batch} completions of a batch "
+                            "(prompts_per_step x group_size); lower it or leave it unset for the whole batch")
+        problems += _greater_than_zero({"grpo.temperature": self.temperature, "grpo.clip": self.clip})
+        problems += _zero_or_more({"grpo.beta": self.beta})
+        return problems + _one_of("grpo.aggregate", self.aggregate, ("sequence", "token"))
+
+
+def _grpo_reward_problems(key: str, entry: dict) -> list[str]:
+    unknown = [k for k in entry if k not in GRPO_REWARD_KEYS]
+    problems = [f"{key}.{k}: unknown key{did_you_mean(str(k), list(GRPO_REWARD_KEYS))}" for k in unknown]
+    function, run = entry.get("function"), entry.get("run")
+    if bool(function) == bool(run):
+        return problems + [f"{key}: give exactly one of function: NAME or run: RUN_DIR "
+                           f"({'both are set' if function else 'neither is set'})"]
+    try:
+        weight_ok = math.isfinite(float(entry.get("weight", 1)))
+    except (TypeError, ValueError):
+        weight_ok = False
+    if not weight_ok:
+        problems.append(f"{key}.weight: expected a finite number, got {entry['weight']!r}")
+    if run and "pattern" in entry:
+        problems.append(f"{key}.pattern: only the format function reads a pattern; unset it for a run")
+    if function and "label" in entry:
+        problems.append(f"{key}.label: only a classifier run reads a label; unset it for a function")
+    if function and function not in GRPO_REWARD_FUNCTIONS and ":" not in function:
+        problems.append(f"{key}.function: {function!r} is neither a built-in reward "
+                        f"({', '.join(GRPO_REWARD_FUNCTIONS)}) nor 'module:function' / 'path/to/file.py:function'")
+    if function == "format":
+        problems += _pattern_problems(f"{key}.pattern", entry.get("pattern"))
+    elif function and "pattern" in entry:
+        problems.append(f"{key}.pattern: only the format function reads a pattern; unset it for {function}")
+    return problems
+
+
+def _pattern_problems(key: str, pattern: str | None) -> list[str]:
+    if not pattern:
+        return [f"{key}: the format reward needs the regex a completion must match, e.g. pattern: '^[0-9]+$'"]
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [f"{key}: {pattern!r} is not a valid regular expression ({exc})"]
+    return []
+
+
 @dataclass
 class MethodConfig:
     name: str = doc("lora", "Adaptation method (see `deltatune methods`).")
@@ -414,6 +512,7 @@ class Config:
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     @property
     def run_name(self) -> str:

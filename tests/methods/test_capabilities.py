@@ -14,15 +14,16 @@ from tests.helpers import config
 
 ALL_BUT_PPO = ["classification", "causal_lm", "token_classification", "seq2seq", "reward", "dpo", "orpo", "simpo",
                "kto"]
+SAMPLING = ["ppo", "grpo"]  # tasks that sample their own data; their reference is the delta switched off
 # The `tasks` tuples the methods declared before capabilities replaced them.
 TASKS_BEFORE = {
     "full": ALL_BUT_PPO, "freeze": ALL_BUT_PPO, "bitfit": ALL_BUT_PPO, "houlsby": ALL_BUT_PPO,
     "feature_extraction": ["classification"],
-    "lora": [*ALL_BUT_PPO, "ppo"], "qlora": [*ALL_BUT_PPO, "ppo"], "ia3": [*ALL_BUT_PPO, "ppo"],
+    "lora": [*ALL_BUT_PPO, *SAMPLING], "qlora": [*ALL_BUT_PPO, *SAMPLING], "ia3": [*ALL_BUT_PPO, *SAMPLING],
     "prefix": ALL_BUT_PPO, "prompt": ALL_BUT_PPO, "ptuning": ALL_BUT_PPO,
     # Added later: peft's other delta methods. AdaLoRA's rank schedule runs on the one loop, which PPO does not use.
-    "vera": [*ALL_BUT_PPO, "ppo"], "loha": [*ALL_BUT_PPO, "ppo"], "lokr": [*ALL_BUT_PPO, "ppo"],
-    "oft": [*ALL_BUT_PPO, "ppo"], "adalora": ALL_BUT_PPO,
+    "vera": [*ALL_BUT_PPO, *SAMPLING], "loha": [*ALL_BUT_PPO, *SAMPLING], "lokr": [*ALL_BUT_PPO, *SAMPLING],
+    "oft": [*ALL_BUT_PPO, *SAMPLING], "adalora": ALL_BUT_PPO,
 }
 # hpo.DEFAULT_SPACE before each method declared its own search space.
 DEFAULT_SPACE_BEFORE = {

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
+import re
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +29,7 @@ import torch
 
 from .. import inference
 from ..config import Config
-from ..errors import ConfigError, DeltatuneError
+from ..errors import ConfigError, DataError, DeltatuneError
 from ..rundir import RunDir
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -145,3 +149,125 @@ def log_odds(logits: torch.Tensor, index: int) -> torch.Tensor:
     others = logits.clone()
     others[:, index] = -math.inf
     return logits[:, index] - others.logsumexp(-1)
+
+
+
+# ----------------------------------------------------------------------------- GRPO: weighted sources
+
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (``-12``, ``3.5``, ``1,024``), or None."""
+    found = NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def arithmetic(prompts: list[str], responses: list[str], answer: list) -> list[float]:
+    """1 where the response's last number equals the prompt row's ``answer``, else 0 (no number: 0)."""
+    return [float(last_number(r) == float(a)) for r, a in zip(responses, answer)]
+
+
+def format_reward(pattern: str) -> Callable:
+    """1 where ``re.search(pattern, response)`` finds a match, else 0 (anchor with ^ and $ for a whole match)."""
+    compiled = re.compile(pattern)
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(compiled.search(r) is not None) for r in responses]
+
+    return reward
+
+
+@dataclass
+class Source:
+    """One entry of grpo.rewards, loaded: its config key, its name in the logs, its weight, its function, and
+    the prompt rows' columns the function reads (its parameters after prompts and responses, passed by name
+    as lists; None: it takes ``**kwargs`` and gets every column). ``numbers``: columns that must hold numbers."""
+    key: str
+    name: str
+    weight: float
+    fn: Callable
+    columns: tuple[str, ...] | None = ()
+    numbers: tuple[str, ...] = ()
+
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]) -> torch.Tensor:
+        """One score per response (``rows``: the prompt rows, one per response)."""
+        names = self.columns
+        if names is None:  # **kwargs: every column but the pipeline's own (_row, _file) and the two arguments
+            names = [c for c in (rows[0] if rows else {})
+                     if not c.startswith("_") and c not in ("prompts", "responses")]
+        extra = {c: [row.get(c) for row in rows] for c in names}
+        return checked(self.key, lambda p, r: self.fn(p, r, **extra))(prompts, responses)
+
+    def check_rows(self, rows: list[dict]) -> None:
+        """A DataError naming the file and row of the first prompt row that lacks a column this source reads."""
+        for row in rows:
+            for column in self.columns or ():
+                value = row.get(column)
+                if value is None or (column in self.numbers and not _is_number(value)):
+                    what = "has no value in column" if value is None else f"has {value!r}, not a number, in column"
+                    raise DataError(f"{row.get('_file', 'data')}: row {row.get('_row', '?')} {what} {column!r}, "
+                                    f"which {self.key} ({self.name}) reads; fix the row or drop it")
+
+
+def load_sources(cfg: Config) -> list[Source]:
+    """grpo.rewards, each loaded and checked (modules imported, runs read). Raises ConfigError naming the entry."""
+    problems = cfg.grpo.reward_problems()
+    if problems:
+        raise ConfigError(problems)
+    sources, names = [], set()
+    for i, entry in enumerate(cfg.grpo.rewards):
+        key = f"grpo.rewards[{i}]"
+        with _renamed({"ppo.reward_fn": f"{key}.function", "ppo.reward_model": f"{key}.run",
+                       "ppo.reward_label": f"{key}.label"}):
+            fn, name = _source(entry, cfg.train.eval_batch_size)
+        while name in names:  # two entries of one function: tell them apart in the logs
+            name += "'"
+        names.add(name)
+        numbers = ("answer",) if fn is arithmetic else ()
+        sources.append(Source(key, name, float(entry.get("weight", 1)), fn, _columns(fn), numbers))
+    return sources
+
+
+def _source(entry: dict, batch_size: int) -> tuple[Callable, str]:
+    function = entry.get("function")
+    if function == "arithmetic":
+        return arithmetic, function
+    if function == "format":
+        return format_reward(entry["pattern"]), function
+    if function:
+        return import_callable(function), function.rpartition(":")[2]
+    return _model_reward(entry["run"], entry.get("label"), batch_size), Path(entry["run"]).name
+
+
+def _columns(fn: Callable) -> tuple[str, ...] | None:
+    """The row columns ``fn`` reads: its parameters after (prompts, responses); None if it takes ``**kwargs``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): (prompts, responses) only
+        return ()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return tuple(p.name for p in named[2:] if p.default is p.empty)
+
+
+def _is_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _renamed(keys: dict[str, str]):
+    """PPO's loaders name ppo.* keys in their errors; for a GRPO entry, name that entry's keys instead."""
+    try:
+        yield
+    except ConfigError as exc:
+        problems = []
+        for problem in exc.problems:
+            for old, new in keys.items():
+                problem = problem.replace(old, new)
+            problems.append(problem)
+        raise ConfigError(problems) from exc

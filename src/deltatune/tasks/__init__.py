@@ -3,7 +3,7 @@
 from . import registry
 from .base import Metric, Task
 # Importing a task module registers it; the order here is the order listings show.
-from . import classification, token_classification, causal_lm, seq2seq, reward, dpo, reference_free, kto, ppo  # noqa: E402,F401
+from . import classification, token_classification, causal_lm, seq2seq, reward, dpo, reference_free, kto, ppo, grpo  # noqa: E402,F401
 
 __all__ = ["Metric", "Task", "registry", "create", "prepare", "prepare_rows"]
 

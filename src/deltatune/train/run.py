@@ -26,14 +26,14 @@ from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
-from . import ppo
+from . import grpo, ppo
 from . import lr_find
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
 from .progress import phase
 from .session import absolute_refs, finish, recover, tracked, write_inputs, write_metrics
 
-LOOPS = {"rollouts": ppo.train_ppo}  # tasks that sample their own data; the rest go through run_loop
+LOOPS = {"rollouts": ppo.train_ppo, "groups": grpo.train_grpo}  # tasks that sample their own data; the rest: run_loop
 
 
 def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, object]:

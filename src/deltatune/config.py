@@ -499,7 +499,7 @@ class Config:
     model: str = doc("minilm", "Base model: a local Hugging Face folder, or a packaged alias (minilm, smollm2-135m).")
     task: str = doc("classification", "What to train: a registered task (`deltatune tasks` lists them: "
                                       "classification, token_classification, causal_lm, seq2seq, reward, dpo, orpo, "
-                                      "simpo, kto, ppo).")
+                                      "simpo, kto, ppo, grpo).")
     name: str | None = doc(None, "Run name; defaults to <model>-<task>-<method>.")
     output_dir: str | None = doc(None, "Run directory; defaults to runs/<name>-<timestamp>.")
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -122,6 +122,14 @@ def test_adalora_moves_its_rank_budget_over_the_runs_steps(tiny_bert, cls_csv, t
     assert sorted(v.shape[0] for k, v in saved.items() if ".lora_E" in k) == sorted(kept.values())
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_adalora_runs_too_short_for_its_schedule_finish(tiny_bert, cls_csv, tmp_path, steps):
+    """One or two steps leave no step to measure importance on before the final cut: the run still finishes
+    (peft's allocator would look up averages it never made)."""
+    job, _, _, _ = _trained(tiny_bert, "classification", "adalora", cls_csv, tmp_path, f"train.max_steps={steps}")
+    assert job.model.peft_config["default"].total_step == steps
+
+
 def test_adalora_penalty_is_peft_loss_plus_penalty(tiny_bert, cls_csv):
     """The gradient of one training step equals the gradient of peft's own loss, the model's loss (labels given)
     plus orth_reg_weight times the penalty, which peft adds in AdaLoraModel.forward."""

@@ -139,6 +139,8 @@ class AdaLora(PeftMethod):
         config.total_step = total
         config.tinit = math.floor(options.init_fraction * total)
         config.tfinal = math.floor(options.final_fraction * total)
+        if step >= total - config.tfinal and not config.rank_pattern and not model.base_model.rankallocator.exp_avg_ipt:
+            return  # a run too short for its schedule measured no importance before the cut: nothing to cut by
         params = [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
         if all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
             model.base_model.update_and_allocate(step)

@@ -175,12 +175,14 @@ def test_a_pruned_trial_is_recorded_as_pruned_not_failed(tiny_bert, cls_csv, tmp
 def test_shipped_search_spaces_give_valid_configs(path):
     space = read_space(str(path))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    base = Path(__file__).parents[2] / "configs" / "minilm" / "classification-lora.yaml"
-    methods = set()
+    configs = Path(__file__).parents[2] / "configs"
+    base = configs / ("smollm2-135m/causal_lm-lora.yaml" if "llama" in path.stem else "minilm/classification-lora.yaml")
+    drawn, methods = set(), set()
     for _ in range(12):
         overrides = suggest(study.ask(), space, "lora")
         methods.add(load_config(base, overrides).method.name)  # every drawn combination validates
-    assert len(methods) > 1
+        drawn.add(tuple(overrides))
+    assert len(drawn) > 6 and (len(methods) > 1 or "method.name" not in space)
 
 
 @pytest.mark.parametrize("direction,metric", [("minimize", [8.0, 6.0, 10.0]), ("maximize", [0.8, 0.6, 0.4])])

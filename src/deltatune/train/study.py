@@ -140,7 +140,8 @@ def _show_trial(study: Study):
         settings = ", ".join(f"{k.split('.')[-1]} {v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
                              for k, v in trial.params.items())
         values = trial.values or []
-        result = ", ".join(f"{name} {v:.4g}" for (name, _), v in zip(study.objectives, values))
+        result = ", ".join(f"{name} {v:,.0f}" if float(v).is_integer() and abs(v) >= 1e4 else f"{name} {v:.4g}"
+                           for (name, _), v in zip(study.objectives, values))
         phase(s.study_name, f"trial {trial.number + 1}/{study.trials}: {settings}: "
                             f"{result or trial.state.name.lower()}")
     return callback

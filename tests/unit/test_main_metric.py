@@ -9,7 +9,8 @@ import pytest
 
 from deltatune import hpo, registry_db
 from deltatune.cli import main
-from deltatune.compare import _table, analyse
+from deltatune.compare import analyse
+from deltatune.compare.report import _table
 from deltatune.config import Config, TrainConfig
 from deltatune.rundir import RunDir
 from deltatune.tasks import registry as tasks

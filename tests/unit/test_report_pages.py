@@ -163,3 +163,18 @@ def test_a_preference_report_renders_its_own_figures():
     _parsed(page)
     assert "2 eval rows repeat a training row (2 by its prompt): reported, not removed" in page
     assert '<code class="key">comparisons_per_split</code>' in page and "ranked from best to worst" in page
+
+
+def test_every_run_s_data_report_names_the_run_and_when_it_was_written(tiny_llama, tmp_path, capsys):
+    """Preference runs build their report elsewhere than the pipeline's: the page still says whose it is."""
+    from deltatune.cli import main
+    from tests.conftest import write_jsonl
+    from tests.helpers import QUICK
+    from tests.unit.test_reward_dpo import preference_rows
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(24))
+    run = tmp_path / "run"
+    assert main(["train", f"model={tiny_llama}", "task=dpo", f"data.train={prefs}", "method.name=lora", *QUICK,
+                 "train.max_steps=1", "name=my-prefs", f"output_dir={run}"]) == 0
+    page = (run / "data_report.html").read_text()
+    assert "my-prefs" in page and "Written" in page and "Rendered" not in page

@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 from ..assets import resolve_data
@@ -151,6 +152,7 @@ def prepare_stream(cfg: Config, out: Path, fields_for: FieldsFor, tokenizer=None
                             "check the data and data.eval_fraction")
         sink.close()
         result.update(_report(cfg, sink, ledger, files, tokenizer))
+        result.update(name=cfg.run_name, written=datetime.now().isoformat(timespec="seconds"))
         (tmp / REPORT).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "data_report.html").write_text(render_html(result), encoding="utf-8")
         (tmp / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger.rejects),

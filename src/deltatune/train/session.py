@@ -13,6 +13,7 @@ import resource
 import shutil
 import sys
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -51,7 +52,9 @@ def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: lis
                                  **{f"{split}_rows": n for split, n in rows.items()},
                                  "train": cfg.data.train, "eval": cfg.data.eval})
     run.write_json("data_report.json", report)
-    atomic_write_text(run.path / "data_report.html", render_html(report))
+    # Every kind of data report (streamed, preference pairs) gets the run's name and the time it was written.
+    written = report.get("written") or datetime.now().isoformat(timespec="seconds")
+    atomic_write_text(run.path / "data_report.html", render_html(report, name=cfg.run_name, written=written))
     if rejects:
         run.write_jsonl("rejects.jsonl", rejects)
     base = {"ref": cfg.model, "name": portable_name(cfg.model), "sha256": model_fingerprint(resolve_model(cfg.model))}

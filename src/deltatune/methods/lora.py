@@ -116,7 +116,7 @@ class Lora(PeftMethod):
                                use_rslora=options.use_rslora, init_lora_weights=INITS[options.init])
 
     def apply(self, model: nn.Module, options: LoraOptions, task) -> nn.Module:
-        problems = _rollout_problems(options, task.name) if task.loop == "rollouts" else []
+        problems = _own_loop_problems(options, task)
         if problems:
             raise ConfigError(problems)
         adapted = super().apply(model, options, task)
@@ -136,15 +136,16 @@ class Lora(PeftMethod):
         return ratio if ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name) else 1.0
 
 
-def _rollout_problems(options: LoraOptions, task: str) -> list[str]:
-    """What a task with its own loop of sampled rollouts (train/ppo.py) cannot do with these options."""
+def _own_loop_problems(options: LoraOptions, task) -> list[str]:
+    """What a task whose reference is the delta switched off, or whose own loop trains at one rate (PPO),
+    cannot do with these options."""
     out = []
-    if options.init in CHANGES_BASE:  # its reference model is the policy with the adapter switched off
+    if options.init in CHANGES_BASE and task.reference_is_delta_off:
         out.append(f"method.init: {options.init} changes the base weights (the frozen part becomes W - B0 A0), so "
-                   f"the adapter switched off is no longer the base model that {task}'s reference must be; use "
-                   "method.init=default or gaussian")
-    if options.loraplus_lr_ratio is not None:
-        out.append(f"method.loraplus_lr_ratio: {task} trains in its own loop, whose optimizer has one rate for all "
+                   f"the adapter switched off is no longer the base model that {task.name}'s reference must be; "
+                   "use method.init=default or gaussian")
+    if options.loraplus_lr_ratio is not None and task.one_learning_rate:
+        out.append(f"method.loraplus_lr_ratio: {task.name} trains in its own loop, whose optimizer has one rate for all "
                    "parameters; leave it unset")
     return out
 

@@ -62,6 +62,8 @@ class Task:
     needs_reference: bool = False  # examples carry the base model's scores (``with_reference``)
     generates: bool = False       # a tuned model writes responses to prompts (predict, feedback, PPO's policy)
     scores_responses: bool = False  # a tuned model scores (prompt, response) pairs (``score``: reward models)
+    reference_is_delta_off: bool = False  # its reference model is the policy with the delta switched off (PPO)
+    one_learning_rate: bool = False  # its own loop's optimizer trains every parameter at one rate (PPO)
     # ``predict`` reads only the ``.logits`` of one forward pass over padded texts (input_ids, attention_mask):
     # a graph of that forward (ONNX) under the same ``predict`` answers as the run.
     predicts_from_logits: bool = False

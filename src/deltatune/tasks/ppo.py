@@ -19,6 +19,7 @@ class PPO(Task):
     summary = "prompts -> sampled responses -> reward (PPO)"
     main_metric = Metric("reward", maximize=True)
     head, peft_type, loop, generates = "causal", "CAUSAL_LM", "rollouts", True
+    reference_is_delta_off = one_learning_rate = True
 
     @classmethod
     def accepts(cls, method) -> str | None:

@@ -261,32 +261,41 @@ def split_by_prompt(prefs: list[Preference], fraction: float, seed: int) -> tupl
 
 def prepare_preferences(cfg: Config, encode: Callable[[list[Preference]], list]) -> PreparedData:
     """Preference files -> split by prompt -> limits -> examples (``encode``, the task's), with a data report."""
-    d, seed = cfg.data, cfg.train.seed
+    d = cfg.data
     files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval)) if ref}
     rejects: list[dict] = []
     loaded = {s: load_preferences(path, d.on_error, rejects) for s, path in files.items()}
-    if "eval" in loaded:
-        splits = {"train": loaded["train"], "eval": loaded["eval"]}
-    else:
-        splits = dict(zip(("train", "eval"), split_by_prompt(loaded["train"], d.eval_fraction, seed)))
-        if not splits["train"] or not splits["eval"]:
-            prompts = len({p.prompt for p in loaded["train"]})
-            raise DataError(f"{files['train']}: {prompts} distinct prompt(s) cannot be split into training and "
-                            f"evaluation prompts with data.eval_fraction={d.eval_fraction} (a prompt's preferences "
-                            "stay together); add prompts, change data.eval_fraction or give data.eval")
-    before = sum(len(v) for v in splits.values())
-    for name, limit in (("train", d.train_limit), ("eval", d.eval_limit)):
-        if limit:
-            splits[name] = split.take(splits[name], limit, seed, None)
+    splits, limited = split_and_limit(loaded, files["train"], cfg, "preferences")
     rows = {name: [{"prompt": p.prompt, "responses": p.responses, FILE: p.source[0], ROW: p.source[1]} for p in prefs]
             for name, prefs in splits.items()}
-    report = _preference_report(cfg, files, rows, rejects, before - sum(len(v) for v in splits.values()))
+    report = _preference_report(cfg, files, rows, rejects, limited)
     examples = {name: encode(prefs) for name, prefs in splits.items()}
     if not examples["train"] or not examples["eval"]:
         raise DataError(f"{files['train']}: no usable preference examples after truncating to train.max_length="
                         f"{cfg.train.max_length}; raise it")
     return PreparedData(Split(rows["train"], examples["train"]), Split(rows["eval"], examples["eval"]), None,
                         report["fingerprint"], "preferences", report=report, rejects=rejects)
+
+
+def split_and_limit(loaded: dict[str, list], train_file: str, cfg: Config, what: str) -> tuple[dict[str, list], int]:
+    """Training and evaluation items of prompt-keyed data (preferences, thumbs rows): ``data.eval`` as given, or
+    held out by prompt (a prompt's ``what`` stay together), then the row limits. Returns the splits and how
+    many items the limits left out."""
+    d, seed = cfg.data, cfg.train.seed
+    if "eval" in loaded:
+        splits = {"train": loaded["train"], "eval": loaded["eval"]}
+    else:
+        splits = dict(zip(("train", "eval"), split_by_prompt(loaded["train"], d.eval_fraction, seed)))
+        if not splits["train"] or not splits["eval"]:
+            prompts = len({item.prompt for item in loaded["train"]})
+            raise DataError(f"{train_file}: {prompts} distinct prompt(s) cannot be split into training and "
+                            f"evaluation prompts with data.eval_fraction={d.eval_fraction} (a prompt's {what} "
+                            "stay together); add prompts, change data.eval_fraction or give data.eval")
+    before = sum(len(v) for v in splits.values())
+    for name, limit in (("train", d.train_limit), ("eval", d.eval_limit)):
+        if limit:
+            splits[name] = split.take(splits[name], limit, seed, None)
+    return splits, before - sum(len(v) for v in splits.values())
 
 
 def _preference_report(cfg: Config, files: dict, rows: dict, rejects: list[dict], limited: int) -> dict:

@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING
 
 from ..assets import DATASETS, resolve_data
 from ..config import Config, DataConfig, to_dict
-from ..data import split
 from ..data.collate import pad
-from ..data.examples import IGNORE, PreparedData, Split, sft_example, split_by_prompt
+from ..data.examples import IGNORE, PreparedData, Split, sft_example, split_and_limit
 from ..data.load import FILE, ROW
 from ..data.preferences import Thumb, load_thumbs
 from ..data.report import fingerprint
@@ -201,29 +200,17 @@ def mismatched_partners(prompts: list[str]) -> list[int]:
 
 def prepare_thumbs(cfg: Config, encode) -> PreparedData:
     """Thumbs files -> exact repeats dropped -> split by prompt -> limits -> examples (``encode``), with a report."""
-    d, seed = cfg.data, cfg.train.seed
+    d = cfg.data
     files = {s: str(resolve_data(ref)) for s, ref in (("train", d.train), ("eval", d.eval)) if ref}
     rejects: list[dict] = []
     loaded = {s: load_thumbs(path, d.on_error, rejects) for s, path in files.items()}
     read = sum(len(v) for v in loaded.values())
     loaded = {s: _first_of_each(v) for s, v in loaded.items()}
     repeats = read - sum(len(v) for v in loaded.values())
-    if "eval" in loaded:
-        splits = {"train": loaded["train"], "eval": loaded["eval"]}
-    else:
-        splits = dict(zip(("train", "eval"), split_by_prompt(loaded["train"], d.eval_fraction, seed)))
-        if not splits["train"] or not splits["eval"]:
-            prompts = len({t.prompt for t in loaded["train"]})
-            raise DataError(f"{files['train']}: {prompts} distinct prompt(s) cannot be split into training and "
-                            f"evaluation prompts with data.eval_fraction={d.eval_fraction} (a prompt's rows stay "
-                            "together); add prompts, change data.eval_fraction or give data.eval")
-    before = sum(len(v) for v in splits.values())
-    for name, limit in (("train", d.train_limit), ("eval", d.eval_limit)):
-        if limit:
-            splits[name] = split.take(splits[name], limit, seed, None)
+    splits, limited = split_and_limit(loaded, files["train"], cfg, "rows")
     rows = {name: [{"prompt": t.prompt, "completion": t.completion, "label": LABELS[t.desirable],
                     FILE: t.source[0], ROW: t.source[1]} for t in thumbs] for name, thumbs in splits.items()}
-    report = _report(cfg, files, rows, rejects, repeats, before - sum(len(v) for v in splits.values()))
+    report = _report(cfg, files, rows, rejects, repeats, limited)
     _note_balance(cfg, splits["train"])
     examples = {name: encode(thumbs) for name, thumbs in splits.items()}
     if not examples["train"] or not examples["eval"]:

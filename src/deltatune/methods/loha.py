@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..lazy import lazy
-from .peft_common import PeftMethod, head_modules, task_type
+from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
@@ -38,16 +38,7 @@ class LohaOptions:
 
 def factor_problems(options) -> list[str]:
     """The checks LoHa and LoKr share: rank, dropouts, target layers."""
-    out = []
-    if options.r < 1:
-        out.append(f"r: must be at least 1, got {options.r}")
-    for key in ("rank_dropout", "module_dropout"):
-        if not 0.0 <= getattr(options, key) < 1.0:
-            out.append(f"{key}: must be in [0, 1), got {getattr(options, key)}")
-    if options.target_modules == []:
-        out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
-                   "for peft's choice for the architecture")
-    return out
+    return adapter_problems(options, rates=("rank_dropout", "module_dropout"))
 
 
 @register

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from ..config import doc
 from ..errors import ConfigError
 from ..lazy import lazy
-from .peft_common import PeftMethod, head_modules, task_type
+from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
@@ -77,14 +77,7 @@ class LoraOptions:
                                                 "Unset: one rate for all.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"r: must be at least 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.target_modules == []:
-            out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
-                       "for peft's choice for the architecture")
+        out = adapter_problems(self)
         if self.init in NOT_OFFERED:
             out.append(f"init: {self.init} is not offered: {NOT_OFFERED[self.init]}; use {', '.join(INITS)}")
         elif self.init not in INITS:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..lazy import lazy
-from .peft_common import PeftMethod, head_modules, task_type
+from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
@@ -42,10 +42,7 @@ class OftOptions:
         out = []
         if self.block_size < 2:
             out.append(f"block_size: must be at least 2 (a 1 x 1 rotation has nothing to train), got {self.block_size}")
-        if self.target_modules == []:
-            out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
-                       "for peft's choice for the architecture")
-        return out
+        return out + adapter_problems(self, rank=None, rates=())
 
 
 @register

@@ -77,6 +77,21 @@ def module_problems(model: nn.Module, options, adaptable: tuple[type, ...], skip
     return problems
 
 
+def adapter_problems(options, rank: str | None = "r", rates: tuple[str, ...] = ("dropout",)) -> list[str]:
+    """The option checks most peft methods share: a rank of at least 1, dropout-like rates in [0, 1), and
+    target layers that are unset (peft's choice) or named."""
+    out = []
+    if rank is not None and getattr(options, rank) < 1:
+        out.append(f"{rank}: must be at least 1, got {getattr(options, rank)}")
+    for key in rates:
+        if not 0.0 <= getattr(options, key) < 1.0:
+            out.append(f"{key}: must be in [0, 1), got {getattr(options, key)}")
+    if options.target_modules == []:
+        out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
+                   "for peft's choice for the architecture")
+    return out
+
+
 class PeftMethod(Method):
     """peft's adapters can be switched off at run time (``disable_adapter``): the base comes back."""
     switchable_off = True

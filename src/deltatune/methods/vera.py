@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..lazy import lazy
-from .peft_common import PeftMethod, head_modules, task_type
+from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
@@ -39,15 +39,7 @@ class VeraOptions:
                                   "they are saved with the delta, so loading does not draw them again.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"r: must be at least 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.target_modules == []:
-            out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
-                       "for peft's choice for the architecture")
-        return out
+        return adapter_problems(self)
 
 
 @register

@@ -106,6 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a previous export of the same kind at --out "
                                                         "(never a folder deltatune did not write)")
 
+    mg = sub.add_parser("merge-deltas", help="combine LoRA deltas of classification runs into one multi-task run "
+                                             "(see docs/multitask.md)", parents=[shown])
+    mg.add_argument("runs", nargs="+", metavar="RUN_DIR", help="completed runs: one method, one base model")
+    mg.add_argument("--how", default="linear", help="linear: weighted sum of the updates; ties: TIES (trim, elect "
+                                                    "sign, merge); dare: DARE (drop at random, rescale); cat: the "
+                                                    "factors side by side (exact, rank = sum of ranks)")
+    mg.add_argument("--weights", type=float, nargs="+", help="one weight per run (default 1 each)")
+    mg.add_argument("--density", type=float, default=0.5, help="ties, dare: the share of each update's entries kept")
+    mg.add_argument("--rank", type=int, help="linear, ties, dare: the combined rank (default the largest source's)")
+    mg.add_argument("--names", nargs="+", help="each run's task name (default its training data's name)")
+    mg.add_argument("--out", help="the new run's folder (default: a new folder under runs/)")
+    mg.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+
     d = sub.add_parser("data", help="prepare a data set (clean, de-duplicate, split, redact, augment) or inspect a file")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="run the preparation pipeline; writes Parquet splits and data_report.json/html",
@@ -580,6 +593,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge_deltas(args) -> int:
+    from .combine import merge_deltas
+
+    run = merge_deltas(args.runs, how=args.how, weights=args.weights, density=args.density, rank=args.rank,
+                       names=args.names, output_dir=args.out, seed=args.seed)
+    metrics = run.read_json("metrics.json")
+    tasks = metrics["eval"].get("tasks", {})
+    print(f"{'task':<28} {'alone':>8} {'combined':>9}")
+    for source in metrics["merged"]["sources"]:
+        alone, combined = source["alone"], tasks.get(source["task"], {}).get(source["main_metric"])
+        print(f"{source['task']:<28} {_num(alone):>8} {_num(combined):>9}   ({source['main_metric']})")
+    print(run.path)
+    return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def cmd_data(args) -> int:
     if args.data_command == "inspect":
         from .data.report import inspect_file
@@ -740,7 +772,7 @@ def _compare_table(runs: list[dict]):
 
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "methods": cmd_methods, "tasks": cmd_tasks, "export": cmd_export, "data": cmd_data, "assets": cmd_assets,
+            "methods": cmd_methods, "tasks": cmd_tasks, "export": cmd_export, "merge-deltas": cmd_merge_deltas, "data": cmd_data, "assets": cmd_assets,
             "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan, "serve": cmd_serve}
 
 if __name__ == "__main__":

@@ -166,6 +166,10 @@ class DataConfig:
     tasks: dict[str, dict[str, str]] = doc({}, "Multi-task classification: task name -> {train, eval, text_column, "
                                                  "label_column} (eval and the columns optional; data.* fills them). "
                                                  "One model learns every task; metrics are reported per task.")
+    task_prefix: bool = doc(True, "Multi-task: prefix every text with its task's name ('sentiment: ...') so the "
+                                  "model knows the task. false: texts as they are; each example is still scored "
+                                  "among its own task's labels (a run from `deltatune merge-deltas`, whose deltas "
+                                  "were trained without prefixes, is written this way).")
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)

@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator
 from .errors import RunError, Stopped
 from .fs import cache_dir
 
-KINDS = ("train", "trial", "compare", "eval")
+KINDS = ("train", "trial", "compare", "eval", "merge")
 STATUSES = ("running", "completed", "failed", "interrupted", "pruned")
-OWN_DIR = ("train", "trial")  # kinds whose run directory is theirs: one row per directory, resume reuses it
+OWN_DIR = ("train", "trial", "merge")  # kinds whose run directory is theirs: one row per directory
 BUSY_SECONDS = 60
-SCHEMA_VERSION = 2  # the last key of MIGRATIONS
+SCHEMA_VERSION = 3  # the last key of MIGRATIONS
 
 _V1 = (
     """CREATE TABLE runs (
@@ -76,9 +76,18 @@ _V2 = (
     "ALTER TABLE runs_v2 RENAME TO runs",
     *_V1[1:],
 )
+# Version 3: kind 'merge' (a run written by `deltatune merge-deltas`), the same way.
+_V3 = (
+    _V2[0].replace("CREATE TABLE runs_v2 (", "CREATE TABLE runs_v3 (")
+          .replace("'compare', 'eval')", "'compare', 'eval', 'merge')"),
+    "INSERT INTO runs_v3 SELECT * FROM runs",
+    "DROP TABLE runs",
+    "ALTER TABLE runs_v3 RENAME TO runs",
+    *_V1[1:],
+)
 # Schema version -> the statements that bring the previous version to it. A new column is a new
 # entry, e.g. 3: ("ALTER TABLE runs ADD COLUMN seed INTEGER",); never edit a released entry.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
 JSON_COLUMNS = ("config", "metrics", "versions")
 UPDATABLE = frozenset({"status", "data_fingerprint", "main_metric", "main_value", "baseline_value", "eval_loss",
                        "trainable_params", "total_params", "delta_bytes", "train_seconds", "steps",
@@ -182,7 +191,7 @@ def record_start(run_dir: str | Path, cfg: Any, kind: str = "train", parent: str
            "started": _now(), "config": json.dumps(config, default=str)}
     with _connect(write=True) as conn:
         if kind in OWN_DIR:
-            old = conn.execute("SELECT id FROM runs WHERE path = ? AND kind IN ('train', 'trial')",
+            old = conn.execute("SELECT id FROM runs WHERE path = ? AND kind IN ('train', 'trial', 'merge')",
                                (path,)).fetchone()
             if old:
                 conn.execute("UPDATE runs SET status = 'running', error = NULL, ended = NULL, config = ?, "
@@ -291,7 +300,7 @@ def import_run(run_dir: str | Path) -> str:
     (runs trained before the registry existed, or with another DELTATUNE_REGISTRY)."""
     path = Path(run_dir).expanduser().resolve()
     with _connect() as conn:
-        row = conn.execute("SELECT id FROM runs WHERE path = ? AND kind IN ('train', 'trial') "
+        row = conn.execute("SELECT id FROM runs WHERE path = ? AND kind IN ('train', 'trial', 'merge') "
                            "ORDER BY started DESC", (str(path),)).fetchone()
     if row:
         return row["id"]

@@ -256,3 +256,16 @@ def test_a_recording_block_ends_as_a_run_does(tmp_path):
     assert row["status"] == "pruned" and row["error"] == "pruned at step 2"
     assert db.ending(None) == ("completed", None) and db.ending(KeyboardInterrupt()) == ("interrupted", None)
     assert db.ending(ValueError("bad")) == ("failed", "ValueError: bad")
+
+
+def test_a_version_2_registry_migrates_keeping_its_rows_and_accepts_merge_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 2)  # a registry written before merge-deltas
+    run_id = _record(tmp_path / "old")
+    with sqlite3.connect(db.registry_path()) as conn:
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("UPDATE runs SET kind = 'merge'")
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 3)
+    before = db.get(run_id)
+    merged = db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge")
+    assert db.get(run_id) == before and db.get(merged)["kind"] == "merge"
+    assert db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge") == merged  # its directory is its own

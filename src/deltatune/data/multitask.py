@@ -3,7 +3,7 @@
 Each task (``data.tasks``: name -> {train, eval, text_column, label_column}) goes through the
 whole single-task pipeline on its own: cleaning, de-duplication, split, leakage check, limits
 (``data.train_limit`` / ``data.eval_limit`` are per task) and augmentation. Then every text gets
-the task's name as a prefix ("sentiment: ...") and every label the task's namespace
+the task's name as a prefix ("sentiment: ...", unless ``data.task_prefix`` is false) and every label the task's namespace
 ("sentiment/positive"), so the model knows which task it is doing and a label two tasks share
 stays two classes. Training is then ordinary classification over the union of the labels, with
 one shared head; ``metrics.multitask_metrics`` scores each example against its own task's
@@ -84,7 +84,7 @@ def prepare_tasks(cfg: Config, fields_for: FieldsFor, tokenizer=None) -> Prepare
 
 def _namespaced(row: dict, task: str, source, fields) -> dict:
     out = {k: row[k] for k in (FILE, ROW, AUGMENTED) if k in row}
-    out[fields.inputs[0]] = task_prefix(task) + row[source.text_column]
+    out[fields.inputs[0]] = (task_prefix(task) if source.task_prefix else "") + row[source.text_column]
     out[fields.label] = task_label(task, row[source.label_column])
     return out
 

@@ -60,6 +60,9 @@ class Method:
     # rate mostly measures which method happens to suit it. Chosen from the literature, not yet swept.
     default_lr: float = 5e-5
     default_lr_source: str = "no published rate for this method: deltatune's former shared default"
+    # How `deltatune merge-deltas` can combine several deltas of this method into one (``combine``), by the
+    # names users give (--how); empty: it cannot.
+    combinations: tuple[str, ...] = ()
 
     def accepts(self, task) -> str | None:
         """Why this method cannot train ``task`` (a task class from ``tasks.registry``), or None.
@@ -72,6 +75,17 @@ class Method:
         (categorical) or ``{low, high[, log]}`` (a range). ``deltatune tune`` searches them as
         ``<method>.<option>``."""
         return {}
+
+    def combine(self, base: nn.Module, deltas: list[Path], weights: list[float], how: str, density: float,
+                rank: int | None) -> tuple[dict[str, Tensor], dict]:
+        """One delta from several saved ``deltas`` of this method on the same ``base`` (``combinations``
+        names the ways): its tensors and its saved config, heads left out (the caller decides how heads of
+        different tasks combine). ``combine_problems`` first says which deltas cannot take part."""
+        raise CannotMerge(f"{self.name}: its deltas cannot be combined")
+
+    def combine_problems(self, delta: Path) -> list[str]:
+        """Why the saved delta in ``delta`` cannot be combined with others (an empty list: it can)."""
+        return [] if self.combinations else [f"{self.name} deltas cannot be combined"]
 
     def fit(self, model: nn.Module, examples: list, options, seed: int) -> dict | None:
         """Fit the delta directly, instead of by the loop's gradient steps, where the problem allows it

@@ -48,6 +48,11 @@ NOT_OFFERED = {
     "loftq": "LoftQ (Li et al. 2023) fits B0 A0 to the error of a 4-bit quantized base; peft 0.21 computes it on "
              "CUDA or XPU only (peft.utils.loftq_utils), and deltatune trains on the CPU",
 }
+# `deltatune merge-deltas --how` -> peft's add_weighted_adapter combination: each on the full updates
+# s B A of every layer (the "_svd" variants: weighted sum, TIES, DARE, then the best rank-r factors of the
+# result), or their factors side by side (cat: exact, rank the sum of the ranks). peft's plain linear / ties /
+# dare_linear combine A and B separately, which its own docs call a very rough approximation.
+COMBINE = {"linear": "svd", "ties": "ties_svd", "dare": "dare_linear_svd", "cat": "cat"}
 # On a model whose base was changed at init: its B0 and A0, keyed as peft saves them. Kept in memory only: a
 # resumed run applies the method again, and the SVD or QR of the same weights gives the same start (on the
 # same machine and library versions, as bit-exact resuming assumes anyway).
@@ -99,8 +104,45 @@ class Lora(PeftMethod):
     default_lr_source = ("Hu et al. 2021 (LoRA), RoBERTa-base on GLUE: 4e-4 to 5e-4, an order of magnitude above "
                          "full fine-tuning's 2e-5, as later LoRA recipes also find")
 
+    combinations = tuple(COMBINE)
+
     def search_space(self) -> dict:
         return {"r": [4, 8, 16, 32], "alpha": [8, 16, 32, 64], "dropout": [0.0, 0.05, 0.1]}
+
+    def combine_problems(self, delta: Path) -> list[str]:
+        config = json.loads((Path(delta) / "adapter_config.json").read_text())
+        if config.get("use_dora"):
+            return ["it is a DoRA delta (method.use_dora): peft combines the low-rank factors B A, not DoRA's "
+                    "trained magnitudes; combine plain LoRA runs"]
+        return []
+
+    def combine(self, base: nn.Module, deltas: list[Path], weights: list[float], how: str, density: float,
+                rank: int | None) -> tuple[dict[str, Tensor], dict]:
+        """peft's ``add_weighted_adapter`` over the deltas' LoRA factors, loaded as adapters of one model
+        without their heads (peft refuses two adapters that each save a head)."""
+        names = [f"delta{i}" for i in range(len(deltas))]
+        model = None
+        for name, folder in zip(names, deltas):
+            config = peft.LoraConfig.from_pretrained(str(folder))
+            config.task_type, config.modules_to_save, config.inference_mode = None, None, False
+            config.base_model_name_or_path = getattr(base, "name_or_path", None)  # the name saved, here the path
+            if model is None:
+                model = peft.get_peft_model(base, config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+            state = {k: v for k, v in safetensors_torch.load_file(Path(folder) / "adapter_model.safetensors").items()
+                     if _factor(k)}
+            loaded = peft.set_peft_model_state_dict(model, state, adapter_name=name)
+            if loaded.unexpected_keys:
+                raise ValueError(f"{folder}: {len(loaded.unexpected_keys)} tensors match no layer of the base, e.g. "
+                                 f"{loaded.unexpected_keys[0]}")
+        model.add_weighted_adapter(names, weights, "combined", combination_type=COMBINE[how],
+                                   density=None if how in ("linear", "cat") else density, svd_rank=rank)
+        config = model.peft_config["combined"].to_dict()
+        config["target_modules"] = sorted(config["target_modules"])
+        config["use_rslora"] = False  # the factors carry the whole update: scale alpha / r = 1, as peft sets
+        state = peft.get_peft_model_state_dict(model, adapter_name="combined")
+        return {k: v.contiguous() for k, v in state.items()}, config
 
     def peft_config(self, options: LoraOptions, task, model: nn.Module) -> peft.LoraConfig:
         return peft.LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,

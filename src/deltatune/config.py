@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -40,6 +41,9 @@ LARGE_LR = 1.0
 # The choices of data.pii.types and data.augment.operations; data/pii.py and data/augment.py use these.
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ip", "name")
 EDA_OPERATIONS = ("synonym", "insert", "swap", "delete")
+# train.report_to's choices: the module each needs and the pip requirement that provides it (train/tracking.py
+# writes them; `pip install 'deltatune[tracking]'` installs both).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard==2.21.0"), "mlflow": ("mlflow", "mlflow-skinny==3.17.2")}
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> list[str]:
@@ -246,6 +250,12 @@ class TrainConfig:
     on_nonfinite: str = doc("fail", "A loss or gradient that is NaN or infinite: fail stops the run as failed (its "
                                     "last checkpoint and best delta kept, resumable); skip leaves the weights "
                                     "untouched for that step and goes on (the count is in metrics.json).")
+    report_to: list[str] = doc([], "Also write the run's log (every scalar of log.jsonl at its step), its config and "
+                                   "final metrics with these trackers' own writers, inside the run directory (nothing "
+                                   "leaves the machine): tensorboard (event files in RUN/tensorboard; open with "
+                                   "`tensorboard --logdir RUN/tensorboard`), mlflow (an MLflow store in RUN/mlflow; "
+                                   "`mlflow ui --backend-store-uri sqlite:///RUN/mlflow/mlflow.db`). Needs `pip "
+                                   "install 'deltatune[tracking]'`. Empty: log.jsonl alone.")
 
     def problems(self) -> list[str]:
         problems = _greater_than_zero({**({"train.lr": self.lr} if isinstance(self.lr, float) else {}),
@@ -265,7 +275,20 @@ class TrainConfig:
             problems.append(f"train.bf16: use auto, true or false, got {self.bf16!r}")
         if self.on_nonfinite not in ("fail", "skip"):
             problems.append(f"train.on_nonfinite: use fail or skip, got {self.on_nonfinite!r}")
-        return problems
+        return problems + _tracker_problems(self.report_to)
+
+
+def _tracker_problems(names: list[str]) -> list[str]:
+    """train.report_to: known trackers, each named once, whose library is installed (found, not imported)."""
+    problems = [f"train.report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)}"
+                for name in names if name not in TRACKERS]
+    problems += [f"train.report_to: {name} is named twice" for name in sorted(set(names)) if names.count(name) > 1]
+    for name in dict.fromkeys(n for n in names if n in TRACKERS):
+        module, requirement = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"train.report_to: {name} needs the {module} library, which is not installed: "
+                            f"pip install '{requirement}' (or pip install 'deltatune[tracking]')")
+    return problems
 
 
 @dataclass

@@ -13,8 +13,9 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import RunError
 from .fs import atomic_write_text, clean_temporaries
@@ -23,6 +24,8 @@ from .fs import atomic_write_text, clean_temporaries
 @dataclass
 class RunDir:
     path: Path
+    # Called with each record once log.jsonl has it: the trackers of train.report_to (train/tracking.py).
+    listeners: list[Callable[[dict], None]] = field(default_factory=list, repr=False, compare=False)
 
     config = property(lambda self: self.path / "config.yaml")
     delta = property(lambda self: self.path / "delta")
@@ -63,6 +66,8 @@ class RunDir:
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def truncate_log(self, after_step: int) -> None:
         """On resume: drop log lines of steps that the checkpoint does not include (and a last line

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-HEAVY = ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "optuna", "sklearn")
+HEAVY = ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "optuna", "sklearn", "mlflow",
+         "tensorboard")
 
 RUN = """
 import json, sys
@@ -39,6 +40,8 @@ COMMANDS = {
     "help": ["--help"],
     "validate --explain": ["validate", "--explain"],
     "validate CONFIG": ["validate", str(ROOT / "configs/minilm/classification-lora.yaml")],
+    "validate CONFIG with trackers": ["validate", str(ROOT / "configs/minilm/classification-lora.yaml"),
+                                      "train.report_to=[tensorboard,mlflow]"],
     "methods": ["methods"],
     "tasks": ["tasks"],
     "runs list": ["runs", "list"],

@@ -27,7 +27,7 @@ from ..fs import atomic_dir, atomic_write_text, clean_temporaries, recover_dir
 from ..registry_db import Recording, ending
 from ..rundir import RunDir
 from ..tasks.base import Task
-from . import machine_load
+from . import machine_load, tracking
 
 
 def absolute_refs(cfg: Config) -> Config:
@@ -90,7 +90,9 @@ def finish(run: RunDir, record: Recording) -> None:
 def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
     """An error or interruption inside the block is recorded in the run's status.json and registry
     record: interrupted (``interrupted`` says how to go on), stopped on purpose (e.g. pruned) or failed
-    with the error. The block itself ends with ``finish`` when the run completes."""
+    with the error. The block itself ends with ``finish`` when the run completes. Inside the block the
+    trackers of train.report_to follow the log; they end as the run does."""
+    trackers = tracking.follow(run)
     try:
         yield
     except BaseException as exc:
@@ -101,7 +103,9 @@ def tracked(run: RunDir, record: Recording, **interrupted) -> Iterator[None]:
         except OSError as write_error:  # e.g. the disk is full: the original error matters more
             print(f"warning: {run.path}: could not record status {status}: {write_error}", file=sys.stderr)
         record.end(status, error=error)
+        trackers.close(status)
         raise
+    trackers.close("completed")
 
 
 def write_metrics(run: RunDir, task: Task, after: dict, before: dict, trainable: int, total: int, state,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..config import doc
 from ..lazy import lazy
-from .peft_common import PeftMethod, head_modules, task_type
+from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
 
 if TYPE_CHECKING:
@@ -60,16 +60,11 @@ class AdaLoraOptions:
                                                  "default: peft's choice for the architecture.")
 
     def problems(self) -> list[str]:
-        out = []
+        out = adapter_problems(self, rank=None, rates=("dropout", "init_fraction", "final_fraction"))
         if self.init_r < 2:
             out.append(f"init_r: must be at least 2 (ranks are removed from it down to target_r), got {self.init_r}")
         if not 1 <= self.target_r < self.init_r:
             out.append(f"target_r: must be at least 1 and below init_r ({self.init_r}), got {self.target_r}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        for key in ("init_fraction", "final_fraction"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                out.append(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.init_fraction + self.final_fraction >= 1.0:
             out.append(f"final_fraction: with init_fraction it leaves no steps to remove ranks in "
                        f"({self.init_fraction} + {self.final_fraction} >= 1); lower one of them")
@@ -80,9 +75,6 @@ class AdaLoraOptions:
                 out.append(f"{key}: must be between 0 and 1 (exclusive), got {getattr(self, key)}")
         if not (self.orth_reg_weight >= 0 and math.isfinite(self.orth_reg_weight)):
             out.append(f"orth_reg_weight: must be 0 or more, got {self.orth_reg_weight}")
-        if self.target_modules == []:
-            out.append("target_modules: empty; name the layers to adapt (e.g. [query, value]) or leave it unset "
-                       "for peft's choice for the architecture")
         return out
 
 

@@ -29,16 +29,24 @@ SUITES = {
         "budget": ["data.train_limit=1024", "data.eval_limit=400", "train.epochs=2", "train.batch_size=32",
                    "train.eval_every=0"],
         "methods": ["full", "freeze", "feature_extraction", "bitfit", "houlsby", "lora", "ia3", "prefix",
-                    "prompt", "ptuning"],
+                    "prompt", "ptuning", "vera", "loha", "lokr", "oft", "adalora", *["lora-" + v for v in (
+                        "dora", "rslora", "pissa", "olora", "plus")]],
     },
     "smollm2": {
         "configs": "smollm2-135m/causal_lm-{}.yaml",
         "metric": "perplexity",
         "budget": ["data.train_limit=320", "data.eval_limit=100", "train.epochs=1", "train.batch_size=8",
                    "train.eval_every=0"],
-        "methods": ["full", "freeze", "houlsby", "lora", "ia3", "prefix", "prompt", "ptuning"],
+        "methods": ["full", "freeze", "houlsby", "lora", "ia3", "prefix", "prompt", "ptuning", "vera", "loha", "lokr",
+                    "oft", "adalora", *["lora-" + v for v in ("dora", "rslora", "pissa", "olora", "plus")]],
     },
 }
+# LoRA's options, each measured as a row of its own: the lora config with these overrides.
+VARIANTS = {"lora-dora": ["method.use_dora=true"], "lora-rslora": ["method.use_rslora=true"],
+            "lora-pissa": ["method.init=pissa"], "lora-olora": ["method.init=olora"],
+            "lora-plus": ["method.loraplus_lr_ratio=16"]}
+# docs/methods.md from its top to this heading is generated here; the rest is written by hand.
+HAND_WRITTEN = "## Default learning rates"
 
 
 def dir_bytes(path: Path) -> int:
@@ -46,9 +54,9 @@ def dir_bytes(path: Path) -> int:
 
 
 def run_one(suite: dict, method: str, workdir: Path) -> dict:
-    config = ROOT / "configs" / suite["configs"].format(method)
+    config = ROOT / "configs" / suite["configs"].format("lora" if method in VARIANTS else method)
     out = workdir / method
-    cmd = [sys.executable, "-m", "deltatune.cli", "train", str(config), *suite["budget"],
+    cmd = [sys.executable, "-m", "deltatune.cli", "train", str(config), *suite["budget"], *VARIANTS.get(method, []),
            "train.progress=false", f"output_dir={out}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -61,7 +69,8 @@ def run_one(suite: dict, method: str, workdir: Path) -> dict:
             "macro_f1": m["eval"].get("macro_f1"), "trainable_params": m["trainable_params"],
             "total_params": m["total_params"], "delta_bytes": dir_bytes(out / "delta"),
             "train_seconds": m["train_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mb": m["peak_rss_mb"],
-            "steps": m["steps"], "command": " ".join(["deltatune", *cmd[3:-2]])}
+            "steps": m["steps"], "command": " ".join(["deltatune", *cmd[3:-2]]),
+            "shared_machine": (m.get("machine_load") or {}).get("contended")}
 
 
 def render() -> str:
@@ -88,7 +97,8 @@ def render() -> str:
             f1 = f" | {r['macro_f1']:.3f}" if extra else ""
             lines.append(f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f}{f1} | {r['trainable_params']:,} | "
                          f"{100 * r['trainable_params'] / r['total_params']:.3f} | "
-                         f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s | {r['peak_rss_mb']:,.0f} MB |")
+                         f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s{' *' if r.get('shared_machine') else ''} | "
+                         f"{r['peak_rss_mb']:,.0f} MB |")
         lines.append("")
     return "\n".join(lines + NOTES)
 
@@ -140,8 +150,9 @@ def main() -> None:
         path.write_text(json.dumps(
             {"title": title, "date": time.strftime("%Y-%m-%d"), "results": results,
              "machine": f"{platform.machine()}, {platform.python_version()}"}, indent=1))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "methods.md").write_text(render())
+    doc = ROOT / "docs" / "methods.md"
+    kept = doc.read_text().split(HAND_WRITTEN, 1)
+    doc.write_text(render() + ("\n" + HAND_WRITTEN + kept[1] if len(kept) == 2 else ""))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _line(frame: hr.Frame, points, color: str, name: str, width: float = 1.5, do
 
 
 def chart(title: str, lines: list[tuple[str, str, list, bool]], ytitle: str, hline: tuple[str, float] | None = None,
-          w: int = 560, h: int = 300) -> str:
+          w: int = 520, h: int = 300) -> str:
     """Lines (name, colour, points, with dots) against optimizer steps; ``hline``: a dashed reference value."""
     points = [p for _, _, pts, _ in lines for p in pts]
     if not points:
@@ -81,7 +81,7 @@ def curves(records: list[dict], metric: str | None, baseline: dict | None) -> st
                   "loss" if s["train_key"] == "loss" else "reward")]
     if s.get("metric"):
         base = (baseline or {}).get(metric)
-        figs.append(chart(f"{metric} on the evaluation split by step", [(metric, EVAL, s["metric"], True)], metric,
+        figs.append(chart(f"Evaluation {metric} by step", [(metric, EVAL, s["metric"], True)], metric,
                           hline=("untouched model", base) if _num(base) else None))
     last = s["train"][-1][0] if s["train"] else s["eval_loss"][-1][0]
     return f'<div class="figs" data-last-step="{last}">' + "".join(f"<div>{f}</div>" for f in figs if f) + "</div>"

@@ -48,6 +48,7 @@ def error_page(request: Request, status: int, message: str, todo: str | None = N
     todo = todo or {404: "Go back to the list of runs and pick one from there.",
                     500: "The studio's terminal shows the details. Reload the page; if it happens again, "
                          "report it with what you did."}.get(status, "Go back and try again.")
+    message = message[:1].upper() + message[1:]
     body = (f'<div class="problem" role="alert"><p>{esc(message)}</p><p><b>What to do:</b> {esc(todo)}</p></div>'
             '<p><a href="/">Back to the runs</a></p>')
     if not hasattr(request.state, "csrf"):

@@ -86,16 +86,18 @@ def _results(run: dict, metrics: dict, status: str) -> str:
     name = run["main_metric"] or db.main_metric(metrics)[0]
     said = (f"The untouched model and the tuned one on the same evaluation split. <b>{esc(name)}</b> judges the "
             f"run ({'higher' if db.main_metric(metrics)[1] else 'lower'} is better).")
-    out = section("Before and after training", said, figures.before_after(metrics))
-    out += section("What it cost", "Parameters trained, what the run saves, time and memory on this machine.",
-                   _cost(run, metrics))
+    pair = section("Before and after training", said, figures.before_after(metrics)) + section(
+        "What it cost", "Parameters trained, what the run saves, time and memory on this machine.", _cost(run, metrics))
+    out = f'<div class="cols">{pair}</div>'
+    classes = ""
     if figures.per_class(metrics):
-        out += section("Per class", "Precision, recall and F1 of the tuned model per class on the evaluation split; "
-                       "support: how many evaluation examples have the class.", figures.per_class(metrics))
+        classes += section("Per class", "Precision, recall and F1 of the tuned model per class on the evaluation "
+                           "split; support: how many evaluation examples have the class.", figures.per_class(metrics))
     if figures.confusion(metrics):
-        out += section("Confusion matrix", "Rows are the true classes, columns the predicted ones (tuned model, "
-                       "evaluation split): the diagonal counts correct predictions, darker cells hold more examples.",
-                       figures.confusion(metrics))
+        classes += section("Confusion matrix", "Rows are the true classes, columns the predicted ones (tuned model, "
+                           "evaluation split): the diagonal counts correct predictions, darker cells hold more "
+                           "examples.", figures.confusion(metrics))
+    out += f'<div class="cols">{classes}</div>' if classes else ""
     return out
 
 
@@ -119,7 +121,7 @@ def run_page(request: Request, run_id: str):
             section("Configuration", "The resolved config the run trained with (config.yaml).",
                     f"<details><summary>Show config.yaml</summary><pre>{esc(config)}</pre></details>")
             if config else ""]
-    meta = [("Status", status), ("Kind", run["kind"]), ("Model", model_name(run["model"])),
+    meta = [("Kind", run["kind"]), ("Model", model_name(run["model"])),
             ("Method", run["method"] or "–"), ("Task", run["task"] or "–"), ("Started", hr.when(run["started"])),
             ("Folder", run["path"])]
     return render(request, f"Run {run['id']}", "".join(body), active="runs", meta=meta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sqlite3
 import sys
@@ -66,25 +67,20 @@ _V1 = (
     "CREATE INDEX runs_parent ON runs (parent)",
     "CREATE INDEX runs_started ON runs (started)",
 )
-# Version 2: status 'pruned' (a tuning trial the pruner stopped). SQLite cannot change a CHECK
-# constraint in place, so the table is rebuilt with the same columns and its rows copied over.
-_V2 = (
-    _V1[0].replace("CREATE TABLE runs (", "CREATE TABLE runs_v2 (")
-          .replace("'failed', 'interrupted')", "'failed', 'interrupted', 'pruned')"),
-    "INSERT INTO runs_v2 SELECT * FROM runs",
-    "DROP TABLE runs",
-    "ALTER TABLE runs_v2 RENAME TO runs",
-    *_V1[1:],
-)
-# Version 3: kind 'merge' (a run written by `deltatune merge-deltas`), the same way.
-_V3 = (
-    _V2[0].replace("CREATE TABLE runs_v2 (", "CREATE TABLE runs_v3 (")
-          .replace("'compare', 'eval')", "'compare', 'eval', 'merge')"),
-    "INSERT INTO runs_v3 SELECT * FROM runs",
-    "DROP TABLE runs",
-    "ALTER TABLE runs_v3 RENAME TO runs",
-    *_V1[1:],
-)
+
+
+def _rebuilt(table: str, version: int, old: str, new: str) -> tuple[str, ...]:
+    """The statements that change a CHECK constraint, which SQLite cannot do in place: the table made again
+    (``table``'s definition with ``old`` replaced by ``new``), its rows copied over, its indexes made again."""
+    made = re.sub(r"CREATE TABLE runs\w* \(", f"CREATE TABLE runs_v{version} (", table, count=1).replace(old, new)
+    return (made, f"INSERT INTO runs_v{version} SELECT * FROM runs", "DROP TABLE runs",
+            f"ALTER TABLE runs_v{version} RENAME TO runs", *_V1[1:])
+
+
+# Version 2: status 'pruned' (a tuning trial the pruner stopped).
+_V2 = _rebuilt(_V1[0], 2, "'failed', 'interrupted')", "'failed', 'interrupted', 'pruned')")
+# Version 3: kind 'merge' (a run written by `deltatune merge-deltas`).
+_V3 = _rebuilt(_V2[0], 3, "'compare', 'eval')", "'compare', 'eval', 'merge')")
 # Schema version -> the statements that bring the previous version to it. A new column is a new
 # entry, e.g. 3: ("ALTER TABLE runs ADD COLUMN seed INTEGER",); never edit a released entry.
 MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}

@@ -166,3 +166,28 @@ def test_pages_forbid_scripts_from_elsewhere(tmp_path):
     response = client(tmp_path).get("/")
     assert "script-src 'self'" in response.headers["content-security-policy"]
     assert "http" not in re.sub(r'href="/[^"]*"', "", response.text).replace("http-equiv", "")
+
+
+def test_the_serve_api_mounts_under_api_with_its_own_guard(tmp_path):
+    from fastapi import FastAPI
+
+    api = FastAPI()
+    api.post("/v1/echo")(lambda: {"ok": True})
+    app = create_app(Settings(runs=tmp_path, data_root=tmp_path, allowed_hosts=("testserver",)), api=api)
+    c = TestClient(app)
+    assert c.post("/api/v1/echo").json() == {"ok": True}  # no studio cookie or CSRF: the API checks its keys
+    assert c.post("/runs/0123abcd/resume").status_code == 403
+
+
+def test_the_command_refuses_another_host_without_a_token_and_records_run_folders(tmp_path, capsys, monkeypatch):
+    from deltatune.cli import main
+    from deltatune.studio.server import import_runs
+
+    assert main(["studio", "--host", "0.0.0.0", "--data-root", str(tmp_path)]) == 2
+    assert "--token" in capsys.readouterr().err
+    folder = tmp_path / "runs" / "compare-x" / "lora" / "seed-1"  # three levels down, as compare keeps them
+    write_run(folder, "lora")
+    monkeypatch.setenv("DELTATUNE_REGISTRY", str(tmp_path / "other.sqlite"))  # a registry without the run
+    assert import_runs(tmp_path / "runs") == 1 and import_runs(tmp_path / "runs") == 0
+    [run] = db.list_runs()
+    assert run["path"] == str(folder.resolve()) and run["status"] == "completed"

@@ -138,6 +138,8 @@ def test_report_to_names_known_trackers(tiny_bert, cls_csv):
     with pytest.raises(ConfigError) as exc:
         config(tiny_bert, "classification", "lora", cls_csv, None, "train.report_to=[wandb,tensorboard]")
     assert "train.report_to: unknown tracker 'wandb'; known: tensorboard, mlflow" in str(exc.value)
+    with pytest.raises(ConfigError, match="train.report_to: mlflow is named twice"):
+        config(tiny_bert, "classification", "lora", cls_csv, None, "train.report_to=[mlflow,mlflow]")
     assert config(tiny_bert, "classification", "lora", cls_csv).train.report_to == []
 
 
@@ -151,8 +153,12 @@ def test_a_tracker_without_its_library_says_what_to_install(tiny_bert, cls_csv, 
     assert "tensorboard" not in str(exc.value)
 
 
-def test_every_tracker_the_config_knows_has_a_writer():
+def test_every_tracker_the_config_knows_has_a_writer_and_the_pinned_library():
+    import tomllib
+
     assert set(tracking.KINDS) == set(config_module.TRACKERS)
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["tracking"]) == sorted(pin for _, pin in config_module.TRACKERS.values())
 
 
 def fake_run(folder: Path, report_to: list[str]) -> RunDir:

@@ -49,11 +49,11 @@ def _chooser(request: Request, file: str, asset: str) -> str:
     root = request.app.state.settings.data_root
     files = data_files(root)
     options = [("", "choose a file")] + [(f, f) for f in files]
-    packaged = [("", "or a packaged data set")] + [(n, n) for n in _packaged("data")]
+    packaged = [("", "none")] + [(n, n) for n in _packaged("data")]
     limit = request.app.state.settings.max_upload_bytes / 2**20
     return ('<form class="filters" method="get" action="/data">'
             + select("file", f"File under {root}", options, file)
-            + select("asset", "Packaged data set", packaged, asset)
+            + select("asset", "Or a packaged data set", packaged, asset)
             + '<button type="submit" class="primary">Inspect</button></form>'
             + ("" if files else f'<p class="none">No .csv, .tsv, .json, .jsonl or .parquet files under {esc(root)}.</p>')
             + '<form class="filters upload" id="upload" data-limit="'

@@ -25,7 +25,7 @@ from ..data import prompt_text
 @dataclass
 class Policy:
     model: PeftModel
-    value_head: nn.Linear  # final hidden state -> value; zero-initialised (Ziegler et al. 2019)
+    value_head: nn.Linear | None  # final hidden state -> value; zero-initialised (Ziegler et al. 2019); GRPO: None
     tokenizer: Any
 
     @classmethod
@@ -151,16 +151,19 @@ def sample(policy: Policy, prompts: list[str], p, chat_template: bool, max_lengt
 
 @torch.no_grad()
 def score_tokens(policy: Policy, rollout: Rollout, temperature: float, chunk: int) -> None:
-    """Fill in the policy's and the reference's log-probs and the values, ``chunk`` rollouts at a time."""
+    """Fill in the policy's and the reference's log-probs and, if the policy has a value head (PPO's; GRPO's
+    has none), the values, ``chunk`` rollouts at a time."""
     logprobs, ref_logprobs, values = [], [], []
+    has_values = policy.value_head is not None
     for start in range(0, len(rollout), chunk):
         part = rollout.select(torch.arange(start, min(start + chunk, len(rollout))))
         ids, attention = part.inputs()
         n = part.response.shape[1]
-        logits, v = policy.forward(ids, attention, n, temperature)
+        logits, v = policy.forward(ids, attention, n, temperature, values=has_values)
         logprobs.append(token_logprobs(logits, part.response))
         values.append(v)
         with policy.reference():
             ref_logits, _ = policy.forward(ids, attention, n, temperature, values=False)
         ref_logprobs.append(token_logprobs(ref_logits, part.response))
-    rollout.logprobs, rollout.ref_logprobs, rollout.values = (torch.cat(x) for x in (logprobs, ref_logprobs, values))
+    rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+    rollout.values = torch.cat(values) if has_values else None

@@ -1,5 +1,6 @@
 """Resumable checkpoints: trainable tensors, optimizer moments, schedule, RNG, loop position and what the method
-keeps while it trains (``Method.loop_state``).
+keeps while it trains (``Method.loop_state``); a loop of its own (train/online.py: PPO, GRPO) adds its own state
+as ``extra`` (JSON) and ``extra_tensors``, read back with ``read_extra``.
 
 Stored as safetensors plus JSON (nothing is unpickled on load) and committed by ``fs.atomic_dir``:
 a crash while saving leaves the previous checkpoint or the new one, never half of one.
@@ -21,6 +22,7 @@ from ..fs import atomic_dir
 from ..methods.base import Method
 
 METHOD_STATE = "method_state.safetensors"
+EXTRA_TENSORS = "extra.safetensors"
 
 
 @dataclass
@@ -40,7 +42,9 @@ class LoopState:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    state: LoopState, method: Method | None = None) -> None:
+                    state: LoopState, method: Method | None = None, extra: dict | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """``scheduler`` may be None (a constant rate)."""
     params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
     tensors, meta = {}, {}
@@ -58,9 +62,12 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         save_file(tensors, tmp / "optimizer.safetensors")
         if kept:
             save_file(kept, tmp / METHOD_STATE)
+        if extra_tensors:
+            save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / EXTRA_TENSORS)
         (tmp / "state.json").write_text(json.dumps({
             "loop": asdict(state), "param_groups": opt["param_groups"], "optimizer_scalars": meta,
-            "scheduler": scheduler.state_dict()}, indent=1))
+            "scheduler": scheduler.state_dict() if scheduler else None, **({"extra": extra} if extra else {})},
+            indent=1))
 
     atomic_dir(path, write)
 
@@ -73,9 +80,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             method.load_loop_state(model, load_file(path / METHOD_STATE) if (path / METHOD_STATE).is_file() else {})
         return state
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged disk or a hand-edited file
-        raise RunError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
-                       f"Remove the folder {path} and resume again: the run then starts over from its first "
-                       "step, which gives the same result") from exc
+        raise _damaged(path, exc) from exc
+
+
+def read_extra(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What ``save_checkpoint`` was given as ``extra`` and ``extra_tensors`` (empty where it was given none)."""
+    try:
+        extra = json.loads((path / "state.json").read_text()).get("extra", {})
+        return extra, load_file(path / EXTRA_TENSORS) if (path / EXTRA_TENSORS).is_file() else {}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def _damaged(path: Path, exc: Exception) -> RunError:
+    return RunError(f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is damaged. "
+                    f"Remove the folder {path} and resume again: the run then starts over from its first "
+                    "step, which gives the same result")
 
 
 def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> LoopState:
@@ -94,5 +114,6 @@ def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": info["param_groups"]})
-    scheduler.load_state_dict(info["scheduler"])
+    if scheduler:
+        scheduler.load_state_dict(info["scheduler"])
     return LoopState(**info["loop"])

@@ -434,21 +434,36 @@ def pending(prompts: list[Prompt], out: Path, prompts_path: Path, console: Conso
     return todo
 
 
+def too_few(responses: list[str], least: int) -> Outcome | None:
+    """The skip a prompt gets without asking anyone: fewer different responses than can be judged."""
+    if len(responses) < least:
+        return Outcome(skip=f"the model gave {len(responses)} different non-empty response(s)")
+    return None
+
+
+def record(out: Path, prompt: Prompt, responses: list[str], outcome: Outcome, source: dict) -> None:
+    """Write what was decided about one prompt: its rows to ``out``, or a skip to OUT.skipped.jsonl (the studio's
+    Feedback page writes through this too, so both write the same files)."""
+    if outcome.skip:
+        append_rows(skipped_path(out), [skip_row(prompt, responses, outcome, source)])
+    else:
+        append_rows(out, output_rows(prompt, responses, outcome, source))
+
+
+def sampling_source(model: str, seed: int, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+    """The ``source`` fields every row of a session carries (see the module docstring)."""
+    return {"model": model, "seed": seed, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+
+
 def run_session(session: Session, todo: list[Prompt]) -> dict:
     """Ask about each prompt in turn, writing as it goes; stops early when the person quits."""
     counts = {"answered": 0, "skipped": 0}
     for prompt in todo:
         responses = session.sample(prompt)
-        if len(responses) < session.least:
-            outcome = Outcome(skip=f"the model gave {len(responses)} different non-empty response(s)")
-        else:
-            outcome = session.decide(prompt, responses)
+        outcome = too_few(responses, session.least) or session.decide(prompt, responses)
         if outcome is None:
             break
-        if outcome.skip:
-            append_rows(skipped_path(session.out), [skip_row(prompt, responses, outcome, session.source)])
-        else:
-            append_rows(session.out, output_rows(prompt, responses, outcome, session.source))
+        record(session.out, prompt, responses, outcome, session.source)
         counts["skipped" if outcome.skip else "answered"] += 1
     done = counts["answered"] + counts["skipped"]
     remaining = len(todo) - done
@@ -475,8 +490,7 @@ def feedback(prompts_path: str | Path, model: str, out: str | Path, k: int | Non
         console.print(f"all {len(prompts)} prompts are done in {out}", markup=False)
         return {"answered": 0, "skipped": 0, "remaining": 0, "out": str(out), "skipped_file": str(skipped_path(out))}
     sampler = load_sampler(model)
-    source = {"model": sampler.name, "seed": seed, "temperature": temperature, "top_p": top_p,
-              "max_new_tokens": max_new_tokens}
+    source = sampling_source(sampler.name, seed, temperature, top_p, max_new_tokens)
     if judge:
         chosen_judge = load_judge(judge, judge_label)
         decide = judge_decider(chosen_judge, console)

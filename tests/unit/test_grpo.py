@@ -12,7 +12,7 @@ import torch
 
 from deltatune.cli import main
 from deltatune.data import arithmetic as arithmetic_data
-from deltatune.errors import ConfigError, DataError, DeltatuneError, RunError
+from deltatune.errors import ConfigError, DataError, DeltatuneError
 from deltatune.rlhf.rewards import arithmetic, format_reward, last_number, load_sources
 from deltatune.train.grpo import train_grpo
 from tests.conftest import make_tiny_llama, sentiment_rows, write_jsonl
@@ -31,13 +31,7 @@ def everything(prompts, responses, **columns):
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices on shared cores: one thread is faster than several (see tests/unit/test_ppo.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +205,7 @@ def test_the_shipped_arithmetic_file_is_the_generators_output():
         arithmetic_data.problems(1000)
 
 
-# ----------------------------------------------------------------------------- (d) bad configs, bad data, resume
+# ----------------------------------------------------------------------------- (d) bad configs, bad data
 
 BAD = {
     "no rewards": ([], ConfigError, r"grpo.rewards: no reward given"),
@@ -264,21 +258,6 @@ def test_a_failing_reward_function_fails_before_a_run_dir(peaky_llama, prompts_j
     with pytest.raises(DeltatuneError, match=r"grpo.rewards\[0\]: returned 1 values for \d+ responses"):
         train_grpo(grpo_config(peaky_llama, prompts_jsonl, out, f"grpo.rewards=[{{function: '{broken}:reward'}}]"))
     assert not out.exists()
-
-
-def test_an_interrupted_grpo_run_refuses_to_resume(peaky_llama, prompts_jsonl, tmp_path, capsys):
-    def interrupt(state):
-        raise KeyboardInterrupt
-
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train_grpo(grpo_config(peaky_llama, prompts_jsonl, out, GOOD, "train.max_steps=3"), callbacks=[interrupt])
-    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
-    with pytest.raises(RunError, match="grpo runs keep no checkpoints and cannot be resumed; start a new run"):
-        from deltatune.train.run import resume
-        resume(out)
-    assert main(["train", "--resume", str(out)]) != 0
-    assert "cannot be resumed" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- (e) the shipped config

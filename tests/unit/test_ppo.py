@@ -31,14 +31,7 @@ NOT_A_FUNCTION = 3
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models' matrices are a few dozen wide: on shared cores, thread hand-offs cost more than
-    the arithmetic (measured: one iteration 0.7 s on 1 thread vs 5 s on 2 under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (conftest)
 
 
 @pytest.fixture(scope="module")

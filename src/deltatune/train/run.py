@@ -3,7 +3,8 @@
 Everything that can be checked (config, files, columns, labels) is checked before the run
 directory is created, so bad input never leaves a directory behind. Once training starts,
 ``status.json`` tracks it; ``metrics.json`` and ``delta/`` appear only on success. The task
-decides the loop: its examples through ``loop.run_loop``, or its own (``Task.loop``, PPO's rollouts).
+decides the loop: its examples through ``loop.run_loop``, or its own (``Task.loop``: PPO's rollouts and GRPO's
+groups, through ``online``); both checkpoint, and ``resume`` goes on with either.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
-from . import grpo, ppo
-from . import lr_find
+from . import lr_find, online
+from .grpo import GRPO
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
+from .ppo import PPO
 from .progress import phase
-from .session import absolute_refs, finish, recover, tracked, write_inputs, write_metrics
+from .session import absolute_refs, finish, recover, refuse_changed_data, tracked, write_inputs, write_metrics
 
-LOOPS = {"rollouts": ppo.train_ppo, "groups": grpo.train_grpo}  # tasks that sample their own data; the rest: run_loop
+LOOPS = {"rollouts": PPO, "groups": GRPO}  # tasks that sample their own data (``online``); the rest: run_loop
 
 
 def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, object]:
@@ -66,7 +68,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
     own_loop = LOOPS.get(tasks.get(cfg.task).loop)
     if own_loop:
-        return own_loop(cfg, callbacks, kind, parent)
+        return online.train(own_loop, cfg, callbacks, kind, parent)
     cfg = absolute_refs(cfg)
     job, data, tokenizer = build_job(cfg, None)  # may raise: nothing written yet
     extras = build_extras(cfg, job.task, tokenizer)
@@ -96,8 +98,6 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         raise RunError(f"{run.path}: no config.yaml, so no run to resume (a run writes it first; is this a "
                        "deltatune run directory?); start one with deltatune train")
     cfg = load_config(run.config)
-    if tasks.get(cfg.task).loop in LOOPS:
-        raise RunError(f"{run.path}: {cfg.task} runs keep no checkpoints and cannot be resumed; start a new run")
     if is_main_process():
         recover(run)
     barrier()  # in a multi-process launch the others read the folder once the main process recovered it
@@ -105,11 +105,12 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         if is_main_process():
             finish(run, Recording(run.path, cfg))
         return run
+    own_loop = LOOPS.get(tasks.get(cfg.task).loop)
+    if own_loop:
+        return online.resume(own_loop, run, cfg, callbacks)
     job, data, tokenizer = build_job(cfg, run)
     extras = build_extras(cfg, job.task, tokenizer)
-    if (run.path / "data.json").is_file() and run.read_json("data.json")["fingerprint"] != data.fingerprint:
-        raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
-                       "resuming would mix two data sets. Start a new run instead")
+    refuse_changed_data(run, data.fingerprint)
     from_checkpoint = (run.checkpoint / "state.json").is_file()
     lr_find.settle_lr(job, run)  # an auto run's pick, read back (searched only if it stopped before that)
     if not is_main_process():

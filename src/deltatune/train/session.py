@@ -1,7 +1,7 @@
 """What every run does around its loop, written once: check the config's paths, create the run
 directory, record the run (status.json and the run registry, following how it ends), write its
 inputs, and write metrics.json when it completes. ``train/run.py`` (the loop over examples) and
-``train/ppo.py`` (rollouts) both use it.
+``train/online.py`` (PPO and GRPO) both use it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .. import __version__
 from ..assets import model_fingerprint, portable_name, resolve_model
 from ..config import Config, dump_yaml
 from ..data.report import render_html
+from ..errors import RunError
 from ..fs import atomic_dir, atomic_write_text, clean_temporaries, recover_dir
 from ..registry_db import Recording, ending
 from ..rundir import RunDir
@@ -74,6 +75,13 @@ def recover(run: RunDir) -> None:
             shutil.rmtree(run.delta)
         else:
             os.replace(run.delta, run.best)
+
+
+def refuse_changed_data(run: RunDir, fingerprint: str) -> None:
+    """A run resumes on the data it started with, or not at all."""
+    if (run.path / "data.json").is_file() and run.read_json("data.json")["fingerprint"] != fingerprint:
+        raise RunError(f"{run.path}: the data changed since this run started (fingerprint differs); "
+                       "resuming would mix two data sets. Start a new run instead")
 
 
 def finish(run: RunDir, record: Recording) -> None:

@@ -9,7 +9,7 @@ from importlib import import_module
 
 from fastapi import APIRouter
 
-PAGE_MODULES = ("runs", "compare", "data", "feedback", "run")
+PAGE_MODULES = ("runs", "compare", "data", "feedback", "playground", "run")
 
 
 @dataclass(frozen=True)

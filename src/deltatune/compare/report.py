@@ -188,7 +188,7 @@ def _placed(points: list[tuple[float, float, str]]) -> list[tuple[float, float, 
     return out
 
 
-def _scatter(results: list[dict], colors: dict, w: int = 640, h: int = 360) -> str:
+def scatter(results: list[dict], colors: dict, w: int = 640, h: int = 360) -> str:
     ok = [r for r in results if "metrics" in r]
     if not ok:
         return ""
@@ -218,7 +218,7 @@ def _scatter(results: list[dict], colors: dict, w: int = 640, h: int = 360) -> s
     return "<h2>Metric against trainable parameters</h2>" + hr.means(said) + "".join(parts) + "</svg>"
 
 
-def _curves(results: list[dict], colors: dict, w: int = 640, h: int = 320) -> str:
+def curves(results: list[dict], colors: dict, w: int = 640, h: int = 320) -> str:
     ok = [r for r in results if r.get("curve")]
     if not ok:
         return ""
@@ -239,7 +239,7 @@ def _curves(results: list[dict], colors: dict, w: int = 640, h: int = 320) -> st
             + hr.legend([(r["method"], colors[r["method"]]) for r in ok]))
 
 
-def _confusions(results: list[dict]) -> str:
+def confusions(results: list[dict]) -> str:
     out = []
     for r in results:
         m = r.get("metrics", {}).get("eval", {})
@@ -309,7 +309,7 @@ def render(results: list[dict], analysis: dict, budget: Budget, folder: Path | N
     body = "".join([_contention_banner(analysis.get("contended", [])),
                     f"<p class='pick'>{_esc(analysis['recommendation'])}</p>",
                     "".join(f"<p>{n}</p>" for n in notes), "<h2>How well each method did</h2>", _table(results, analysis),
-                    _searches(results), _scatter(flat, colors), _curves(flat, colors), _confusions(flat)])
+                    _searches(results), scatter(flat, colors), curves(flat, colors), confusions(flat)])
     style = ("table th,table td{text-align:right}table td{white-space:nowrap}table th.l,table td.l{text-align:left;"
              "white-space:normal}.t{white-space:nowrap}.cm{display:inline-block;margin-right:2em;vertical-align:top}")
     return hr.page("deltatune method comparison", meta, body, style)

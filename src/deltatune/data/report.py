@@ -300,10 +300,15 @@ def render_html(report: dict, name: str | None = None, written=None) -> str:
     files = ", ".join(f"{Path(str(p)).name} ({split})" for split, p in report.get("files", {}).items())
     meta = ([("Run", name)] if name else []) + [("Task", report.get("task", "?")), ("Data", files or "?"),
                                                  ("Written" if written else "Rendered", h.when(written))]
+    return h.page("Data report", meta, report_sections(report))
+
+
+def report_sections(report: dict) -> str:
+    """The report's sections as HTML, without the page around them (the studio shows them in its own)."""
     body = [_rows_section(report), _cleaning_section(report), _leakage_section(report)]
     if report.get("augmented_by_kind"):
         body.append("<h2>Augmentation</h2>" + h.facts([_fact(report, "augmented_rows"), _fact(report, "augmented_by_kind")]))
     if report.get("tasks"):
         body.append(_tasks_section(report))
     body += [_labels_section(report), _lengths_section(report), _details_section(report)]
-    return h.page("Data report", meta, "".join(body))
+    return "".join(body)

@@ -12,7 +12,6 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from ..assets import DATA_SUFFIXES
-from ..data.report import render_html
 
 SKIP_DIRS = {".venv", "venv", "node_modules", "__pycache__", ".git", "site-packages"}
 MAX_FILES = 500
@@ -119,12 +118,3 @@ def _build(data_ref: str, task: str, columns: dict[str, str], model: str) -> dic
     tokenizer = load_tokenizer(resolve_model(cfg.model)) if model else None
     return tasks.get(cfg.task)(cfg).rows(tokenizer).report
 
-
-def report_html(report: dict) -> str:
-    """The data report's sections (``data.report.render_html``) without the page around them."""
-    page = render_html(report)
-    inner = page.partition("<body>")[2].rpartition("</body>")[0]
-    inner = inner.partition("</h1>")[2]  # the page's own title: the studio page has one
-    if inner.startswith("<p class='meta'>"):
-        inner = inner.partition("</p>")[2]
-    return inner

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from ... import html_report as hr
 from ... import registry_db as db
-from ...compare.report import COLORS, _confusions, _curves, _scatter
+from ...compare.report import COLORS, confusions, curves, scatter
 from ..figures import series
 from ..layout import badge, esc, render, section, table
 from ..runinfo import RUN_ID, find, read_json, read_log
@@ -83,7 +83,7 @@ def _figures(runs: list[dict]) -> str:
     scored = [e for e in flat if "metrics" in e]
     name = db.main_metric(scored[0]["metrics"])[0] if scored else None
     same = [e for e in scored if name in e["metrics"]["eval"]]
-    parts = [_scatter(same, colors) if len(same) >= 2 else "", _curves(flat, colors), _confusions(same)]
+    parts = [scatter(same, colors) if len(same) >= 2 else "", curves(flat, colors), confusions(same)]
     return "".join(parts)
 
 

@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse
 
 from ... import assets
 from ... import html_report as hr
-from ...data.report import inspect_file
+from ...data.report import inspect_file, report_sections
 from ...errors import DeltatuneError
-from ..datafiles import data_files, guess_task, report_for, report_html, save_upload, upload_target
+from ..datafiles import data_files, guess_task, report_for, save_upload, upload_target
 from ..layout import esc, render, section, select, table
 from ..security import confined
 from . import Page
@@ -128,7 +128,7 @@ def _report(ref: str, key: tuple, task: str, columns: dict[str, str], model: str
         return _cannot("the file is larger than 200 MB: make its report with `deltatune data prepare --stream` in a "
                        "terminal")
     try:
-        return f'<div class="report">{report_html(report_for(ref, key, task, columns, model))}</div>'
+        return f'<div class="report">{report_sections(report_for(ref, key, task, columns, model))}</div>'
     except DeltatuneError as exc:
         return _cannot(str(exc))
 

@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     so.add_argument("--runs", default="runs", metavar="DIR", help="the folder of run folders (default ./runs)")
     so.add_argument("--data-root", default=".", metavar="DIR", help="the Data page offers files under it only (default .)")
-    so.add_argument("--token", help="a secret every request must carry (required with a non-loopback --host)")
+    so.add_argument("--token", help="a secret every request must carry (required with a non-loopback --host); "
+                                    "default $DELTATUNE_STUDIO_TOKEN, which other users cannot read in `ps`")
 
     r = sub.add_parser("runs", help="the run registry: every train run, trial, comparison and evaluation")
     rsub = r.add_subparsers(dest="runs_command", required=True)
@@ -347,6 +348,12 @@ def cmd_train(args) -> int:
     from .train.run import resume, train
 
     if args.resume:
+        given = [x for x in (args.config, *args.overrides) if x]
+        if given:
+            raise ArgumentError(f"train --resume {args.resume}: also given {' '.join(given)}, but a run resumes with "
+                                "the config it started with (its config.yaml), so that it ends as it would have "
+                                "without stopping; give only --resume RUN_DIR, or start a new run with the new "
+                                "settings")
         run = resume(args.resume)
     else:
         run = train(load_config(*_config_args(args)))

@@ -120,6 +120,8 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(task, stop_at, tiny_l
 def test_resume_refuses_a_changed_config_and_names_the_change(tiny_llama, inputs, straight, tmp_path, capsys):
     out = tmp_path / "run"
     _interrupted("ppo", tiny_llama, inputs, out, 3)
+    assert main(["train", "--resume", str(out), "ppo.kl_coef=0.1"]) == 2  # overrides on the command line
+    assert "also given ppo.kl_coef=0.1, but a run resumes with the config it started with" in capsys.readouterr().err
     original = (out / "config.yaml").read_text()
     assert "  kl_coef: 0.05\n" in original and "  lr: 0.01\n" in original
     (out / "config.yaml").write_text(original.replace("  kl_coef: 0.05\n", "  kl_coef: 0.1\n")

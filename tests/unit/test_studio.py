@@ -191,3 +191,23 @@ def test_the_command_refuses_another_host_without_a_token_and_records_run_folder
     assert import_runs(tmp_path / "runs") == 1 and import_runs(tmp_path / "runs") == 0
     [run] = db.list_runs()
     assert run["path"] == str(folder.resolve()) and run["status"] == "completed"
+
+
+def test_the_token_can_come_from_the_environment_instead_of_the_command_line(tmp_path, monkeypatch, capsys):
+    """A token on the command line is visible to every user in `ps`; DELTATUNE_STUDIO_TOKEN is not."""
+    from deltatune.cli import main
+    from deltatune.studio import server
+
+    served = []
+
+    class Server:  # uvicorn's, without listening: records what it would serve
+        def __init__(self, config):
+            served.append(config.app.state.settings)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(server.uvicorn, "Server", Server)
+    monkeypatch.setenv("DELTATUNE_STUDIO_TOKEN", "s3cret-from-env")
+    assert main(["studio", "--host", "0.0.0.0", "--data-root", str(tmp_path), "--runs", str(tmp_path)]) == 0
+    assert served[0].token == "s3cret-from-env" and "?token=s3cret-from-env" in capsys.readouterr().out

@@ -31,7 +31,7 @@ FORM = "application/x-www-form-urlencoded"
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token."""
     if not (host in LOOPBACK or host.startswith("127.")) and not token:
-        raise ArgumentError(f"studio: --host {host} lets other machines reach the studio; give --token TOKEN too "
+        raise ArgumentError(f"studio: --host {host} lets other machines reach the studio; give --token TOKEN (or set DELTATUNE_STUDIO_TOKEN) too "
                             "(a long random string, e.g. from `python -c 'import secrets; print(secrets.token_urlsafe())'`), "
                             "or leave --host out to bind 127.0.0.1")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from .security import check_bind
 from .settings import Settings
 
 log = logging.getLogger("deltatune.studio")
+TOKEN_VARIABLE = "DELTATUNE_STUDIO_TOKEN"  # the token without putting it on the command line
 
 
 def studio_command(args) -> int:
     """``deltatune studio`` (cli.py parses the arguments)."""
-    check_bind(args.host, args.token)
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+    check_bind(args.host, token)
     settings = Settings(host=args.host, port=args.port, runs=Path(args.runs), data_root=Path(args.data_root),
-                        token=args.token)
+                        token=token)
     if not settings.data_root.is_dir():
         raise ArgumentError(f"studio: --data-root {args.data_root} is not a folder; give the folder that holds your "
                             "data files")

@@ -227,7 +227,8 @@ class TrainConfig:
     max_length: int = doc(128, "Truncate tokenized examples to this many tokens.")
     seed: int = doc(42, "Seed for data order, initialisation and dropout.")
     eval_every: int = doc(0, "Evaluate every N optimizer steps; 0 means at the end of each epoch.")
-    save_every: int = doc(0, "Write a resumable checkpoint every N optimizer steps; 0 means at every evaluation.")
+    save_every: int = doc(0, "Write a resumable checkpoint every N optimizer steps; 0 means at every evaluation. "
+                             "PPO, GRPO: every N iterations; 0 means once per pass over the training prompts.")
     eval_batch_size: int = doc(64, "Examples per forward pass during evaluation.")
     progress: bool = doc(True, "Show a progress bar with loss, tokens/s and ETA.")
     chunked_loss: bool = doc(True, "Causal LM: compute the cross-entropy from the final hidden states a chunk of "

@@ -100,6 +100,8 @@ def test_starting_again_goes_on_where_the_file_stops(world):
     answer(world, again, "1")
     assert "All 4 prompts are done" in wait_state(world["client"], again, ("done",))
     assert [r["source"]["index"] for r in lines(world["data"] / "feedback" / "prefs.jsonl")] == [0, 2, 3]
+    thumbs_here = start(world, mode="thumbs")  # the command's check: a file holds one kind of row
+    assert thumbs_here.status_code == 400 and "the file holds pairs or rankings" in thumbs_here.text
 
 
 def test_a_ranking_of_three_and_thumbs_write_what_reward_dpo_and_kto_read(world, tmp_path):
@@ -144,7 +146,8 @@ def test_bad_settings_and_stale_answers_are_plain_pages(world):
     c = world["client"]
     bad = start(world, k="9", temperature="hot", model="run:0000")
     assert bad.status_code == 400 and "Start labeling" in bad.text
-    for said in ("k: give a whole number from 2 to 4", "temperature: give a number", "is not one of the completed text-writing runs"):
+    for said in ("k: give a whole number from 2 to 4", "temperature: give a number",
+                 "is not one of the completed text-writing runs"):
         assert said in bad.text
     sid = session_id(start(world))
     wait_state(c, sid)

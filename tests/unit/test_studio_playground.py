@@ -66,7 +66,8 @@ def chat(client, model: str, token: str | None, messages=None, **options) -> tup
 
 def test_the_page_puts_the_base_and_the_run_side_by_side(client, trained):
     page = client.get("/playground", params={"run": trained["ids"]["lora"]}).text
-    assert f'data-model="base:{trained["ids"]["lora"]}"' in page and f'data-model="run:{trained["ids"]["lora"]}"' in page
+    run_id = trained["ids"]["lora"]
+    assert f'data-model="base:{run_id}"' in page and f'data-model="run:{run_id}"' in page
     assert "Base model: tiny-llama" in page and "Your message" in page
     two = client.get("/playground", params={"run": trained["ids"]["lora"], "run2": trained["ids"]["empty"],
                                             "base": "0"}).text

@@ -205,7 +205,8 @@ class Labelings:
                     if session.setup == setup:
                         return session
                     raise HTTPException(409, f"{setup.out_name} is being written by another session with other "
-                                             "settings; go on with that one (listed below) or choose another output file")
+                                             "settings; go on with that one (listed on the Feedback page) or choose "
+                                             "another output file")
             session = open_labeling(setup)
             self._make_room()
             self._sessions[session.id] = session

@@ -108,7 +108,7 @@ def _form(request: Request, form: dict) -> str:
                       for name, label in (("max_new_tokens", "Most new tokens"), ("temperature", "Temperature"),
                                           ("top_p", "Top p"), ("seed", "Seed")))
     return (f'<form class="filters fb-setup" method="post" action="/feedback/start">{csrf_field(request)}'
-            + select("prompts", f"Prompts file (under {root})", [(f, f) for f in files], form.get("prompts", ""))
+            + select("prompts", "Prompts file", [(f, f) for f in files], form.get("prompts", ""))
             + f'<label class="field"><span>Prompt column</span><input name="column" value="'
               f'{esc(form.get("column", "prompt"))}"></label>'
             + select("model", "Model that writes the responses", [(c.key, c.label) for c in models],
@@ -116,11 +116,13 @@ def _form(request: Request, form: dict) -> str:
             + f'<fieldset class="fb-modes"><legend>How you judge</legend>{radios}</fieldset>'
             + f'<label class="field"><span>Responses per prompt (not for thumbs)</span><input type="number" name="k" '
               f'value="{esc(form.get("k", "2"))}" min="2" max="4"></label>'
-            + f'<label class="field grow"><span>Output file (.jsonl under {esc(root)}; empty: '
-              f'feedback/PROMPTS-MODE.jsonl)</span><input name="out" value="{esc(form.get("out", ""))}" '
-              'placeholder="feedback/prompts-pick.jsonl"></label>'
+            + f'<label class="field grow"><span>Output file (.jsonl)</span><input name="out" '
+              f'value="{esc(form.get("out", ""))}" placeholder="feedback/PROMPTS-MODE.jsonl"></label>'
             + f'<details class="fb-sampling"><summary>Sampling settings</summary><div class="fb-row">{numbers}</div>'
-              '</details><button type="submit" class="primary">Start labeling</button></form>')
+              '</details><button type="submit" class="primary">Start labeling</button>'
+              f'<p class="small fb-where">Files are read and written under the data root, {esc(root)}. An empty '
+              "output file name means feedback/PROMPTS-MODE.jsonl; a file an earlier session wrote is continued."
+              "</p></form>")
 
 
 def _nothing_yet(root: Path, files: list[str], models: list) -> str:
@@ -131,7 +133,8 @@ def _nothing_yet(root: Path, files: list[str], models: list) -> str:
     if not models:
         need.append("a completed run that writes text (task causal_lm, dpo, kto, ...) in the run registry, or the "
                     "packaged SmolLM2 model (<code>deltatune assets prepare</code>)")
-    return f'<div class="empty"><p>To collect feedback the studio needs:</p><ul><li>{"</li><li>".join(need)}</li></ul></div>'
+    items = "".join(f"<li>{n}</li>" for n in need)
+    return f'<div class="empty"><p>To collect feedback the studio needs:</p><ul>{items}</ul></div>'
 
 
 def _sessions(request: Request) -> str:
@@ -233,7 +236,8 @@ def _controls(s: Labeling, responses: list[str]) -> str:
     cards = "".join(f'<article class="fb-card" aria-labelledby="r{i}">'
                     f'{_card(i, r, _key(str(i), f"Response {i} is best", "primary"))}</article>'
                     for i, r in enumerate(responses, start=1))
-    return f'<div class="fb-grid">{cards}</div><div class="fb-more">{_key("t", "Tie or all bad")}{_key("s", "Skip")}</div>'
+    more = _key("t", "Tie or all bad") + _key("s", "Skip")
+    return f'<div class="fb-grid">{cards}</div><div class="fb-more">{more}</div>'
 
 
 def _key(key: str, label: str, kind: str = "") -> str:

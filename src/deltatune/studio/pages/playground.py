@@ -48,7 +48,8 @@ def _picker(runs: list[dict], first: str, second: str, base: bool) -> str:
 
 def _column(key: str, title: str, facts: str) -> str:
     return (f'<section class="pg-col" data-model="{esc(key)}" aria-label="{esc(title)}"><h2>{esc(title)}</h2>'
-            f'<p class="small">{facts}</p><div class="pg-log" role="log" aria-live="polite"></div></section>')
+            f'<p class="small">{facts}</p><div class="pg-log" role="log" aria-live="polite" tabindex="0" '
+            f'aria-label="{esc(title)}: conversation"></div></section>')
 
 
 def _columns(runs: list[dict], base: bool) -> str:
@@ -59,7 +60,8 @@ def _columns(runs: list[dict], base: bool) -> str:
                             "no delta: the model every run here started from"))
     for run in runs:
         cols.append(_column(f"run:{run['id']}", f"Run {run['id']}",
-                            f"{esc(run['task'])} · {esc(run['method'] or 'full')} on {esc(model_name(run['model']))} · "
+                            f"{esc(run['task'])} · {esc(run['method'] or 'full')} on "
+                            f"{esc(model_name(run['model']))} · "
                             f'<a href="/runs/{esc(run["id"])}">its page</a>'))
     return f'<div class="pg-cols n{len(cols)}">{"".join(cols)}</div>'
 
@@ -91,7 +93,7 @@ def playground_page(request: Request, run: str = "", run2: str = "", base: str =
     if run2 and run2 != chosen[0]["id"]:
         chosen.append(find(run2))
     picker = _picker(runs, chosen[0]["id"], run2, base != "0")
-    body = (picker + f'<div id="playground">{_columns(chosen, base != "0")}{_composer()}</div>' + ASSETS)
+    body = picker + f'<div id="playground">{_composer()}{_columns(chosen, base != "0")}</div>' + ASSETS
     return render(request, "Playground", body, active="playground", lead=LEAD)
 
 

@@ -9,7 +9,7 @@ from importlib import import_module
 
 from fastapi import APIRouter
 
-PAGE_MODULES = ("runs", "compare", "data", "feedback", "playground", "run")
+PAGE_MODULES = ("runs", "newrun", "compare", "data", "feedback", "playground", "run")
 
 
 @dataclass(frozen=True)

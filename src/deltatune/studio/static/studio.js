@@ -92,3 +92,40 @@ document.addEventListener("DOMContentLoaded", () => {
   uploads();
   submitOnChange();
 });
+
+// New run: the parts of the form that belong to one method or task (data-when: the select that chooses it)
+// follow that select; a run this studio started gets a Cancel button on its page while it trains.
+function switchParts() {
+  const parts = [...document.querySelectorAll("[data-when]")];
+  const selectFor = (part) => document.querySelector(`select[name="${part.dataset.when}"]`);
+  const update = () => {
+    for (const part of parts) {
+      const select = selectFor(part);
+      if (select) part.hidden = select.value !== part.dataset.whenValue;
+    }
+  };
+  for (const select of new Set(parts.map(selectFor))) {
+    if (select) select.addEventListener("change", update);
+  }
+}
+
+function cancelButton() {
+  const live = document.getElementById("run-live");
+  const status = document.querySelector("[data-part=status]");
+  if (!live || !status) return;
+  const box = document.createElement("div");
+  box.className = "nr-cancel";
+  status.after(box);
+  const update = async () => {
+    if (live.dataset.status !== "running") { box.innerHTML = ""; return; }
+    const response = await fetch(`/runs/${live.dataset.run}/cancel-form`);
+    if (response.ok && live.dataset.status === "running") box.innerHTML = await response.text();
+  };
+  new MutationObserver(update).observe(live, {attributes: true, attributeFilter: ["data-status"]});
+  update();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  switchParts();
+  cancelButton();
+});

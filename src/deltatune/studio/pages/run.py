@@ -148,15 +148,16 @@ def data_report(run_id: str):
 
 
 @router.get("/runs/{run_id}/events")
-def run_events(request: Request, run_id: str, offset: int = 0):
-    """Events: ``log`` {records, offset} as log.jsonl grows, ``status`` {status, html} when it changes,
-    ``jobs`` when a command started for the run changes state, ``end`` once nothing more will change."""
+def run_events(request: Request, run_id: str, offset: int = 0, shown: str = ""):
+    """Events: ``log`` {records, offset} as log.jsonl grows, ``status`` {status, html} when it differs from the
+    status the page shows (``shown``: it may have changed between the page and this request, e.g. a short run
+    completing), ``jobs`` when a command started for the run changes state, ``end`` once nothing more will change."""
     run = find(run_id)
     folder, jobs = Path(run["path"]), request.app.state.jobs
 
     async def events():
         nonlocal offset
-        status, states = status_of(run), None
+        status, states = shown or status_of(run), None
         async for _ in live.ticks(request):
             records, offset = await live.to_thread(read_log_from, folder, max(0, offset))
             if records:

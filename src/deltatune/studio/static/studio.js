@@ -43,7 +43,7 @@ function watchRun() {
     if (pending) return;
     pending = setTimeout(() => { pending = null; refreshPart(base, "curves"); }, 1000);
   };
-  const source = new EventSource(`${base}/events?offset=${live.dataset.offset}`);
+  const source = new EventSource(`${base}/events?offset=${live.dataset.offset}&shown=${live.dataset.status}`);
   source.addEventListener("log", (e) => {
     live.dataset.offset = JSON.parse(e.data).offset;
     curvesSoon();

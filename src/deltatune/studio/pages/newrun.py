@@ -187,7 +187,8 @@ def _checked(cfg, overrides: list[str]) -> str:
 def _plan(p) -> str:
     verdict = "fits" if p.fits else "does NOT fit"
     rows = [("Peak memory", "peak_mb", f"{p.peak_mb:,.0f} MB of {p.available_mb:,.0f} MB available now: {verdict}"),
-            ("Time per optimizer step", "seconds_per_step", f"{hr.sig(p.seconds_per_step, 2)} s"),
+            ("Time per optimizer step", "seconds_per_step",
+             f"{hr.sig(p.seconds_per_step, 2)} s" if p.seconds_per_step >= 0.001 else "under a millisecond"),
             ("Optimizer steps", "steps", p.steps),
             ("Training time", None, f"{_about(p.seconds_per_step * p.steps)} (evaluations not included)"),
             ("Trainable parameters", "trainable_params",

@@ -66,10 +66,7 @@ def _form_body(request: Request, values: dict[str, str], errors: dict[str, list[
         return (f'<fieldset class="nr-sub" {attrs}><legend>{esc(legend)}</legend>'
                 f'{nf.grid(items, values, errors, choices)}</fieldset>')
 
-    options = "".join(
-        f'<div class="nr-options" {nf.when("method.name", name, method)}>'
-        + (nf.grid(nf.method_fields(name), values, errors, {}) if nf.method_fields(name) else
-           f'<p class="none">{esc(name)} has no options.</p>') + "</div>" for name in methods.names())
+    options = _method_options(values, errors, method)
     data_more = rest("data.", PRIMARY["data"])
     data_subs = [(title, [f for f in fields if f.key.startswith(f"data.{part}.")])
                  for part, title in (("clean", "Cleaning"), ("dedup", "Duplicates and leakage"),
@@ -93,6 +90,16 @@ def _form_body(request: Request, values: dict[str, str], errors: dict[str, list[
              [f.name for f in rest("eval.") + [x for _, i in task_parts for x in i]]))]
     return "".join(f'<fieldset class="nr-section"><legend>{esc(title)}</legend><p class="nr-said">{said}</p>'
                    f"{content}</fieldset>" for title, said, content in sections)
+
+
+def _method_options(values: dict[str, str], errors: dict[str, list[str]], chosen: str) -> str:
+    """Every method's options, each shown only while it is the chosen method (studio.js follows the select)."""
+    parts = []
+    for name in methods.names():
+        fields = nf.method_fields(name)
+        inner = nf.grid(fields, values, errors, {}) if fields else f'<p class="none">{esc(name)} has no options.</p>'
+        parts.append(f'<div class="nr-options" {nf.when("method.name", name, chosen)}>{inner}</div>')
+    return "".join(parts)
 
 
 def _values(request: Request, form: dict[str, str] | None) -> dict[str, str]:

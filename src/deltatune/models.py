@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,12 @@ torch = lazy("torch")
 nn = lazy("torch.nn")
 transformers = lazy("transformers")
 hf_logging = lazy("transformers.utils.logging")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds only this process's shard of its parameters (FSDP 2: docs/scale.md)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded before it is imported (slow to import)
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def load_tokenizer(path: str | Path):

@@ -131,9 +131,14 @@ class Method:
         """Only what was trained."""
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+    def save_delta(self, model: nn.Module, path: Path, options, state: dict[str, Tensor] | None = None) -> None:
+        """``state``: for a model that holds only shards of its parameters (FSDP), its trainable parameters and
+        buffers as full tensors (the loop gathers them); saved instead of what the model holds."""
         path.mkdir(parents=True, exist_ok=True)
-        delta = {k: v.contiguous() for k, v in self.delta_state_dict(model).items()}
+        if state is not None:
+            delta = {n: state[n].contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            delta = {k: v.contiguous() for k, v in self.delta_state_dict(model).items()}
         safetensors_torch.save_file(delta, path / DELTA_FILE)
         (path / "method.json").write_text(json.dumps({"method": self.name, "options": asdict(options)}))
 

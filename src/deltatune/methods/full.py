@@ -9,7 +9,7 @@ from .base import Method, set_trainable
 from .registry import register
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
 
 @register
@@ -24,8 +24,8 @@ class Full(Method):
         set_trainable(model, lambda name: True)
         return model
 
-    def save_delta(self, model: nn.Module, path: Path, options) -> None:
-        model.save_pretrained(path, safe_serialization=True)
+    def save_delta(self, model: nn.Module, path: Path, options, state: dict[str, Tensor] | None = None) -> None:
+        model.save_pretrained(path, safe_serialization=True, state_dict=state)  # None: the model's own
 
     def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         return type(model).from_pretrained(path, use_safetensors=True, dtype=model.dtype)

@@ -160,8 +160,8 @@ class Lora(PeftMethod):
             setattr(adapted, START, {k: v.detach().clone() for k, v in state.items() if _factor(k)})
         return adapted
 
-    def save_delta(self, model: nn.Module, path: Path, options) -> None:
-        super().save_delta(model, path, options)
+    def save_delta(self, model: nn.Module, path: Path, options, state: dict | None = None) -> None:
+        super().save_delta(model, path, options, state)
         start = getattr(model, START, None)
         if start is not None:
             as_plain_lora(Path(path), start)

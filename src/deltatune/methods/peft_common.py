@@ -121,10 +121,10 @@ class PeftMethod(Method):
                 config.base_model_name_or_path = portable_name(task.cfg.model)
         return adapted
 
-    def save_delta(self, model: nn.Module, path: Path, options) -> None:
+    def save_delta(self, model: nn.Module, path: Path, options, state: dict | None = None) -> None:
         # The vocabulary is never resized, so no embedding matrix is saved ("auto" would look the base up on the
-        # Hub by its name in adapter_config.json).
-        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+        # Hub by its name in adapter_config.json). peft picks the adapter's tensors from ``state`` when given.
+        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False, state_dict=state)
 
     def load_delta(self, model: nn.Module, path: Path, options, task) -> nn.Module:
         with warnings.catch_warnings():

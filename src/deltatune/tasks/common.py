@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 from ..lazy import lazy
 from ..losses import IGNORE
+from ..models import is_sharded
 
 torch = lazy("torch")
 nn = lazy("torch.nn")
@@ -40,6 +41,8 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     models that transform their logits further (e.g. Gemma 2's soft-capping).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):  # its own forward syncs the gradients
+        return None
+    if is_sharded(model):  # FSDP: the whole model's forward gathers the parameters outside the layers
         return None
     lm = model
     if isinstance(model, peft.PeftModel):

@@ -4,6 +4,8 @@ root, upload limits. tests/unit/test_studio_browser.py drives the same app in a 
 
 from __future__ import annotations
 
+import json
+
 import re
 
 import pytest
@@ -64,6 +66,19 @@ def test_the_run_page_shows_metrics_cost_curves_per_class_confusion_data_and_con
                   "<polyline", "optimizer step", "Per class", "Confusion matrix", "Rows read", "config.yaml",
                   "Export", "nothing to resume: the run completed"):
         assert shown in page, shown
+
+
+def test_the_run_page_says_where_its_trackers_wrote_and_how_to_open_them(runs, tmp_path):
+    c = client(tmp_path)
+    assert "Tracking" not in c.get(f"/runs/{runs['lora']}").text  # a run without train.report_to
+    folder = tmp_path / "runs" / "lora"
+    (folder / "tracking.json").write_text(json.dumps({
+        "tensorboard": {"path": "tensorboard"},
+        "mlflow": {"path": "mlflow/mlflow.db", "artifacts": "mlflow/artifacts", "experiment_id": "1", "run_id": "ab"}}))
+    page = c.get(f"/runs/{runs['lora']}").text
+    assert "<h2>Tracking</h2>" in page
+    assert f"tensorboard --logdir {folder.resolve() / 'tensorboard'}" in page
+    assert f"mlflow ui --backend-store-uri sqlite:///{folder.resolve() / 'mlflow' / 'mlflow.db'}" in page
 
 
 def test_a_failed_run_shows_its_error_and_what_to_do(runs, tmp_path):
@@ -211,3 +226,17 @@ def test_the_token_can_come_from_the_environment_instead_of_the_command_line(tmp
     monkeypatch.setenv("DELTATUNE_STUDIO_TOKEN", "s3cret-from-env")
     assert main(["studio", "--host", "0.0.0.0", "--data-root", str(tmp_path), "--runs", str(tmp_path)]) == 0
     assert served[0].token == "s3cret-from-env" and "?token=s3cret-from-env" in capsys.readouterr().out
+
+
+def test_a_command_cancelled_with_ctrl_c_reads_cancelled_not_failed(tmp_path):
+    from deltatune.studio.jobs import Job
+
+    class Ended:  # a finished process: only its exit code matters
+        def __init__(self, code):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    states = [Job("j", "train", [], None, tmp_path / "log", Ended(code)).state for code in (None, 0, 130, -2, 1)]
+    assert states == ["running", "finished", "cancelled", "cancelled", "failed (exit code 1)"]

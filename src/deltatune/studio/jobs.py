@@ -37,7 +37,12 @@ class Job:
     @property
     def state(self) -> str:
         code = self.exit_code
-        return "running" if code is None else "finished" if code == 0 else f"failed (exit code {code})"
+        if code is None:
+            return "running"
+        if code == 0:
+            return "finished"
+        # 130: deltatune's exit after Ctrl-C (a cancel sends SIGINT); -2: killed by SIGINT before it could say so
+        return "cancelled" if code in (130, -signal.SIGINT) else f"failed (exit code {code})"
 
     def output(self, limit: int = 4000) -> str:
         """The last ``limit`` characters the command printed."""

@@ -1,5 +1,6 @@
 """The Run page's parts that change while a person looks at it: the status box (a failed run's error and what
-to do), the export and resume actions with the commands they started, and the data summary."""
+to do), the export and resume actions with the commands they started, the data summary and where the run's
+trackers (train.report_to) wrote."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from fastapi import Request
 
 from .. import html_report as hr
 from .. import registry_db as db
-from .layout import badge, csrf_field, esc, post_button, section, select
+from ..train.tracking import tracking_locations
+from .layout import badge, csrf_field, esc, post_button, section, select, table
 from .runinfo import read_json
 
 EXPORT_CHOICES = [("delta", "delta: the adapter alone (small)"), ("hf", "hf: a merged Hugging Face model"),
@@ -88,7 +90,7 @@ def _jobs(request: Request, run: dict) -> str:
     for job in jobs:
         started = time.strftime("%H:%M:%S", time.localtime(job.started))
         items.append(f'<details{" open" if job.exit_code is None else ""}><summary>{esc(job.kind)} started {started}: '
-                     f'<b>{esc(job.state)}</b></summary><pre class="output">{esc(job.output()) or "(no output yet)"}'
+                     f'<b>{esc(job.state)}</b></summary><pre class="output" tabindex="0">{esc(job.output()) or "(no output yet)"}'
                      "</pre></details>")
     return "<h3>Commands started here</h3>" + "".join(items)
 
@@ -109,3 +111,18 @@ def data_summary(run: dict) -> str:
     said = (f"What the data pipeline did before training. <a href=\"/runs/{esc(run['id'])}/data-report\">The full "
             "data report</a> has the label balance, token lengths and examples of leaks.")
     return section("Data", said, hr.facts([r for r in rows if r[2] is not None]))
+
+
+TRACKER_NAMES = {"tensorboard": "TensorBoard", "mlflow": "MLflow"}
+
+
+def tracking(run: dict) -> str:
+    """Where the run's trackers wrote and the command that opens each (nothing for a run without them)."""
+    found = tracking_locations(run["path"])
+    if not found:
+        return ""
+    rows = [[esc(TRACKER_NAMES.get(name, name)), f"<code>{esc(entry['path'])}</code>", f"<code>{esc(entry['open'])}</code>"]
+            for name, entry in found.items()]
+    said = ("The run's log, config and final metrics, also written for the trackers named in "
+            "<code>train.report_to</code>, inside the run folder; open them with the command beside each.")
+    return section("Tracking", said, table(["tracker", "where", "open with"], rows))

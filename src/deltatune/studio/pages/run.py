@@ -15,7 +15,7 @@ from ... import registry_db as db
 from .. import figures, live
 from ..jobs import Busy
 from ..layout import badge, esc, render, section
-from ..run_parts import actions, data_summary, status_box
+from ..run_parts import actions, data_summary, status_box, tracking
 from ..runinfo import delta_bytes, find, read_json, read_log, read_log_from, read_text, samples, status_of
 from ..security import form_value
 from . import Page
@@ -115,7 +115,7 @@ def run_page(request: Request, run_id: str):
             section("Learning curves", "Training loss at every logged step (one batch: noisy, read the trend) and "
                     "the evaluations on the held-out split; they update while the run trains.",
                     f'<div data-part="curves" aria-live="off">{curves}</div>', anchor="curves"),
-            _samples(folder), data_summary(run),
+            _samples(folder), data_summary(run), tracking(run),
             section("Export and resume", "", f'<div data-part="actions">{actions(request, run, status)}</div>',
                     anchor="actions"),
             section("Configuration", "The resolved config the run trained with (config.yaml).",

@@ -3,7 +3,10 @@ keeps while it trains (``Method.loop_state``); a loop of its own (train/online.p
 as ``extra`` (JSON) and ``extra_tensors``, read back with ``read_extra``.
 
 Stored as safetensors plus JSON (nothing is unpickled on load) and committed by ``fs.atomic_dir``:
-a crash while saving leaves the previous checkpoint or the new one, never half of one.
+a crash while saving leaves the previous checkpoint or the new one, never half of one. A model sharded
+by FSDP saves the same files as one process (its tensors gathered: every process calls ``save_checkpoint``,
+the main one writes) and loads them into each process's shards, so a checkpoint does not depend on how
+many processes wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from torch import nn
 from ..errors import RunError
 from ..fs import atomic_dir
 from ..methods.base import Method
+from ..models import is_sharded
+from ..rundir import is_main_process
+from . import sharding
 
 METHOD_STATE = "method_state.safetensors"
 EXTRA_TENSORS = "extra.safetensors"
@@ -44,9 +50,15 @@ class LoopState:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     state: LoopState, method: Method | None = None, extra: dict | None = None,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """``scheduler`` may be None (a constant rate)."""
-    params = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    opt = optimizer.state_dict()
+    """``scheduler`` may be None (a constant rate). A sharded model's processes all call it; the main one writes."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if is_sharded(model):
+        full, opt = sharding.trained_state(model), sharding.optimizer_state(model, optimizer)  # every process
+        if not is_main_process():
+            return
+        params = {n: full[n].contiguous() for n in trainable}
+    else:
+        params, opt = {n: p.detach().contiguous() for n, p in trainable.items()}, optimizer.state_dict()
     tensors, meta = {}, {}
     for index, slots in opt["state"].items():
         for key, value in slots.items():
@@ -103,9 +115,12 @@ def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(own):
         raise RunError(f"{path}: checkpoint tensors do not match the model's trainable parameters")
-    with torch.no_grad():
-        for name, value in params.items():
-            own[name].copy_(value)
+    if is_sharded(model):
+        sharding.load_trained(model, params)
+    else:
+        with torch.no_grad():
+            for name, value in params.items():
+                own[name].copy_(value)
     info = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
@@ -113,7 +128,11 @@ def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     for key, value in list(tensors.items()) + list(info["optimizer_scalars"].items()):
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": info["param_groups"]})
+    opt = {"state": slots, "param_groups": info["param_groups"]}
+    if is_sharded(model):
+        sharding.load_optimizer(model, optimizer, opt)
+    else:
+        optimizer.load_state_dict(opt)
     if scheduler:
         scheduler.load_state_dict(info["scheduler"])
     return LoopState(**info["loop"])

@@ -11,7 +11,9 @@ Several processes (``accelerate launch``, docs/scale.md): each trains on its sha
 step's batches and DDP averages the gradients; a step over P processes with batch b computes
 what one process computes with batch P * b (the loss is normalised by the item count summed
 over processes). Only the main process writes: log, evaluations (run on the whole evaluation
-set, so metrics equal a single-process run's), the best delta and checkpoints.
+set, so metrics equal a single-process run's), the best delta and checkpoints. Under FSDP
+(``sharding``) every process holds a shard of each parameter, so every process evaluates (the
+forward needs them all) and takes part in gathering the delta and checkpoints the main one writes.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from ..config import TrainConfig
 from ..errors import DeltatuneError, NonFiniteError
 from ..fs import atomic_dir, atomic_write_text
 from ..methods.base import Method
+from ..models import is_sharded
 from ..rundir import OUTCOMES, RunDir, is_main_process
 from ..tasks.base import Task
+from . import sharding
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .machine_load import Watch
 from .progress import Progress, phase
@@ -146,12 +150,17 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
         enable_gradient_checkpointing(job.model)
     main = is_main_process()  # first: refuses a multi-process launch that accelerate would not join
     accelerator = Accelerator()  # accumulation is explicit below: exact across epochs and resumes
+    sharded_here = sharding.shard(job.model, accelerator)  # FSDP on the CPU, which accelerate leaves undone
     optimizer = adamw(param_groups(job.model, job.method, job.options, t.lr, t.weight_decay), lr=t.lr)
     # From the prepared loader: with several processes each one sees its shard of the batches.
     per_epoch = math.ceil(len(_epoch_loader(job, 0, accelerator)) / t.grad_accum)
     total = t.max_steps or per_epoch * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(int(t.warmup_ratio * total), total))
-    model, optimizer = accelerator.prepare(job.model, optimizer)
+    if sharded_here:  # prepare would wrap the sharded model in DDP as well
+        model, optimizer = job.model, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(job.model, optimizer)
+    everyone = is_sharded(model)  # each process holds a shard: all evaluate, all gather what main saves
     bf16 = bf16_enabled(t.bf16, accelerator.device)
     autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     state = LoopState()
@@ -177,9 +186,9 @@ def run_loop(job: Job, resume: bool = False, callbacks: tuple[Callback, ...] = (
                                    n_batches, total):
                     continue
                 bar.update(state)
-                if main and (state.step % eval_every == 0 or state.step == total):
-                    best_metrics = _evaluate(job, accelerator.unwrap_model(model), state, best_metrics)
-                if main and state.step % save_every == 0 and state.step < total:
+                if (main or everyone) and (state.step % eval_every == 0 or state.step == total):
+                    best_metrics = _evaluate(job, accelerator.unwrap_model(model), state, best_metrics, main)
+                if (main or everyone) and state.step % save_every == 0 and state.step < total:
                     watch.lap()
                     save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(model), optimizer,
                                     scheduler, state, job.method)
@@ -302,9 +311,14 @@ def _micro_step(job, model, optimizer, scheduler, accelerator, autocast, batch, 
 def _grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
     """The global gradient norm (after DDP's averaging), clipping to ``max_norm`` when it is set."""
     if max_norm:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        return _number(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return _number(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _number(norm) -> float:
+    full_tensor = getattr(norm, "full_tensor", None)  # from sharded gradients (FSDP): a DTensor, the same everywhere
+    return float(full_tensor() if full_tensor else norm)
 
 
 def _nonfinite(job: Job, state: LoopState, scheduler, what: str) -> None:
@@ -335,19 +349,26 @@ def _summed_over_processes(accelerator: Accelerator, loss_sum: torch.Tensor, cou
     return total[0].float(), int(total[1]), int(total[2])
 
 
-def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None) -> dict | None:
+def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict | None,
+              main: bool = True) -> dict | None:
+    """Evaluate, log and keep the best delta; only ``main`` writes. A sharded model is evaluated by every
+    process (each forward gathers the parameters from all), which then decide alike on the main one's metrics."""
     outcomes: dict = {}
     if job.task.keeps_outcomes:
         metrics = job.task.evaluate(model, job.eval_examples, outcomes)
     else:  # a task with the two-argument evaluate (a plug-in's)
         metrics = job.task.evaluate(model, job.eval_examples)
-    job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
-                                                     if not isinstance(v, (dict, list))}})
+    sharded = is_sharded(model)
+    if sharded:
+        metrics = sharding.from_main(metrics)
+    if main:
+        job.run.append_log({"step": state.step, "eval": {k: v for k, v in metrics.items()
+                                                         if not isinstance(v, (dict, list))}})
     value = job.task.main_metric.score(metrics)
     improved = state.best is None or value > state.best
     metric = job.task.main_metric.name
     phase("evaluation", f"step {state.step}: {metric} {metrics[metric]:.4g} on {len(job.eval_examples):,} "
-                        f"examples{' (best so far)' if improved else ''}", job.train.progress)
+                        f"examples{' (best so far)' if improved else ''}", job.train.progress and main)
     bad = [name for name, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
     if not math.isfinite(value) or bad:
         name = job.task.main_metric.name if not math.isfinite(value) else bad[0]
@@ -357,7 +378,10 @@ def _evaluate(job: Job, model: nn.Module, state: LoopState, best_metrics: dict |
             "gradient clipping (train.max_grad_norm, e.g. 1.0)")
     if improved:
         state.best, best_metrics = value, metrics
-        atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options))
+        full = sharding.trained_state(model) if sharded else None  # every process takes part
+        if not main:
+            return best_metrics
+        atomic_dir(job.run.best, lambda tmp: job.method.save_delta(model, tmp, job.options, full))
         if outcomes:  # the best delta's per-example results (compare resamples them)
             atomic_write_text(job.run.path / OUTCOMES, json.dumps(outcomes))
         job.run.write_json("best_metrics.json", metrics)

@@ -27,7 +27,7 @@ from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
 from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
-from . import lr_find, online
+from . import lr_find, online, sharding
 from .grpo import GRPO
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
@@ -67,6 +67,7 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
 def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train", parent: str | None = None) -> RunDir:
     """``kind`` and ``parent`` are for the run registry: a tuning trial is kind "trial", its study the parent."""
     own_loop = LOOPS.get(tasks.get(cfg.task).loop)
+    _refuse_under_fsdp(cfg, own_loop)
     if own_loop:
         return online.train(own_loop, cfg, callbacks, kind, parent)
     cfg = absolute_refs(cfg)
@@ -106,6 +107,7 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
             finish(run, Recording(run.path, cfg))
         return run
     own_loop = LOOPS.get(tasks.get(cfg.task).loop)
+    _refuse_under_fsdp(cfg, own_loop)
     if own_loop:
         return online.resume(own_loop, run, cfg, callbacks)
     job, data, tokenizer = build_job(cfg, run)
@@ -126,6 +128,12 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
         best, state = run_loop(job, resume=True, callbacks=callbacks)
         _finish(job, run, best, state, extras.report(job.model), record)
     return run
+
+
+def _refuse_under_fsdp(cfg: Config, own_loop) -> None:
+    found = sharding.problems(own_loop is not None, cfg.eval.forgetting and tasks.get(cfg.task).measures_forgetting)
+    if found:
+        raise ConfigError(found)
 
 
 def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras, record: Recording,

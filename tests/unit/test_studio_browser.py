@@ -5,9 +5,6 @@ compare two runs, inspect a data file and make its data report, export a run. Ev
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -18,13 +15,10 @@ from tests.conftest import sentiment_rows, write_csv
 from tests.helpers import config
 from tests.studio_runs import log_records, studio, write_run
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
+from tests.studio_browser import CHROMIUM
+from tests.studio_browser import screenshots_and_axe as check
+
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install installs it)")
-ROOT = Path(__file__).parents[2]
-SHOTS = ROOT / "build" / "screenshots"
-AXE = ROOT / "tests" / "assets" / "axe-core" / "axe.min.js"
-SIZES = {"wide": (1280, 800), "narrow": (390, 844)}
 
 
 @pytest.fixture(scope="module")
@@ -58,39 +52,6 @@ def world(tmp_path_factory, tiny_bert):
 def _world_registry(request, monkeypatch):
     if "world" in request.fixturenames:
         monkeypatch.setenv("DELTATUNE_REGISTRY", str(request.getfixturevalue("world")["registry"]))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)  # axe is injected
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, errors  # no script error on any page
-
-
-def check(page, name: str) -> None:
-    """Screenshots at both sizes, and axe-core: no critical violations (serious ones listed in the failure)."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for size, (w, h) in SIZES.items():
-        page.set_viewport_size({"width": w, "height": h})
-        page.screenshot(path=str(SHOTS / f"{name}-{size}.png"), full_page=True)
-    page.set_viewport_size({"width": 1280, "height": 800})
-    page.add_script_tag(path=str(AXE))
-    violations = page.evaluate("async () => (await axe.run()).violations.map(v => ({id: v.id, impact: v.impact, "
-                               "help: v.help, nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))}))")
-    bad = [v for v in violations if v["impact"] in ("critical", "serious")]
-    assert not bad, json.dumps(bad, indent=1)
 
 
 def test_the_runs_page_lists_filters_and_searches(world, page):

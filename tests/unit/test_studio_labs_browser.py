@@ -17,11 +17,10 @@ from tests.conftest import qa_rows, write_jsonl
 from tests.helpers import config, randomize
 from tests.studio_runs import studio
 from tests.studio_text import PROMPTS, write_prompts
-from tests.unit import test_studio_browser as shared
+from tests.studio_browser import CHROMIUM
+from tests.studio_browser import screenshots_and_axe as check
 
-playwright = pytest.importorskip("playwright.sync_api")
-browser, page, check = shared.browser, shared.page, shared.check  # its fixtures and screenshot/axe check
-pytestmark = [pytest.mark.skipif(shared.CHROMIUM is None, reason="needs Debian's chromium (make install installs it)"),
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install installs it)"),
               pytest.mark.filterwarnings("ignore:Position ids are not supported")]
 
 

@@ -14,7 +14,6 @@ from deltatune.studio.settings import Settings
 from tests.conftest import sentiment_rows, write_csv
 from tests.studio_runs import studio
 
-pytest_plugins = ("tests.studio_browser",)  # the browser, page and check fixtures
 POINTS = "() => (document.querySelector('[data-part=curves] svg polyline')?.getAttribute('points') || '')" \
          ".trim().split(' ').filter(Boolean).length"
 

@@ -70,7 +70,7 @@ def run_one(suite: dict, method: str, workdir: Path) -> dict:
             "total_params": m["total_params"], "delta_bytes": dir_bytes(out / "delta"),
             "train_seconds": m["train_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mb": m["peak_rss_mb"],
             "steps": m["steps"], "command": " ".join(["deltatune", *cmd[3:-2]]),
-            "shared_machine": (m.get("machine_load") or {}).get("contended")}
+            "shared_machine": (m.get("machine_load") or {}).get("contended"), "date": time.strftime("%Y-%m-%d")}
 
 
 def render() -> str:
@@ -84,24 +84,38 @@ def render() -> str:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        lines += [f"## {data['title']}", "", f"Budget: `{' '.join(suite['budget'])}`; measured {data['date']} "
-                  f"({data['machine']}).", ""]
+        dates = sorted({r.get("date", data["date"]) for r in data["results"]})
+        when = (f"measured {dates[0]}" if len(dates) == 1 else
+                f"rows measured on different days ({', '.join(dates)}: the last column), each row's own run")
+        lines += [f"## {data['title']}", "", *SUITE_NOTES.get(name, []),
+                  f"Budget: `{' '.join(suite['budget'])}`; {when} ({data['machine']}). "
+                  "A time marked * was measured while other processes used the cores the run needed.", ""]
         key = suite["metric"]
         extra = " | macro-F1" if key == "accuracy" else ""
+        day = " | measured" if len(dates) > 1 else ""
         lines += [f"| method | {key} before | {key} after{extra} | trainable params | % | delta on disk | "
-                  "train time | peak RSS |", "|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
+                  f"train time | peak RSS{day} |",
+                  "|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|" + ("---|" if day else "")]
         for r in data["results"]:
             if "error" in r:
                 lines.append(f"| {r['method']} | failed: {r['error']} |")
                 continue
             f1 = f" | {r['macro_f1']:.3f}" if extra else ""
+            shared = " *" if r.get("shared_machine") else ""
             lines.append(f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f}{f1} | {r['trainable_params']:,} | "
                          f"{100 * r['trainable_params'] / r['total_params']:.3f} | "
-                         f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s{' *' if r.get('shared_machine') else ''} | "
-                         f"{r['peak_rss_mb']:,.0f} MB |")
+                         f"{r['delta_bytes'] / 1e6:.2f} MB | {r['train_seconds']:.0f} s{shared} | "
+                         f"{r['peak_rss_mb']:,.0f} MB{' | ' + r.get('date', data['date']) if day else ''} |")
         lines.append("")
     return "\n".join(lines + NOTES)
 
+
+SUITE_NOTES = {"smollm2": """> Rows measured 2026-11-24 predate the data pipeline's de-duplication of chatterbot: more than half of
+> its 2,026 pairs are exact repeats, so many of their held-out pairs were also training pairs and their
+> perplexities are optimistic (their "before" is 15.5). Rows measured 2026-12-01 use the de-duplicated data
+> (their "before" is 17.7): compare rows of the same day only. To re-run them all:
+> `python benchmarks/methods.py --model smollm2`.
+""".splitlines() + [""]}
 
 NOTES = """## Reading the numbers
 

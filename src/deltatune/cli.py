@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                                                "data.text_column=review data.label_column=stars (any data.*_column)")
     e.add_argument("--data", help="evaluate on this file (or packaged data set) instead of reporting the run's own "
                                   "metrics")
+    e.add_argument("--samples", type=int, metavar="N", help="the base and tuned models' answers on the first N "
+                   "held-out examples, written to RUN_DIR/samples.jsonl (the studio's Run page shows them)")
     e.add_argument("--pretty", action="store_true", help="a readable table instead of JSON")
 
     pr = sub.add_parser("predict", help="label texts or generate responses with a trained run")
@@ -422,6 +424,8 @@ def cmd_eval(args) -> int:
     from .rundir import RunDir
 
     columns = _column_overrides(args.overrides, bool(args.data))
+    if args.samples is not None:
+        return _eval_samples(args)
     if args.data:
         from .inference import evaluate_file, load_run
         from .registry_db import Recording, import_run, safely
@@ -443,6 +447,30 @@ def cmd_eval(args) -> int:
         summary_table(metrics, Path(args.run_dir))
     else:
         print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _eval_samples(args) -> int:
+    from .inference import write_sample_answers
+
+    if args.data:
+        raise ArgumentError(f"eval {args.run_dir} --samples: samples come from the run's own held-out rows; "
+                            "leave out --data (or evaluate on --data without --samples)")
+    if args.samples < 1:
+        raise ArgumentError(f"eval {args.run_dir} --samples {args.samples}: must be at least 1")
+    rows = write_sample_answers(args.run_dir, args.samples)
+    if not args.pretty:
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} held-out examples: {Path(args.run_dir) / 'samples.jsonl'}",
+                  title_justify="left", show_lines=True)
+    for name in ("input", "reference", "before (base)", "after (tuned)"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(r["prompt"], r["reference"], r["before"], r["after"])
+    _console().print(table)
     return 0
 
 

@@ -5,6 +5,7 @@ What a run predicts and how it is scored is its task's (``tasks/``): this module
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 
 from .config import Config
 from .configure import load_config
-from .errors import RunError
+from .errors import DeltatuneError, RunError
 from .methods import registry as methods
 from .methods.base import Method
 from .models import load_tokenizer
@@ -53,7 +54,17 @@ class RunParts:
 
     def build_base(self) -> nn.Module:
         """The untouched base model with the task's head, loaded as the method loads it (QLoRA: quantized)."""
-        return self.task.build_model(self.cfg.model, **self.method.load_kwargs(self.cfg.method.options))
+        return fresh_base(self.task, self.cfg, self.method)
+
+
+def fresh_base(task: Task, cfg: Config, method: Method) -> nn.Module:
+    """The base model with the task's head as training built it: a new head (classification, tagging) drawn
+    from the run's seed, as train/run.py seeds just before building the model, so that it is the head the
+    run's baseline was measured with (and the one a switched-off delta falls back to), the same at every
+    load. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return task.build_model(cfg.model, **method.load_kwargs(cfg.method.options))
 
 
 def read_run(path: str | Path) -> RunParts:
@@ -142,15 +153,14 @@ def evaluate_file(loaded: LoadedRun, data_path: str) -> dict:
 @contextmanager
 def _base_model(loaded: LoadedRun):
     """The base model of a loaded run: its delta switched off where the method can, or (methods that
-    changed the base weights) a fresh copy of the base, loaded for the occasion."""
+    changed the base weights) a fresh copy of the base, loaded for the occasion, its new head (if any)
+    drawn from the run's seed (``fresh_base``)."""
     method = methods.get(loaded.cfg.method.name)
     if method.switchable_off:
         with method.switched_off(loaded.model) as base:
             yield base
     else:
-        cfg = loaded.cfg
-        base = loaded.task.build_model(cfg.model, **method.load_kwargs(cfg.method.options))
-        yield base.to(loaded.device).eval()
+        yield fresh_base(loaded.task, loaded.cfg, method).to(loaded.device).eval()
 
 
 def score(loaded: LoadedRun, prompts: list[str], responses: list[str]) -> list[float]:
@@ -169,3 +179,70 @@ def predict(loaded: LoadedRun, texts: list[str], max_new_tokens: int = 64) -> li
         raise RunError(f"{loaded.run.path}: {exc}") from exc
 
 
+SAMPLES = "samples.jsonl"
+
+
+def sample_answers(loaded: LoadedRun, n: int = 5, max_new_tokens: int = 48) -> list[dict]:
+    """What the base model and the tuned one answer on the first ``n`` rows of the run's own evaluation split:
+    ``{"prompt", "reference", "before", "after"}`` strings per row (the Run page's samples), greedy.
+
+    A run keeps no copy of its data, only its config and the data's fingerprint (data.json). The task's
+    pipeline on the configured files is deterministic (its split is seeded by the run's seed), so the same
+    files give the same split back; the fingerprint of the rows made again is checked against the run's, and
+    a run whose files changed or are gone is refused rather than shown rows it never held out."""
+    task = loaded.task
+    pairs = [task.sample_input(row) for row in held_out_rows(loaded, n)]
+    texts = [text for text, _ in pairs]
+    after = predict(loaded, texts, max_new_tokens)
+    with _base_model(loaded) as base:
+        before = task.predict(base, loaded.tokenizer, texts, max_new_tokens)
+    return [{"prompt": text, "reference": reference, "before": task.answer_text(b), "after": task.answer_text(a)}
+            for (text, reference), b, a in zip(pairs, before, after)]
+
+
+def held_out_rows(loaded: LoadedRun, n: int) -> list[dict]:
+    """The first ``n`` prepared rows of the run's evaluation split (its test split if it has no evaluation
+    rows), made again from its config; a ``RunError`` when they cannot be the rows the run held out."""
+    run, cfg = loaded.run, loaded.cfg
+    try:
+        rows = loaded.task.rows()
+    except (DeltatuneError, OSError) as exc:
+        raise RunError(f"{run.path}: the run's held-out rows cannot be made again: its data cannot be read "
+                       f"({_first_line(exc)}); put {cfg.data.train} back where config.yaml says") from exc
+    if rows.report["fingerprint"] != run.read_json("data.json").get("fingerprint"):
+        raise RunError(f"{run.path}: the run's data files changed since training (their fingerprint differs from "
+                       f"data.json's), so its held-out rows cannot be made again; restore {cfg.data.train} as it "
+                       "was, or try the model on texts of your own: deltatune predict RUN --text ...")
+    split = "eval" if rows.splits["eval"] else "test"
+    if not rows.splits[split]:
+        raise RunError(f"{run.path}: the run held out no evaluation or test rows; nothing to sample from")
+    return rows.splits[split][:n]
+
+
+def kept_samples(run: RunDir) -> str | None:
+    """Why the run's samples.jsonl must stay (PPO and GRPO write their own during training), or None when
+    there is none or it holds held-out answers (rows with a reference: ``eval --samples`` wrote them)."""
+    file = run.path / SAMPLES
+    if not file.is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError:
+        rows = [{}]
+    if rows and all(isinstance(r, dict) and "reference" in r for r in rows):
+        return None
+    return (f"{file}: the run's training wrote these samples (e.g. PPO or GRPO: responses before and after, "
+            "with rewards); they are kept, not replaced by held-out answers")
+
+
+def write_sample_answers(path: str | Path, n: int = 5, max_new_tokens: int = 48) -> list[dict]:
+    """``sample_answers`` of a completed run, written to RUN/samples.jsonl (atomically: whole or not at all).
+    Samples its training wrote (PPO, GRPO) are never replaced: a ``RunError`` says so."""
+    run = RunDir(Path(path))
+    run.require_complete()
+    if why := kept_samples(run):
+        raise RunError(why)
+    loaded = load_run(path)
+    rows = sample_answers(loaded, n, max_new_tokens)
+    run.write_jsonl(SAMPLES, rows)
+    return rows

@@ -185,6 +185,17 @@ class Task:
         """What ``deltatune predict`` prints per text (labels with probabilities, tags, generated text)."""
         raise RunError(f"task {self.name} does not predict from text")
 
+    def sample_input(self, row: dict) -> tuple[str, str]:
+        """(the text ``predict`` reads, the reference answer) of a prepared held-out row, as strings: what
+        ``deltatune eval --samples`` shows next to the base and tuned models' answers."""
+        raise RunError(f"a {self.name} run has no reference answers to show next to its predictions; held-out "
+                       "answers are for classification, token_classification, causal_lm (prompt/response) and "
+                       "seq2seq runs")
+
+    def answer_text(self, prediction: dict) -> str:
+        """One of ``predict``'s answers as a short string (a sample's before and after)."""
+        return str(prediction.get("response", ""))
+
     def score(self, model: nn.Module, tokenizer, prompts: list[str], responses: list[str]) -> list[float]:
         """A score per (prompt, response): reward models."""
         raise RunError(f"a {self.name} run, not a reward model (task reward); score needs a run trained "

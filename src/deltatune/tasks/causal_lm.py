@@ -13,6 +13,7 @@ from ..data.collate import collate
 from ..data.examples import PreparedData, encode_sft, encode_text, prompt_ids
 from ..data.pack import pack
 from ..data.prepare import Fields
+from ..errors import RunError
 from ..lazy import lazy
 from ..losses import causal_lm_loss, chunked_causal_lm_loss
 from ..metrics import outcome_record, perplexity
@@ -55,6 +56,14 @@ class LanguageModelling(Task):
     def row_losses(self, model: nn.Module, batch: dict) -> list[tuple[torch.Tensor, int]] | None:
         """``loss`` per row of the batch (for per-example outcomes), from one forward; None if not kept."""
         return None
+
+    def sample_input(self, row: dict) -> tuple[str, str]:
+        d = self.cfg.data
+        if d.prompt_column not in row:  # plain text: no prompt to answer, and predict frames its text as one
+            raise RunError(f"a {self.name} run on plain text ({d.text_column}) has no prompt/response pairs to "
+                           "compare answers on; held-out answers need data with "
+                           f"{d.prompt_column}/{d.response_column} columns")
+        return str(row[d.prompt_column]), str(row.get(d.response_column, ""))
 
 
 def causal_loss(model: nn.Module, batch: dict, chunked: bool, per_row: bool = False):

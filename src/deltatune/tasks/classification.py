@@ -88,6 +88,14 @@ class Classification(Task):
     def predict(self, model: nn.Module, tokenizer, texts: list[str], max_new_tokens: int = 64) -> list[dict]:
         return self.labelled(texts, class_probabilities(model, tokenizer, self.text_ids(tokenizer, texts)))
 
+    def sample_input(self, row: dict) -> tuple[str, str]:
+        return str(row[self.cfg.data.text_column]), str(row[self.cfg.data.label_column])
+
+    def answer_text(self, prediction: dict) -> str:
+        """The label with its probability, e.g. ``positive (0.83)``."""
+        label = prediction["label"]
+        return f"{label} ({prediction['probabilities'][label]:.2f})"
+
     def text_ids(self, tokenizer, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, truncated as in training."""
         return tokenizer(texts, truncation=True, max_length=self.cfg.train.max_length)["input_ids"]

@@ -88,6 +88,14 @@ class TokenClassification(Task):
             out += [self.tagged(text, words, rows) for text, (_, words), rows in zip(chunk, encoded, logits)]
         return out
 
+    def sample_input(self, row: dict) -> tuple[str, str]:
+        """The words joined by spaces (``predict`` splits them there again) and their tags."""
+        d = self.cfg.data
+        return " ".join(map(str, row[d.tokens_column])), " ".join(map(str, row[d.tags_column]))
+
+    def answer_text(self, prediction: dict) -> str:
+        return " ".join(prediction["tags"])
+
     def word_ids(self, tokenizer, texts: list[str]) -> list[tuple[list[int], list[int | None]]]:
         """Per text (split at whitespace into words): its token ids, truncated as in training, and the word
         each token belongs to (None for special tokens)."""

@@ -240,3 +240,39 @@ def test_a_command_cancelled_with_ctrl_c_reads_cancelled_not_failed(tmp_path):
 
     states = [Job("j", "train", [], None, tmp_path / "log", Ended(code)).state for code in (None, 0, 130, -2, 1)]
     assert states == ["running", "finished", "cancelled", "cancelled", "failed (exit code 1)"]
+
+
+def test_a_completed_run_without_samples_offers_held_out_answers_as_a_job(runs, tmp_path):
+    c = client(tmp_path)
+    started = []
+    c.app.state.jobs.start = lambda kind, argv, run_id=None: started.append((kind, argv, run_id))
+    page = c.get(f"/runs/{runs['lora']}").text
+    assert "Show answers on 5 held-out examples" in page and f'action="/runs/{runs["lora"]}/samples"' in page
+    assert "Show answers on" not in c.get(f"/runs/{runs['failed']}").text  # not completed: nothing to answer with
+    assert c.post(f"/runs/{runs['lora']}/samples").status_code == 403  # no CSRF token
+    assert c.post(f"/runs/{runs['lora']}/samples", data={"csrf_token": "0" * 40}).status_code == 403
+    assert started == []
+    token = csrf(page)
+    done = c.post(f"/runs/{runs['lora']}/samples", data={"csrf_token": token}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"].endswith("#samples")
+    folder = str(tmp_path / "runs" / "lora")
+    assert started == [("samples", ["eval", folder, "--samples", "5"], runs["lora"])]
+    refused = c.post(f"/runs/{runs['failed']}/samples", data={"csrf_token": token})
+    assert refused.status_code == 400 and len(started) == 1
+
+
+def test_a_run_with_samples_shows_them_with_the_reference_and_offers_no_button(runs, tmp_path):
+    c = client(tmp_path)
+    rows = [{"prompt": "a <b>fine</b> film", "reference": "positive", "before": "negative (0.52)",
+             "after": "positive (0.91)"}]
+    (tmp_path / "runs" / "lora" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for url in (f"/runs/{runs['lora']}", f"/runs/{runs['lora']}/part/samples"):
+        shown = c.get(url).text
+        assert "Show answers on" not in shown, url
+        assert ">reference</th>" in shown and "positive (0.91)" in shown and "negative (0.52)" in shown, url
+        assert "a &lt;b&gt;fine&lt;/b&gt; film" in shown, url
+    token = csrf(c.get(f"/runs/{runs['lora']}").text)
+    assert c.post(f"/runs/{runs['lora']}/samples", data={"csrf_token": token}).status_code == 400
+    # PPO-style rows (no reference): no reference column.
+    (tmp_path / "runs" / "lora" / "samples.jsonl").write_text(json.dumps({"prompt": "p", "before": "x", "after": "y"}))
+    assert ">reference</th>" not in c.get(f"/runs/{runs['lora']}/part/samples").text

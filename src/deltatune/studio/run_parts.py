@@ -1,6 +1,6 @@
 """The Run page's parts that change while a person looks at it: the status box (a failed run's error and what
-to do), the export and resume actions with the commands they started, the data summary and where the run's
-trackers (train.report_to) wrote."""
+to do), the export and resume actions with the commands they started, the samples (answers before and after
+training, or the button that asks for them), the data summary and where the run's trackers (train.report_to) wrote."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from fastapi import Request
 
 from .. import html_report as hr
 from .. import registry_db as db
+from ..errors import DeltatuneError
+from ..tasks import registry as tasks
 from ..train.tracking import tracking_locations
 from .layout import badge, csrf_field, esc, post_button, section, select, table
-from .runinfo import read_json
+from .runinfo import read_json, samples
+
+SAMPLE_COUNT = 5  # held-out examples the Run page's button asks answers for
 
 EXPORT_CHOICES = [("delta", "delta: the adapter alone (small)"), ("hf", "hf: a merged Hugging Face model"),
                   ("gguf", "gguf: merged, for llama.cpp / Ollama"), ("gguf-lora", "gguf-lora: a LoRA for llama.cpp"),
@@ -93,6 +97,47 @@ def _jobs(request: Request, run: dict) -> str:
                      f'<b>{esc(job.state)}</b></summary><pre class="output" tabindex="0">{esc(job.output()) or "(no output yet)"}'
                      "</pre></details>")
     return "<h3>Commands started here</h3>" + "".join(items)
+
+
+def samples_part(request: Request, run: dict, status: str) -> str:
+    """The run's samples.jsonl as a table (with the reference answer when the rows have one), or for a completed
+    run without it the button that starts ``deltatune eval RUN --samples 5``; "" when there is nothing to show."""
+    rows = samples(Path(run["path"]))
+    if rows:
+        return _samples_table(rows)
+    if status != "completed" or not answers_held_out(run):
+        return ""
+    label = f"Show answers on {SAMPLE_COUNT} held-out examples"
+    command = f'<p class="small">The same as <code>deltatune eval {esc(run["path"])} --samples {SAMPLE_COUNT}</code>.</p>'
+    if any(j.kind == "samples" and j.exit_code is None for j in request.app.state.jobs.for_run(run["id"])):
+        return post_button(request, "", label, disabled_why="answering now: the table appears here when it is done") \
+            + command
+    note = ('<p>No samples yet. The base model and the tuned one can answer the first examples of the run\'s '
+            "evaluation split (made again from its data files; the models are loaded, which takes a while).</p>")
+    failed = [j for j in request.app.state.jobs.for_run(run["id"]) if j.kind == "samples" and j.exit_code]
+    if failed:
+        note += '<p class="small">The last attempt failed; its message is under "Commands started here" below.</p>'
+    return note + post_button(request, f"/runs/{run['id']}/samples", label) + command
+
+
+def answers_held_out(run: dict) -> bool:
+    """Whether the run's task has held-out inputs with reference answers (``Task.answers_held_out``)."""
+    try:
+        return bool(run.get("task")) and tasks.get(run["task"]).answers_held_out
+    except DeltatuneError:  # a task this version does not know
+        return False
+
+
+def _samples_table(rows: list[dict]) -> str:
+    reference = any("reference" in r for r in rows)
+    head = ["input", *(["reference"] if reference else []), "before (base model)", "after (tuned)"]
+    cells = [[esc(_first(r.get("prompt"))), *([esc(_first(r.get("reference")))] if reference else []),
+              esc(_first(r.get("before"))), esc(_first(r.get("after")))] for r in rows]
+    return table(head, cells)
+
+
+def _first(value) -> str:
+    return str(value[0] if isinstance(value, list) and value else value if value is not None else "")
 
 
 def data_summary(run: dict) -> str:

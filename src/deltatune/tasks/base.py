@@ -70,6 +70,7 @@ class Task:
     # ``evaluate`` takes ``outcomes`` and fills it with the main metric per example (compare's intervals and
     # paired tests); a task without it keeps the two-argument ``evaluate``.
     keeps_outcomes: bool = False
+    answers_held_out: bool = False  # its held-out rows have an input and a reference answer (``sample_input``)
 
     def __init__(self, cfg: Config, pad_id: int = 0, labels: list[str] | None = None):
         self.cfg, self.pad_id, self.labels = cfg, pad_id, labels

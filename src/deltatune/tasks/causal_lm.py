@@ -30,6 +30,7 @@ torch = lazy("torch")
 class LanguageModelling(Task):
     """What the generative tasks share: a token-level loss, evaluated as loss and perplexity."""
     main_metric = Metric("perplexity", maximize=False)
+    answers_held_out = True  # prompt -> response (plain-text causal-LM rows are refused by ``sample_input``)
 
     def collate(self, examples: list) -> dict:
         return collate(examples, self.pad_id)

@@ -34,7 +34,7 @@ class Classification(Task):
     main_metric = Metric("accuracy", maximize=True)
     head, peft_type, new_head, one_label_per_text = "sequence", "SEQ_CLS", True, True
     multitask, icl_baselines = True, True
-    predicts_from_logits = keeps_outcomes = True
+    predicts_from_logits = keeps_outcomes = answers_held_out = True
 
     @property
     def input_column(self) -> str:

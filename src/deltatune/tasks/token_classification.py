@@ -26,7 +26,7 @@ class TokenClassification(Task):
     summary = "words -> one tag each"
     main_metric = Metric("accuracy", maximize=True)
     head, peft_type, new_head = "token", "TOKEN_CLS", True
-    predicts_from_logits = keeps_outcomes = True
+    predicts_from_logits = keeps_outcomes = answers_held_out = True
 
     @property
     def input_column(self) -> str:

@@ -1,6 +1,6 @@
 """Run: one run's status (a failed run: its error and what to do), export and resume, metrics before and
-after, cost, learning curves that update live while it trains, per-class figures, confusion matrix, samples,
-its data report and its config. Parts that change (``/runs/ID/part/NAME``) are re-fetched by the page's
+after, cost, learning curves that update live while it trains, per-class figures, confusion matrix, samples
+(or a button that asks for held-out answers), its data report and its config. Parts that change (``/runs/ID/part/NAME``) are re-fetched by the page's
 script when the run's event stream (``/runs/ID/events``: log.jsonl and status.json) says so."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ... import registry_db as db
 from .. import figures, live
 from ..jobs import Busy
 from ..layout import badge, esc, render, section
-from ..run_parts import actions, data_summary, status_box, tracking
+from ..run_parts import SAMPLE_COUNT, actions, data_summary, samples_part, status_box, tracking
 from ..runinfo import delta_bytes, find, read_json, read_log, read_log_from, read_text, samples, status_of
 from ..security import form_value
 from . import Page
@@ -65,19 +65,13 @@ def _cost(run: dict, metrics: dict) -> str:
     return hr.facts(shown) if shown else '<p class="none">Not known until the run completes.</p>'
 
 
-def _samples(folder: Path) -> str:
-    rows = samples(folder)
-    if not rows:
+def _samples(request: Request, run: dict, status: str) -> str:
+    part = samples_part(request, run, status)
+    if not part:
         return ""
-    items = "".join(f"<tr><td>{esc(r.get('prompt', ''))}</td><td>{esc(_first(r.get('before')))}</td>"
-                    f"<td>{esc(_first(r.get('after')))}</td></tr>" for r in rows)
-    return section("Samples", "What the model answered to a few held-out prompts before and after training.",
-                   '<div class="scroll"><table><thead><tr><th scope="col">prompt</th><th scope="col">before</th>'
-                   f'<th scope="col">after</th></tr></thead><tbody>{items}</tbody></table></div>')
-
-
-def _first(value) -> str:
-    return str(value[0] if isinstance(value, list) and value else value if value is not None else "")
+    return section("Samples", "What the base model and the tuned one answer to a few held-out examples (with the "
+                   "reference answer from the data, when the run's task has one).",
+                   f'<div data-part="samples">{part}</div>', anchor="samples")
 
 
 def _results(run: dict, metrics: dict, status: str) -> str:
@@ -115,7 +109,7 @@ def run_page(request: Request, run_id: str):
             section("Learning curves", "Training loss at every logged step (one batch: noisy, read the trend) and "
                     "the evaluations on the held-out split; they update while the run trains.",
                     f'<div data-part="curves" aria-live="off">{curves}</div>', anchor="curves"),
-            _samples(folder), data_summary(run), tracking(run),
+            _samples(request, run, status), data_summary(run), tracking(run),
             section("Export and resume", "", f'<div data-part="actions">{actions(request, run, status)}</div>',
                     anchor="actions"),
             section("Configuration", "The resolved config the run trained with (config.yaml).",
@@ -132,7 +126,7 @@ def run_part(request: Request, run_id: str, name: str):
     run = find(run_id)
     status = status_of(run)
     parts = {"curves": lambda: curves_part(run)[0], "status": lambda: status_box(request, run, status),
-             "actions": lambda: actions(request, run, status)}
+             "actions": lambda: actions(request, run, status), "samples": lambda: samples_part(request, run, status)}
     if name not in parts:
         raise HTTPException(404, f"no part {name[:40]!r} of a run page")
     return HTMLResponse(parts[name](), headers={"Cache-Control": "no-store"})
@@ -200,10 +194,21 @@ def resume_run(request: Request, run_id: str):
     return _start(request, run, "resume", ["train", "--resume", run["path"]])
 
 
-def _start(request: Request, run: dict, kind: str, argv: list[str]):
+@router.post("/runs/{run_id}/samples")
+def sample_run(request: Request, run_id: str):
+    """``deltatune eval RUN --samples 5``: the base and tuned models' answers on held-out examples."""
+    run = find(run_id)
+    if status_of(run) != "completed":
+        raise HTTPException(400, "only a completed run can answer held-out examples")
+    if samples(Path(run["path"])):
+        raise HTTPException(400, "this run already has samples (samples.jsonl); they are shown on its page")
+    return _start(request, run, "samples", ["eval", run["path"], "--samples", str(SAMPLE_COUNT)], "samples")
+
+
+def _start(request: Request, run: dict, kind: str, argv: list[str], anchor: str = "actions"):
     try:
         request.app.state.jobs.start(kind, argv, run["id"])
     except Busy as exc:
         raise HTTPException(503, str(exc)) from None
-    return RedirectResponse(f"/runs/{run['id']}#actions", status_code=303)
+    return RedirectResponse(f"/runs/{run['id']}#{anchor}", status_code=303)
 

@@ -55,7 +55,7 @@ function watchRun() {
     refreshPart(base, "status");
     refreshPart(base, "actions");
   });
-  source.addEventListener("jobs", () => refreshPart(base, "actions"));
+  source.addEventListener("jobs", () => { refreshPart(base, "actions"); refreshPart(base, "samples"); });
   source.addEventListener("end", () => { source.close(); refreshPart(base, "curves"); });
 }
 

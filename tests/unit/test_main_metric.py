@@ -32,7 +32,7 @@ class _Scripted:
 
 
 class _Saver:
-    def save_delta(self, model, path, options):
+    def save_delta(self, model, path, options, state=None):
         path.mkdir(parents=True, exist_ok=True)
 
 

@@ -41,6 +41,7 @@ SUITES = {
                     "oft", "adalora", *["lora-" + v for v in ("dora", "rslora", "pissa", "olora", "plus")]],
     },
 }
+STARTED = time.strftime("%Y-%m-%d")  # the day this measurement began: every row of one invocation has it
 # LoRA's options, each measured as a row of its own: the lora config with these overrides.
 VARIANTS = {"lora-dora": ["method.use_dora=true"], "lora-rslora": ["method.use_rslora=true"],
             "lora-pissa": ["method.init=pissa"], "lora-olora": ["method.init=olora"],
@@ -70,7 +71,7 @@ def run_one(suite: dict, method: str, workdir: Path) -> dict:
             "total_params": m["total_params"], "delta_bytes": dir_bytes(out / "delta"),
             "train_seconds": m["train_seconds"], "wall_seconds": round(wall, 1), "peak_rss_mb": m["peak_rss_mb"],
             "steps": m["steps"], "command": " ".join(["deltatune", *cmd[3:-2]]),
-            "shared_machine": (m.get("machine_load") or {}).get("contended"), "date": time.strftime("%Y-%m-%d")}
+            "shared_machine": (m.get("machine_load") or {}).get("contended"), "date": STARTED}
 
 
 def render() -> str:
@@ -128,14 +129,21 @@ NOTES = """## Reading the numbers
   layer, which break the model (perplexity about 33,600 with the fresh prefix, before any training);
   40 steps bring it to 186, still far worse than the base. Try `method.projection=true`, more steps
   or a lower learning rate before using it on a decoder.
-- The MiniLM rows were measured in one uninterrupted run on an idle machine. There LoRA (r=8 on
-  query, key, value and every dense layer) trains slower than full fine-tuning: on a 22.7M-parameter
-  encoder the extra small matmuls and LoRA dropout cost more than the weight gradients they save.
-  Parameter-efficient methods win on delta size and memory here, not on CPU time.
-- SmolLM2 rows were measured while other work shared the two cores at times (full, freeze and
-  ptuning especially), so their train times are only indicative; compare quality and size columns
-  freely, times with care. Peak RSS on SmolLM2 is dominated by fp32 logits over its 49,152-word
-  vocabulary (planned work: chunked loss, bf16).
+- The MiniLM rows are one invocation (2026-12-01). Its first six runs (full to lora) shared the cores
+  with other jobs (their times are marked * and are not comparable with the rest); from ia3 on the runs
+  had the machine to themselves. Accuracies are one seed each on 400 held-out sentences: one standard
+  error is about 2.5 points.
+- At this budget and their default rates (docs/methods.md, "Default learning rates"; not swept), VeRA
+  (0.613), LoHa (0.547), LoKr (0.537), OFT (0.565) and AdaLoRA (0.552) stay well below LoRA's options and
+  full fine-tuning. LoRA's options all beat plain LoRA at its default rate (0.623), which is too low for
+  64 steps (docs/methods.md's sweep: 3x is best at this budget): rsLoRA 0.720 and LoRA+ 0.740 raise the
+  effective rate of the update (rsLoRA's scale alpha / sqrt(r) is sqrt(8) times alpha / r; LoRA+ trains
+  B at 16x), PiSSA (0.745) and OLoRA (0.718) start from W's main directions; DoRA (0.640) is within
+  noise of plain LoRA at 1.3x its peak memory. One seed at one budget: a hint, not a verdict.
+- SmolLM2: the 2026-11-24 rows were measured while other work shared the cores at times (full, freeze
+  and ptuning especially), the 2026-12-01 rows (full, lora, vera) while other jobs always did (marked *):
+  compare quality and size columns freely, times with care. The rest of the new methods and LoRA's
+  options were not measured on SmolLM2 yet (a run of about 10 minutes each on this shared machine).
 """.splitlines()
 
 

@@ -28,8 +28,8 @@ def world(tmp_path, tiny_llama):
     run_id = text_run(tmp_path / "runs" / "chat", tiny_llama)
     app = create_app(Settings(runs=tmp_path / "runs", data_root=data, allowed_hosts=("testserver",),
                               poll_seconds=0.05))
-    return {"client": TestClient(app, raise_server_exceptions=False), "data": data, "model": f"base:{run_id}",
-            "tiny": tiny_llama}
+    with TestClient(app, raise_server_exceptions=False) as client:  # its end stops the sampling threads
+        yield {"client": client, "data": data, "model": f"base:{run_id}", "tiny": tiny_llama}
 
 
 def csrf(page: str) -> str:

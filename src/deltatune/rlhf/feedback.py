@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,6 +138,11 @@ def prompt_ids(sampler: Sampler, prompt: str) -> torch.Tensor:
     return torch.tensor([framed(sampler.tokenizer, prompt, sampler.chat_template)])
 
 
+# torch's default generator is one per process, shared by its threads: two samplers seeding and drawing from it
+# at once (the studio's sessions, the studio and a command in one process) would draw each other's numbers.
+SEEDED_SAMPLING = threading.Lock()
+
+
 def prompt_seed(seed: int, prompt: str) -> int:
     """The sampling seed of one prompt: the same seed and prompt text give the same responses."""
     digest = hashlib.sha256(f"{seed}\0{prompt}".encode("utf-8")).digest()
@@ -154,7 +160,7 @@ def sample_responses(sampler: Sampler, prompt: str, k: int, max_new_tokens: int,
     tok = sampler.tokenizer
     ids = prompt_ids(sampler, prompt).to(next(sampler.model.parameters()).device)
     found: list[str] = []
-    with torch.random.fork_rng():  # leave the caller's random state alone
+    with SEEDED_SAMPLING, torch.random.fork_rng():  # one seeded sampler at a time; the caller's state kept
         torch.manual_seed(prompt_seed(seed, prompt))
         for _ in range(SAMPLING_ROUNDS):
             out = sampler.model.generate(input_ids=ids.expand(k, -1), attention_mask=torch.ones_like(ids).expand(k, -1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -30,8 +31,9 @@ def create_app(settings: Settings | None = None, api=None) -> FastAPI:
     """The studio for ``settings``; ``api`` (an ASGI app, e.g. ``serve.app.create_app(...)``) is mounted at
     ``/api`` when given (it keeps its own authentication)."""
     settings = settings or Settings()
-    app = FastAPI(title="deltatune studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="deltatune studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.settings = settings
+    app.state.on_shutdown = []  # what a page started that must stop with the studio (e.g. sampling threads)
     app.state.jobs = Jobs(settings.runs)
     app.state.streams = asyncio.Semaphore(settings.max_streams)
     registered = pages()
@@ -59,6 +61,13 @@ def create_app(settings: Settings | None = None, api=None) -> FastAPI:
     for page in registered:
         app.include_router(page.router)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    for stop in app.state.on_shutdown:
+        await asyncio.to_thread(stop)
 
 
 def _handlers(app: FastAPI) -> None:

@@ -137,7 +137,7 @@ class Labeling:
         return next((p for p in self.todo[self.position:self.position + AHEAD + 1] if p.index not in self.responses),
                     None)
 
-    def work(self, sampler_for, sampling: threading.Lock) -> None:
+    def work(self, sampler_for) -> None:
         """The background thread: load the model, then keep AHEAD prompts sampled."""
         s = self.setup
         try:
@@ -152,9 +152,8 @@ class Labeling:
                     if self.closed:
                         return
                     self.sampling = prompt.index
-                with sampling:
-                    responses = sample_responses(sampler, prompt.text, s.k, s.max_new_tokens, s.temperature, s.top_p,
-                                                 s.seed)
+                responses = sample_responses(sampler, prompt.text, s.k, s.max_new_tokens, s.temperature, s.top_p,
+                                             s.seed)  # one sampler at a time (feedback.SEEDED_SAMPLING)
                 with self.cv:
                     self.sampling = None
                     self.responses[prompt.index] = responses
@@ -195,7 +194,7 @@ class Labelings:
         self._samplers: OrderedDict[str, Sampler] = OrderedDict()
         self._lock = threading.Lock()
         self._loading = threading.Lock()  # one model load at a time
-        self.sampling = threading.Lock()  # sample_responses seeds torch's global generator: one at a time
+        self._threads: list[threading.Thread] = []
 
     def start(self, setup: Setup) -> Labeling:
         """The session writing ``setup.out``: the running one if it has the same setup, else a new one."""
@@ -211,9 +210,19 @@ class Labelings:
             self._make_room()
             self._sessions[session.id] = session
         if session.todo:
-            threading.Thread(target=session.work, args=(self._sampler, self.sampling), daemon=True,
-                             name=f"feedback-{session.id}").start()
+            self._threads.append(threading.Thread(target=session.work, args=(self._sampler,), daemon=True,
+                                                  name=f"feedback-{session.id}"))
+            self._threads[-1].start()
         return session
+
+    def close(self, seconds: float = 60.0) -> None:
+        """Every session told to stop, and its sampling thread waited for (the studio is shutting down: a
+        thread still inside torch when the interpreter exits aborts the process)."""
+        with self._lock:
+            for session in self._sessions.values():
+                session.close()
+        for thread in self._threads:
+            thread.join(seconds)
 
     def get(self, session_id: str) -> Labeling:
         session = self._sessions.get(session_id)

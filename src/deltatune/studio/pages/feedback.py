@@ -36,6 +36,7 @@ def labelings(request: Request) -> Labelings:
     state = request.app.state
     if not hasattr(state, "labelings"):
         state.labelings = Labelings()
+        state.on_shutdown.append(state.labelings.close)
     return state.labelings
 
 

@@ -114,3 +114,13 @@ def test_without_runs_the_page_says_how_to_get_one(tmp_path):
     app = create_app(Settings(runs=tmp_path / "runs", data_root=tmp_path, allowed_hosts=("testserver",)))
     page = TestClient(app).get("/playground").text
     assert "No completed run that writes text yet" in page
+
+
+def test_the_engine_stops_with_the_studio(trained, monkeypatch):
+    """Its worker thread runs torch: left running at interpreter exit, it would abort the process."""
+    monkeypatch.setenv("DELTATUNE_REGISTRY", str(trained["base"] / "registry.sqlite"))
+    app = create_app(Settings(runs=trained["base"] / "runs", data_root=trained["base"], allowed_hosts=("testserver",)))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        status, _ = chat(c, f"run:{trained['ids']['lora']}", csrf(c.get("/playground").text))
+        assert status == 200 and not app.state.playground.engine.scheduler.closed
+    assert app.state.playground.engine.scheduler.closed

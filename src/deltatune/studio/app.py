@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, api=None) -> FastAPI:
 async def _lifespan(app: FastAPI):
     yield
     for stop in app.state.on_shutdown:
-        await asyncio.to_thread(stop)
+        await stop() if asyncio.iscoroutinefunction(stop) else await asyncio.to_thread(stop)
 
 
 def _handlers(app: FastAPI) -> None:

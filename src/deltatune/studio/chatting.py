@@ -25,6 +25,11 @@ class Playground:
         self._lock: asyncio.Lock | None = None
         self._used: OrderedDict[str, float] = OrderedDict()  # loaded run ids, least recently used first
 
+    async def close(self) -> None:
+        """The engine's queued and running answers finished and its worker stopped (the studio is shutting down)."""
+        if self.engine is not None:
+            await self.engine.drain()
+
     async def name_for(self, run: dict, base: bool) -> str:
         """The served name that answers for ``run`` (its id), or with ``base`` for the base model it was trained
         on; loads the run first if needed (DeltatuneError says why it cannot be served)."""

@@ -33,6 +33,7 @@ def playground(request: Request) -> Playground:
     state = request.app.state
     if not hasattr(state, "playground"):
         state.playground = Playground()
+        state.on_shutdown.append(state.playground.close)
     return state.playground
 
 

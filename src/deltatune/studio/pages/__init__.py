@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 PAGE_MODULES = ("runs", "newrun", "compare", "data", "feedback", "playground", "run")
 
@@ -21,3 +21,13 @@ class Page:
 
 def pages() -> list[Page]:
     return [import_module(f"{__name__}.{module}").PAGE for module in PAGE_MODULES]
+
+
+def shared(request: Request, name: str, make):
+    """The studio's one ``name`` object (``make()`` on first use: a page's models, threads, sessions), whose
+    ``close`` runs when the studio shuts down."""
+    state = request.app.state
+    if not hasattr(state, name):
+        setattr(state, name, make())
+        state.on_shutdown.append(getattr(state, name).close)
+    return getattr(state, name)

@@ -21,7 +21,7 @@ from ..labeling import MODES, Labeling, Labelings, Setup
 from ..layout import csrf_field, esc, render, section, select
 from ..security import confined, form_value
 from ..textmodels import choices, resolve
-from . import Page
+from . import Page, shared
 
 router = APIRouter()
 PAGE = Page("feedback", router, ("Feedback", "/feedback"))
@@ -33,11 +33,7 @@ TRAIN = {"thumbs": "task=kto", "pick": "task=dpo (or reward, then ppo)", "rank":
 
 
 def labelings(request: Request) -> Labelings:
-    state = request.app.state
-    if not hasattr(state, "labelings"):
-        state.labelings = Labelings()
-        state.on_shutdown.append(state.labelings.close)
-    return state.labelings
+    return shared(request, "labelings", Labelings)
 
 
 # ----------------------------------------------------------------------------- the setup form

@@ -18,7 +18,7 @@ from ..layout import esc, render, select
 from ..runinfo import find
 from ..security import _bounded_body
 from ..textmodels import run_choice, text_runs, writing_tasks
-from . import Page
+from . import Page, shared
 from .runs import model_name
 
 log = logging.getLogger("deltatune.studio")
@@ -30,11 +30,7 @@ MAX_TOKENS = 256
 
 
 def playground(request: Request) -> Playground:
-    state = request.app.state
-    if not hasattr(state, "playground"):
-        state.playground = Playground()
-        state.on_shutdown.append(state.playground.close)
-    return state.playground
+    return shared(request, "playground", Playground)
 
 
 def _picker(runs: list[dict], first: str, second: str, base: bool) -> str:

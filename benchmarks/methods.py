@@ -113,8 +113,8 @@ def render() -> str:
 
 SUITE_NOTES = {"smollm2": """> Rows measured 2026-11-24 predate the data pipeline's de-duplication of chatterbot: more than half of
 > its 2,026 pairs are exact repeats, so many of their held-out pairs were also training pairs and their
-> perplexities are optimistic (their "before" is 15.5). Rows measured 2026-12-01 use the de-duplicated data
-> (their "before" is 17.7): compare rows of the same day only. To re-run them all:
+> perplexities are optimistic (their "before" is 15.5). Rows measured 2026-12-01 and 2026-12-02 (one session)
+> use the de-duplicated data (their "before" is 17.7): compare them with each other, not with the older rows. To re-run them all:
 > `python benchmarks/methods.py --model smollm2`.
 """.splitlines() + [""]}
 
@@ -141,9 +141,11 @@ NOTES = """## Reading the numbers
   B at 16x), PiSSA (0.745) and OLoRA (0.718) start from W's main directions; DoRA (0.640) is within
   noise of plain LoRA at 1.3x its peak memory. One seed at one budget: a hint, not a verdict.
 - SmolLM2: the 2026-11-24 rows were measured while other work shared the cores at times (full, freeze
-  and ptuning especially), the 2026-12-01 rows (full, lora, vera) while other jobs always did (marked *):
-  compare quality and size columns freely, times with care. The rest of the new methods and LoRA's
-  options were not measured on SmolLM2 yet (a run of about 10 minutes each on this shared machine).
+  and ptuning especially), the 2026-12-01 rows (full, lora, vera) while other jobs always did (marked *),
+  the 2026-12-02 rows alone (but oft): compare quality and size columns freely, times with care. On the
+  de-duplicated data, at 40 steps and default rates: rsLoRA 8.41, OFT 8.71, PiSSA 8.71, DoRA 9.04, LoRA+
+  9.04, LoRA 9.06, full 9.31; OLoRA 12.6, VeRA 13.8, LoKr 15.5, LoHa 16.8 and AdaLoRA 17.5 barely move
+  from 17.65 at their default rates (AdaLoRA also prunes ranks during these few steps). One seed.
 """.splitlines()
 
 

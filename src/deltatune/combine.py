@@ -140,7 +140,7 @@ def _problems(sources: list[Source], how: str, weights: list[float], density: fl
                        "combine deltas of one method")
         elif s.cfg.model != first.cfg.model:
             out.append(f"{where}: base model {s.cfg.model}, not {first.cfg.model}; deltas combine on one base")
-        if s.cfg.task != "classification" or not s.parts.task.new_head:
+        if not (s.parts.task.multitask and s.parts.task.new_head):  # the combined run is a multi-task run
             out.append(f"{where}: a {s.cfg.task} run; merge-deltas combines classification runs (each keeps its "
                        "own head)")
         if s.cfg.data.tasks:

@@ -41,6 +41,9 @@ LARGE_LR = 1.0
 # The choices of data.pii.types and data.augment.operations; data/pii.py and data/augment.py use these.
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ip", "name")
 EDA_OPERATIONS = ("synonym", "insert", "swap", "delete")
+# train.kernels' choices: deltatune.kernels' fused paths.
+KERNELS = ("rms_norm", "swiglu", "shared_lora_dropout")
+
 # train.report_to's choices: the module each needs and the pip requirement that provides it (train/tracking.py
 # writes them; `pip install 'deltatune[tracking]'` installs both).
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard==2.21.0"), "mlflow": ("mlflow", "mlflow-skinny==3.17.2")}
@@ -243,6 +246,12 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")
+    kernels: list[str] = doc(list(KERNELS),
+                             "deltatune's fused paths to train with, each where the model has the block (the same "
+                             "maths, less kept for backward; BENCHMARKS.md): rms_norm (RMSNorm layers), swiglu (gated "
+                             "SiLU MLPs), shared_lora_dropout (LoRA branches reading the same tensor, e.g. q, k and "
+                             "v, share one dropout mask instead of drawing one each). [] trains with the model's own "
+                             "modules only.")
     group_by_length: bool = doc(True, "Batch examples of similar length together (sorted within windows of 50 "
                                       "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
                                       "stays exact): less padding, faster steps (MiniLM on sentences: 1.7-2.3x, "
@@ -276,6 +285,8 @@ class TrainConfig:
             problems.append(f"train.bf16: use auto, true or false, got {self.bf16!r}")
         if self.on_nonfinite not in ("fail", "skip"):
             problems.append(f"train.on_nonfinite: use fail or skip, got {self.on_nonfinite!r}")
+        problems += [f"train.kernels: unknown fused path {name!r}; known: {', '.join(KERNELS)} ([] for none)"
+                     for name in self.kernels if name not in KERNELS]
         return problems + _tracker_problems(self.report_to)
 
 

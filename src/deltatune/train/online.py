@@ -38,6 +38,7 @@ from ..assets import resolve_model
 from ..config import Config, to_dict
 from ..data.prepare import PreparedRows
 from ..errors import DeltatuneError, RunError
+from ..kernels import fuse
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
@@ -130,6 +131,7 @@ def load_policy_model(cfg: Config, task: Task) -> nn.Module:
     set_seed(cfg.train.seed)
     model = task.build_model(resolve_model(cfg.model), **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task).to(PartialState().device)
+    fuse(model, cfg.train.kernels)
     return model.eval()
 
 

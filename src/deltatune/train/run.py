@@ -21,6 +21,7 @@ from ..configure import load_config
 from ..data import PreparedData
 from ..errors import ConfigError, RunError
 from ..fs import atomic_write_text, fsync_dir
+from ..kernels import fuse
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
@@ -56,6 +57,7 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     phase("loading", f"model {cfg.model} with {method.name}", shown)
     model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task)
+    fuse(model, cfg.train.kernels)
     reference = method.untouched(model)  # still the base: the delta is at its initial value
     train_examples, eval_examples = (task.with_reference(reference, method.prepare_examples(model, split.examples))
                                      for split in (data.train, data.eval))

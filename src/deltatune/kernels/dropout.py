@@ -1,0 +1,68 @@
+"""One dropout mask for the LoRA branches that read the same tensor.
+
+peft gives every LoRA branch its own dropout, so a layer with LoRA on q, k and v draws three masks over the
+same hidden states, multiplies three times and keeps three dropped copies for backward. ``SharedDropout``
+draws one: the first branch to see a tensor drops it out, the next branches given that same tensor (same
+object, unchanged) get the same dropped tensor. Each branch still sees its input with each element kept with
+probability 1 - p and scaled by 1 / (1 - p), as before; what changes is that the branches' masks are no
+longer independent of each other. The mask is kept for backward as booleans (``functions.Dropout``).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from .functions import Dropout
+
+
+class _LastDrop:
+    """The last tensor dropped out and its result, held weakly: nothing is kept alive past its use."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.result = lambda: None
+
+    def get(self, x: Tensor, p: float) -> Tensor | None:
+        if self.key is None:
+            return None
+        source, version, rate = self.key
+        return self.result() if source() is x and version == x._version and rate == p else None
+
+    def put(self, x: Tensor, p: float, result: Tensor) -> None:
+        self.key, self.result = (weakref.ref(x), x._version, p), weakref.ref(result)
+
+
+class SharedDropout(nn.Dropout):
+    def __init__(self, p: float, last: _LastDrop):
+        super().__init__(p)
+        self._last = last
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        dropped = self._last.get(x, self.p)
+        if dropped is None:
+            dropped = Dropout.apply(x, self.p) if torch.is_grad_enabled() and x.requires_grad else \
+                torch.nn.functional.dropout(x, self.p, True)
+            self._last.put(x, self.p, dropped)
+        return dropped
+
+
+def share_lora_dropout(model: nn.Module) -> int:
+    """Replace every LoRA branch's ``nn.Dropout`` (peft's ``lora_dropout``) by a ``SharedDropout`` that shares
+    its mask with the branches reading the same tensor. Returns how many were replaced."""
+    last, count = _LastDrop(), 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, nn.ModuleDict):
+            continue
+        for name, drop in drops.items():
+            if type(drop) is nn.Dropout and drop.p > 0:
+                shared = SharedDropout(drop.p, last)
+                shared.train(drop.training)
+                drops[name] = shared
+                count += 1
+    return count

@@ -1,0 +1,179 @@
+"""deltatune.kernels: the fused paths compute what the model's own modules compute (forward and gradients, to
+1e-5), keep less for backward, are switched on only where a probe agrees, and stay out of evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaRMSNorm
+
+from deltatune.config import Config
+from deltatune.kernels import fuse
+from deltatune.kernels.dropout import SharedDropout
+from deltatune.kernels.functions import RMSNorm, SwiGLU
+
+
+def _grads(fn, *inputs):
+    out = fn(*inputs)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return out, torch.autograd.grad((out * weights).sum(), [t for t in inputs if t.requires_grad])
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_rms_norm_matches_llamas_forward_and_gradients(weight_trains):
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    norm.weight.requires_grad_(weight_trains)
+    x = (torch.randn(3, 7, 48) * 4).requires_grad_()
+    plain, plain_grads = _grads(lambda t: norm(t), x)
+    ours, our_grads = _grads(lambda t: RMSNorm.apply(t, norm.weight, 1e-5), x)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_grads[0], plain_grads[0], rtol=1e-5, atol=1e-5)
+    if weight_trains:
+        (w_plain,) = torch.autograd.grad((norm(x) * 2).sum(), [norm.weight])
+        (w_ours,) = torch.autograd.grad((RMSNorm.apply(x, norm.weight, 1e-5) * 2).sum(), [norm.weight])
+        torch.testing.assert_close(w_ours, w_plain, rtol=1e-5, atol=1e-4)
+
+
+def test_swiglu_matches_llamas_mlp_forward_and_gradients():
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu")
+    torch.manual_seed(0)
+    mlp = LlamaMLP(cfg)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    params = [x, *mlp.parameters()]
+    plain, plain_grads = _grads(lambda *_: mlp(x), *params)
+    ours, our_grads = _grads(lambda *_: mlp.down_proj(SwiGLU.apply(mlp.gate_proj(x), mlp.up_proj(x))), *params)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(our_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_llama_with_lora(dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    base = LlamaForCausalLM(cfg)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    for name, p in model.named_parameters():  # B = 0 at init would hide the branches from the gradients
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_model_trains_like_the_plain_one_and_evaluates_with_its_own_forward():
+    plain, fused = _tiny_llama_with_lora(), _tiny_llama_with_lora()
+    counts = fuse(fused, ["rms_norm", "swiglu"])
+    assert counts == {"rms_norm": 5, "swiglu": 2}  # two norms per layer and the final one; one MLP per layer
+    assert isinstance(fused.base_model.model.model.norm, LlamaRMSNorm)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    (loss_a, grads_a), (loss_b, grads_b) = _step(plain, ids), _step(fused, ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 12
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6)
+    calls = []
+    original = RMSNorm.forward
+    RMSNorm.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    finally:
+        RMSNorm.forward = staticmethod(original)
+    assert calls == []  # evaluation, generation and export see the modules' own forward
+    copy.deepcopy(fused)  # a fused model still copies
+
+
+def _saved_bytes(model, ids) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(seen.values())
+
+
+def test_fused_paths_keep_less_for_backward():
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    plain = _saved_bytes(_tiny_llama_with_lora(), ids)
+    model = _tiny_llama_with_lora()
+    fuse(model, ["rms_norm", "swiglu"])
+    fused = _saved_bytes(model, ids)
+    tokens, hidden, inner = 4 * 16, 32, 64
+    # per layer: one (tokens x inner) tensor fewer in the MLP (the norms keep the same: their weights are frozen)
+    assert plain - fused == 4 * tokens * inner * 2
+    model = _tiny_llama_with_lora(dropout=0.1)
+    plain = _saved_bytes(model, ids)
+    fuse(model, ["shared_lora_dropout"])
+    # bytes per (token x hidden) element saved: layer 1, q and v: two dropped copies and two float masks (16)
+    # become one dropped copy and one boolean mask (5); layer 0, q and v: its input needs no gradient, so no mask
+    # is kept, two dropped copies (8) become one (4); up_proj in each layer: a float mask becomes a boolean (3 each)
+    assert plain - _saved_bytes(model, ids) == tokens * hidden * (11 + 4 + 3 + 3)
+
+
+def test_shared_lora_dropout_draws_one_mask_per_input():
+    model = _tiny_llama_with_lora(dropout=0.5)
+    assert fuse(model, ["shared_lora_dropout"]) == {"shared_lora_dropout": 6}  # q, v, up in 2 layers
+    attention = model.base_model.model.model.layers[0].self_attn
+    q, v = attention.q_proj, attention.v_proj
+    assert isinstance(q.lora_dropout["default"], SharedDropout)
+    seen = {}
+    for name, layer in (("q", q), ("v", v)):
+        layer.lora_A["default"].register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, inp[0]))
+    model.train()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids)
+    assert seen["q"] is seen["v"]  # one dropped tensor for both branches
+    x = torch.ones(20000)
+    drop = model.base_model.model.model.layers[1].mlp.up_proj.lora_dropout["default"]
+    out = drop(x)
+    assert set(out.unique().tolist()) == {0.0, 2.0} and abs(float((out == 0).float().mean()) - 0.5) < 0.02
+    assert drop(x) is out and drop(x.clone()) is not out  # the same tensor again: the same draw; another: a new one
+    x.add_(0)  # changed in place: a new draw
+    assert drop(x) is not out
+    model.eval()
+    assert drop(x) is x
+
+
+class GemmaStyleRMSNorm(nn.Module):
+    """Scales by 1 + weight: not Llama's maths, so the probe must leave it alone."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.zeros(width)), 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def test_probe_leaves_modules_with_other_maths_alone():
+    model = nn.Sequential(GemmaStyleRMSNorm(16), LlamaRMSNorm(16))
+    assert fuse(model, ["rms_norm"]) == {"rms_norm": 1}
+    assert type(model[0]) is GemmaStyleRMSNorm and type(model[1]) is not LlamaRMSNorm
+
+
+def test_unknown_kernel_is_refused_by_name():
+    cfg = Config()
+    cfg.train.kernels = ["rms_norm", "flash"]
+    problems = cfg.train.problems()
+    assert any("train.kernels: unknown fused path 'flash'" in p and "swiglu" in p for p in problems)

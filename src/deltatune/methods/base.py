@@ -112,6 +112,22 @@ class Method:
         gradients are cleared; ``step`` counts the steps done, this one included, of ``total``. AdaLoRA moves
         its rank budget here."""
 
+    def start_batches(self, options) -> int:
+        """How many of the first training batches ``data_start`` reads before the first step; 0 (most methods):
+        the delta's start needs no data."""
+        return 0
+
+    def data_start(self, model: nn.Module, options, batches: list[dict]) -> dict[str, Tensor]:
+        """The delta's start computed from ``batches`` (the loop's first collated micro-batches, in its order),
+        before the first step: LoRA's EVA sets each A from its layer's inputs. Returns the tensors that
+        ``set_start`` puts in place; the run keeps them, so that a resumed run sets the same start without
+        reading the data again. Leaves ``model`` as it was."""
+        raise NotImplementedError
+
+    def set_start(self, model: nn.Module, options, state: dict[str, Tensor]) -> None:
+        """Put in place what ``data_start`` returned (the trainable tensors' shapes may change)."""
+        raise NotImplementedError
+
     def loop_state(self, model: nn.Module) -> dict[str, Tensor]:
         """Tensors the method keeps beside its trainable weights while training (AdaLoRA's importance averages);
         checkpoints save them, so that a resumed run continues exactly."""

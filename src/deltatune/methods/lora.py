@@ -14,18 +14,29 @@ Variants, all peft's (docs/methods.md, "LoRA variants"):
   converted to a plain LoRA adapter on the untouched ``W`` (``as_plain_lora``).
 - LoRA+ (Hayou et al., 2024), ``loraplus_lr_ratio``: every ``B`` trains at train.lr times the ratio
   (``lr_scale``; train/loop.py builds the optimizer's groups from it).
+- EVA (Paischer et al., 2024, "One initialization to rule them all"), ``init: eva``: before the first step,
+  each ``A`` becomes the top principal directions (right-singular vectors) of its layer's centred inputs over
+  the first ``eva_batches`` training batches (padding left out by the attention mask; peft's incremental SVD,
+  passed over them again until the components settle), ``B = 0``, and the ranks are moved to the layers whose
+  inputs those directions explain best: the same total, ``r`` times the number of layers, at most
+  ``eva_rho * r`` each (a layer may get 0 and is then not adapted), ``alpha`` scaled with each rank. The model
+  is unchanged at start.
+  ``data_start`` computes it (``peft.get_eva_state_dict``), ``set_start`` puts it in place
+  (``peft.initialize_lora_eva_weights``); the run keeps the A's, so a resumed run rebuilds the same ranks
+  (train/data_start.py). The saved adapter carries the ranks as peft's ``rank_pattern``/``alpha_pattern``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import doc
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..lazy import lazy
 from .peft_common import PeftMethod, adapter_problems, head_modules, task_type
 from .registry import register
@@ -38,13 +49,13 @@ peft = lazy("peft")
 safetensors_torch = lazy("safetensors.torch")
 
 # method.init -> peft's init_lora_weights.
-INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}
 # Inits that move part of W into B0 A0 and leave the residual as the frozen base.
 CHANGES_BASE = ("pissa", "olora")
+# EVA passes over its batches again until every needed component settles (peft has no limit): a run that has
+# not settled after this many passes stops, saying what to do.
+EVA_PASSES = 50
 NOT_OFFERED = {
-    "eva": "EVA (Paischer et al. 2024) sets A from an SVD of each layer's inputs over training batches and "
-           "redistributes the ranks across layers: a data pass before training, which the method, applied "
-           "before it sees any data, cannot make, and a per-layer rank that a resumed run would have to recompute",
     "loftq": "LoftQ (Li et al. 2023) fits B0 A0 to the error of a 4-bit quantized base; peft 0.21 computes it on "
              "CUDA or XPU only (peft.utils.loftq_utils), and deltatune trains on the CPU",
 }
@@ -75,11 +86,20 @@ class LoraOptions:
                                "B = 0; pissa (Meng et al. 2024): W's top-r singular directions; olora (Buyukakyuz "
                                "2024): the first r columns of W's QR decomposition. pissa and olora leave the residual "
                                "as the frozen base (the model is unchanged at start; not with qlora's 4-bit base); the "
-                               "saved delta is a plain LoRA of rank 2r on the untouched base. Not offered: eva (needs "
-                               "a pass over the data before training) and loftq (peft computes it on CUDA only).")
+                               "saved delta is a plain LoRA of rank 2r on the untouched base. eva (Paischer et al. "
+                               "2024): before the first step, each A from an SVD of its layer's inputs over the first "
+                               "eva_batches training batches (padding left out), B = 0, and the ranks moved to the "
+                               "layers whose inputs that explains best (the total r x layers kept, at most eva_rho x "
+                               "r each); the run keeps them, so a resume rebuilds them. Not offered: loftq (peft "
+                               "computes it on CUDA only).")
     loraplus_lr_ratio: float | None = doc(None, "LoRA+ (Hayou et al. 2024): every B trains at train.lr times this "
                                                 "ratio (the paper suggests about 16), A and the head at train.lr. "
                                                 "Unset: one rate for all.")
+    eva_rho: float = doc(2.0, "init: eva: the most rank one layer may get, as a multiple of r (peft's rho, at least 1; "
+                              "1 keeps r everywhere: EVA's A without moving ranks).")
+    eva_batches: int = doc(8, "init: eva: how many of the first training batches (train.batch_size rows each) the "
+                              "SVD reads; it passes over them again until its components settle. Each needs at "
+                              "least eva_rho x r real tokens.")
 
     def problems(self) -> list[str]:
         out = adapter_problems(self)
@@ -87,6 +107,11 @@ class LoraOptions:
             out.append(f"init: {self.init} is not offered: {NOT_OFFERED[self.init]}; use {', '.join(INITS)}")
         elif self.init not in INITS:
             out.append(f"init: use {', '.join(INITS)}, got {self.init!r}")
+        if not (self.eva_rho >= 1 and math.isfinite(self.eva_rho)):
+            out.append(f"eva_rho: must be a number of at least 1 (the most rank a layer may get under init: eva, as "
+                       f"a multiple of r), got {self.eva_rho}; 1 keeps r for every layer")
+        if self.eva_batches < 1:
+            out.append(f"eva_batches: must be at least 1 (training batches init: eva reads), got {self.eva_batches}")
         ratio = self.loraplus_lr_ratio
         if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
             out.append(f"loraplus_lr_ratio: must be a positive number (B trains at train.lr times it; Hayou et al. "
@@ -148,13 +173,19 @@ class Lora(PeftMethod):
         return peft.LoraConfig(task_type=task_type(task), r=options.r, lora_alpha=options.alpha,
                                lora_dropout=options.dropout, target_modules=options.target_modules,
                                modules_to_save=head_modules(task, model), use_dora=options.use_dora,
-                               use_rslora=options.use_rslora, init_lora_weights=INITS[options.init])
+                               use_rslora=options.use_rslora, init_lora_weights=INITS[options.init],
+                               # The batches give peft the model's inputs alone: the padding is left out by their
+                               # attention mask, not by labels (a classifier's are one per row).
+                               eva_config=peft.EvaConfig(rho=options.eva_rho, use_label_mask=False)
+                               if options.init == "eva" else None)
 
     def apply(self, model: nn.Module, options: LoraOptions, task) -> nn.Module:
         problems = _own_loop_problems(options, task)
         if problems:
             raise ConfigError(problems)
-        adapted = super().apply(model, options, task)
+        with warnings.catch_warnings():  # peft's advice for GPUs; on the CPU the pass reads batches in place
+            warnings.filterwarnings("ignore", "lora with eva initialization used with low_cpu_mem_usage")
+            adapted = super().apply(model, options, task)
         if options.init in CHANGES_BASE:
             state = peft.get_peft_model_state_dict(adapted)
             setattr(adapted, START, {k: v.detach().clone() for k, v in state.items() if _factor(k)})
@@ -166,23 +197,85 @@ class Lora(PeftMethod):
         if start is not None:
             as_plain_lora(Path(path), start)
 
+    def start_batches(self, options: LoraOptions) -> int:
+        return options.eva_batches if options.init == "eva" else 0
+
+    def data_start(self, model: nn.Module, options: LoraOptions, batches: list[dict]) -> dict[str, Tensor]:
+        """EVA's A for every adapted layer (its rank the number of rows) from the batches' inputs (peft's
+        ``get_eva_state_dict``: padding left out by the attention mask, the adapters switched off). Computed in
+        one process from the batches it is given (no gathering between processes)."""
+        inputs = [batch["inputs"] for batch in batches]
+        limit, done = EVA_PASSES * len(inputs), []
+
+        def forward(model: nn.Module, batch: dict):
+            if len(done) > limit:
+                raise RunError(f"method.init: eva: the SVD of the layers' inputs did not settle after {EVA_PASSES} "
+                               f"passes over {len(inputs)} batch(es). peft skips a batch with fewer inputs to a layer "
+                               f"than the {round(options.r * options.eva_rho)} components it needs (method.r x "
+                               "method.eva_rho): real tokens, or rows for a layer that reads one vector per row (BERT's "
+                               "pooler, matched by 'dense'). Raise train.batch_size or method.eva_batches, lower "
+                               "method.eva_rho, or use another method.init")
+            done.append(1)
+            # Packed rows (position ids, no attention mask) without a KV cache, which would let the packed examples
+            # see each other (as tasks/common.py's forward); their padding, at the end of the rows, is read too.
+            return model(**batch, use_cache=False) if "position_ids" in batch else model(**batch)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            state = peft.get_eva_state_dict(model, inputs, forward_fn=forward, prepare_model_inputs_fn=_real_positions,
+                                            prepare_layer_inputs_fn=_layer_inputs, gather_distributed_inputs=False,
+                                            show_progress_bar=False)
+        return {name: a.detach().cpu().contiguous() for name, a in state.items()}
+
+    def set_start(self, model: nn.Module, options: LoraOptions, state: dict[str, Tensor]) -> None:
+        """Each layer at its EVA rank (0: no longer adapted) with its A, B = 0; peft records the ranks and the
+        scaled alphas in the config (``rank_pattern``, ``alpha_pattern``), so the saved adapter has them."""
+        peft.initialize_lora_eva_weights(model, eva_state_dict=dict(state), show_progress_bar=False)
+
     def lr_scale(self, name: str, options: LoraOptions) -> float:
         ratio = options.loraplus_lr_ratio
         return ratio if ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name) else 1.0
 
 
 def _own_loop_problems(options: LoraOptions, task) -> list[str]:
-    """What a task whose reference is the delta switched off, or whose own loop trains at one rate (PPO),
-    cannot do with these options."""
+    """What a task whose reference is the delta switched off, whose own loop trains at one rate (PPO) or reads
+    no batches before it (EVA), or an encoder-decoder (EVA), cannot do with these options."""
     out = []
     if options.init in CHANGES_BASE and task.reference_is_delta_off:
         out.append(f"method.init: {options.init} changes the base weights (the frozen part becomes W - B0 A0), so "
                    f"the adapter switched off is no longer the base model that {task.name}'s reference must be; "
                    "use method.init=default or gaussian")
+    if options.init == "eva" and task.loop != "examples":
+        out.append(f"method.init: eva reads the training batches before the first step of deltatune's loop, and "
+                   f"{task.name} samples its data in a loop of its own; use method.init=default or gaussian")
+    elif options.init == "eva" and task.head == "seq2seq":
+        out.append(f"method.init: eva leaves the padding out by the inputs' attention mask, which does not describe "
+                   f"what {task.name}'s decoder layers read (the targets, or the encoder's states of another "
+                   "length); use method.init=default or gaussian")
     if options.loraplus_lr_ratio is not None and task.one_learning_rate:
         out.append(f"method.loraplus_lr_ratio: {task.name} trains in its own loop, whose optimizer has one rate for all "
                    "parameters; leave it unset")
     return out
+
+
+def _real_positions(inputs: dict, config) -> Tensor:
+    """EVA's mask of a batch: its real tokens (rows, positions), from the attention mask; all of them without
+    one (packed rows). peft's default gives the same positions, as indices, which fit only 3-D layer inputs."""
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+
+
+def _layer_inputs(layer_input, mask: Tensor, name: str) -> Tensor:
+    """What EVA's SVD reads of a layer's input: one row per real token (padding left out) for a layer that reads
+    every position, or the input as it is for one that reads a vector per row (BERT's pooler)."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.shape[:-1] == mask.shape:
+        return x[mask]
+    if x.ndim == 2 and len(x) == len(mask):
+        return x.contiguous()  # peft hashes it with view(-1); BERT's pooler reads a slice
+    raise RunError(f"method.init: eva: layer {name} reads inputs of shape {tuple(x.shape)}, which match neither the "
+                   f"batch's tokens {tuple(mask.shape)} nor one vector per row; leave it out of method.target_modules "
+                   "or use another method.init")
 
 
 def _factor(key: str) -> str | None:

@@ -18,6 +18,7 @@ forward needs them all) and takes part in gathering the delta and checkpoints th
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -220,6 +221,18 @@ def _fit_directly(job: Job) -> tuple[dict | None, LoopState] | None:
 
 
 def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
+    return accelerator.prepare_data_loader(epoch_batches(job, epoch))
+
+
+def first_batches(job: Job, n: int) -> list[dict]:
+    """The first ``n`` micro-batches of the first epoch, as one process trains on them (for a start computed from
+    data, ``Method.data_start``). A loader of their own, from the same seed: the run's order and the global RNG
+    are left as they were."""
+    return list(itertools.islice(epoch_batches(job, 0), n))
+
+
+def epoch_batches(job: Job, epoch: int) -> DataLoader:
+    """One process's loader of an epoch's micro-batches (``_epoch_loader`` shards it between processes)."""
     # The order depends only on (seed, epoch): a resumed run sees exactly the same batches.
     generator = torch.Generator().manual_seed(job.train.seed + epoch)
     collate_fn = job.task.collate
@@ -232,7 +245,7 @@ def _epoch_loader(job: Job, epoch: int, accelerator: Accelerator) -> DataLoader:
     else:
         loader = DataLoader(job.train_examples, batch_size=job.train.batch_size, shuffle=True,
                             generator=generator, collate_fn=collate_fn)
-    return accelerator.prepare_data_loader(loader)
+    return loader
 
 
 GROUP_WINDOW = 50  # batches sorted together: homogeneous lengths, yet a different mix every epoch

@@ -29,6 +29,7 @@ from ..registry_db import Recording
 from ..rundir import RunDir, barrier, is_main_process, new_run_dir
 from ..tasks import registry as tasks
 from . import lr_find, online, sharding
+from .data_start import settle_start
 from .grpo import GRPO
 from .checkpoint import LoopState
 from .loop import Callback, Job, run_loop
@@ -78,6 +79,7 @@ def train(cfg: Config, callbacks: tuple[Callback, ...] = (), kind: str = "train"
     run = new_run_dir(cfg.output_dir, cfg.run_name)  # in a multi-process launch: one directory for all
     job.run = run
     if not is_main_process():  # the other processes of a launch only train; the main one writes
+        settle_start(job, run)
         lr_find.settle_lr(job, run)
         run_loop(job, callbacks=callbacks)
         return run
@@ -116,6 +118,7 @@ def resume(path: str | Path, callbacks: tuple[Callback, ...] = ()) -> RunDir:
     extras = build_extras(cfg, job.task, tokenizer)
     refuse_changed_data(run, data.fingerprint)
     from_checkpoint = (run.checkpoint / "state.json").is_file()
+    settle_start(job, run)  # read back from the run: the same start (EVA's per-layer ranks) as before
     lr_find.settle_lr(job, run)  # an auto run's pick, read back (searched only if it stopped before that)
     if not is_main_process():
         run_loop(job, resume=from_checkpoint, callbacks=callbacks)
@@ -145,6 +148,7 @@ def _start(cfg: Config, job: Job, data: PreparedData, tokenizer, extras: Extras,
     with tracked(run, record, resume=f"deltatune train --resume {run.path}"):
         write_inputs(run, cfg, tokenizer, data.report, data.rejects,
                      {s: len(getattr(data, s).rows) for s in ("train", "eval", "test")}, data.labels)
+        settle_start(job, run)  # a start from the training data (LoRA's EVA), before the range test probes it
         if lr_find.settle_lr(job, run):  # train.lr: auto; the config records the rate the run trains at
             atomic_write_text(run.config, dump_yaml(cfg))
         base = job.method.untouched(job.model)

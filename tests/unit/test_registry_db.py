@@ -232,18 +232,33 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
     assert all(r["status"] == "completed" and r["steps"] == int(r["path"].rsplit("-", 1)[1]) for r in runs)
 
 
-def test_a_version_1_registry_migrates_keeping_its_rows_and_accepts_pruned(tmp_path, monkeypatch):
-    monkeypatch.setattr(db, "SCHEMA_VERSION", 1)  # a registry written by the previous release
-    run_id = _record(tmp_path / "old")
-    with sqlite3.connect(db.registry_path()) as conn:
-        with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("UPDATE runs SET status = 'pruned'")
-    monkeypatch.setattr(db, "SCHEMA_VERSION", 2)
-    before = db.get(run_id)
+def _pruned_trial(tmp_path) -> None:  # version 2: a tuning trial the pruner stopped
     trial = db.record_start(str(tmp_path / "trial"), _cfg(), kind="trial")
     db.record_end(trial, "pruned", error="pruned at step 2")
-    assert db.get(run_id) == before and db.get(trial)["status"] == "pruned"
+    assert db.get(trial)["status"] == "pruned"
     assert [r["id"] for r in db.list_runs(status="pruned")] == [trial]
+
+
+def _merge_run(tmp_path) -> None:  # version 3: the runs merge-deltas writes
+    merged = db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge")
+    assert db.get(merged)["kind"] == "merge"
+    assert db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge") == merged  # its directory is its own
+
+
+@pytest.mark.parametrize("old, refused, new_row", [(1, "UPDATE runs SET status = 'pruned'", _pruned_trial),
+                                                   (2, "UPDATE runs SET kind = 'merge'", _merge_run)],
+                         ids=["1-pruned", "2-merge"])
+def test_an_older_registry_migrates_keeping_its_rows_and_accepts_the_new_values(tmp_path, monkeypatch, old,
+                                                                                refused, new_row):
+    monkeypatch.setattr(db, "SCHEMA_VERSION", old)  # a registry written by an earlier release
+    run_id = _record(tmp_path / "old")
+    with sqlite3.connect(db.registry_path()) as conn:
+        with pytest.raises(sqlite3.IntegrityError):  # that release's schema refuses the new value
+            conn.execute(refused)
+    monkeypatch.setattr(db, "SCHEMA_VERSION", old + 1)
+    before = db.get(run_id)
+    new_row(tmp_path)
+    assert db.get(run_id) == before
 
 
 def test_a_recording_block_ends_as_a_run_does(tmp_path):
@@ -256,16 +271,3 @@ def test_a_recording_block_ends_as_a_run_does(tmp_path):
     assert row["status"] == "pruned" and row["error"] == "pruned at step 2"
     assert db.ending(None) == ("completed", None) and db.ending(KeyboardInterrupt()) == ("interrupted", None)
     assert db.ending(ValueError("bad")) == ("failed", "ValueError: bad")
-
-
-def test_a_version_2_registry_migrates_keeping_its_rows_and_accepts_merge_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(db, "SCHEMA_VERSION", 2)  # a registry written before merge-deltas
-    run_id = _record(tmp_path / "old")
-    with sqlite3.connect(db.registry_path()) as conn:
-        with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("UPDATE runs SET kind = 'merge'")
-    monkeypatch.setattr(db, "SCHEMA_VERSION", 3)
-    before = db.get(run_id)
-    merged = db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge")
-    assert db.get(run_id) == before and db.get(merged)["kind"] == "merge"
-    assert db.record_start(str(tmp_path / "merged"), _cfg(), kind="merge") == merged  # its directory is its own

@@ -177,45 +177,21 @@ def test_without_report_to_nothing_is_written(tmp_path):
     assert run.listeners == []
 
 
-def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    written = []
+def fake_tracker(name: str, calls: list, fail: Exception | None = None) -> type:
+    """A tracker kind that appends each call it gets to ``calls``; with ``fail``, writing scalars raises it."""
 
-    class Broken:
-        name, location = "tensorboard", {"path": "tensorboard"}
-
-        def __init__(self, run):
-            pass
-
-        def params(self, params, text):
-            written.append(params)
-
-        def scalars(self, rows):
-            raise OSError("disk full")
-
-    monkeypatch.setitem(tracking.KINDS, "tensorboard", Broken)
-    run = fake_run(tmp_path / "run", ["tensorboard"])
-    follower = tracking.follow(run)
-    run.append_log({"step": 1, "loss": 1.0})
-    run.append_log({"step": 2, "loss": 0.5})
-    follower.close("completed")
-    assert written == [{"train.report_to": '["tensorboard"]'}]
-    assert capsys.readouterr().err.count("warning: train.report_to: tensorboard: OSError: disk full") == 1
-    assert len((run.log).read_text().splitlines()) == 2
-
-
-def test_trackers_follow_the_log_as_the_run_writes_it(tmp_path, monkeypatch):
-    calls = []
-
-    class Recording:
-        name, location = "mlflow", {"path": "mlflow"}
+    class Fake:
+        location = {"path": name}
 
         def __init__(self, run):
             pass
 
         def params(self, params, text):
-            calls.append(("params", text))
+            calls.append(("params", params, text))
 
         def scalars(self, rows):
+            if fail:
+                raise fail
             calls.append(("scalars", rows))
 
         def final(self, metrics, step, text):
@@ -224,11 +200,31 @@ def test_trackers_follow_the_log_as_the_run_writes_it(tmp_path, monkeypatch):
         def close(self, status):
             calls.append(("close", status))
 
-    monkeypatch.setitem(tracking.KINDS, "mlflow", Recording)
+    Fake.name = name
+    return Fake
+
+
+def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(tracking.KINDS, "tensorboard", fake_tracker("tensorboard", calls, OSError("disk full")))
+    run = fake_run(tmp_path / "run", ["tensorboard"])
+    follower = tracking.follow(run)
+    run.append_log({"step": 1, "loss": 1.0})
+    run.append_log({"step": 2, "loss": 0.5})
+    follower.close("completed")
+    assert calls == [("params", {"train.report_to": '["tensorboard"]'}, run.config.read_text())]  # dropped: no close
+    assert capsys.readouterr().err.count("warning: train.report_to: tensorboard: OSError: disk full") == 1
+    assert len((run.log).read_text().splitlines()) == 2
+
+
+def test_trackers_follow_the_log_as_the_run_writes_it(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(tracking.KINDS, "mlflow", fake_tracker("mlflow", calls))
     run = fake_run(tmp_path / "run", ["mlflow"])
     follower = tracking.follow(run)
     run.append_log({"step": 1, "epoch": 0, "loss": 1.0})
-    assert calls == [("params", run.config.read_text()), ("scalars", [(1, {"epoch": 0.0, "loss": 1.0})])]
+    assert calls == [("params", {"train.report_to": '["mlflow"]'}, run.config.read_text()),
+                     ("scalars", [(1, {"epoch": 0.0, "loss": 1.0})])]
     run.append_log({"step": 1, "eval": {"accuracy": 0.5, "per_class": {"a": {"f1": 0.25}}, "matrix": [[1]]}})
     assert calls[-1] == ("scalars", [(1, {"eval/accuracy": 0.5, "eval/per_class/a/f1": 0.25})])
     (run.path / "metrics.json").write_text(json.dumps({"eval": {"accuracy": 0.5}, "steps": 1, "lr_source": "config"}))

@@ -269,12 +269,18 @@ def prepare_preferences(cfg: Config, encode: Callable[[list[Preference]], list])
     rows = {name: [{"prompt": p.prompt, "responses": p.responses, FILE: p.source[0], ROW: p.source[1]} for p in prefs]
             for name, prefs in splits.items()}
     report = _preference_report(cfg, files, rows, rejects, limited)
-    examples = {name: encode(prefs) for name, prefs in splits.items()}
+    return encoded(cfg, encode, splits, rows, report, rejects, "preferences", f"{files['train']}: no usable preference")
+
+
+def encoded(cfg: Config, encode: Callable[[list], list], splits: dict[str, list], rows: dict[str, list[dict]],
+            report: dict, rejects: list[dict], mode: str, none_left: str) -> PreparedData:
+    """The prepared data of prompt-keyed items (preferences, thumbs rows): each split's items through ``encode``
+    (the task's), next to their ``rows``. A DataError starting ``none_left`` where truncation left a split empty."""
+    examples = {name: encode(items) for name, items in splits.items()}
     if not examples["train"] or not examples["eval"]:
-        raise DataError(f"{files['train']}: no usable preference examples after truncating to train.max_length="
-                        f"{cfg.train.max_length}; raise it")
+        raise DataError(f"{none_left} examples after truncating to train.max_length={cfg.train.max_length}; raise it")
     return PreparedData(Split(rows["train"], examples["train"]), Split(rows["eval"], examples["eval"]), None,
-                        report["fingerprint"], "preferences", report=report, rejects=rejects)
+                        report["fingerprint"], mode, report=report, rejects=rejects)
 
 
 def split_and_limit(loaded: dict[str, list], train_file: str, cfg: Config, what: str) -> tuple[dict[str, list], int]:

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING
 from ..assets import DATASETS, resolve_data
 from ..config import Config, DataConfig, to_dict
 from ..data.collate import pad
-from ..data.examples import IGNORE, PreparedData, Split, sft_example, split_and_limit
+from ..data.examples import IGNORE, PreparedData, encoded, sft_example, split_and_limit
 from ..data.load import FILE, ROW
 from ..data.preferences import Thumb, load_thumbs
 from ..data.report import fingerprint
-from ..errors import DataError, DeltatuneError
+from ..errors import DeltatuneError
 from ..lazy import lazy
 from ..rlhf.losses import kto_loss
 from .base import Metric, Task
@@ -212,12 +212,7 @@ def prepare_thumbs(cfg: Config, encode) -> PreparedData:
                     FILE: t.source[0], ROW: t.source[1]} for t in thumbs] for name, thumbs in splits.items()}
     report = _report(cfg, files, rows, rejects, repeats, limited)
     _note_balance(cfg, splits["train"])
-    examples = {name: encode(thumbs) for name, thumbs in splits.items()}
-    if not examples["train"] or not examples["eval"]:
-        raise DataError(f"{files['train']}: no usable kto examples after truncating to train.max_length="
-                        f"{cfg.train.max_length}; raise it")
-    return PreparedData(Split(rows["train"], examples["train"]), Split(rows["eval"], examples["eval"]), None,
-                        report["fingerprint"], "thumbs", report=report, rejects=rejects)
+    return encoded(cfg, encode, splits, rows, report, rejects, "thumbs", f"{files['train']}: no usable kto")
 
 
 def _first_of_each(thumbs: list[Thumb]) -> list[Thumb]:

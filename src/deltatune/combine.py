@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, dump_yaml
+from .config import Config, to_dict
 from .configure import load_config
 from .errors import ConfigError, RunError
 from .fs import atomic_dir
@@ -174,10 +173,7 @@ def _config(sources: list[Source], adapter: dict, output_dir: str | None, how: s
                                   use_rslora=False, target_modules=adapter["target_modules"], init="default")
     cfg = dataclasses.replace(first, data=data, method=dataclasses.replace(first.method, options=options),
                               output_dir=output_dir, name=f"merge-{how}-{'+'.join(s.name for s in sources)}")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:  # validated as any config is
-        file.write(dump_yaml(cfg))
-        file.flush()
-        return load_config(file.name, check_paths=False)
+    return load_config(to_dict(cfg), check_paths=False)  # validated as any config is
 
 
 def _stacked_heads(sources: list[Source], labels: list[str]) -> dict[str, torch.Tensor]:

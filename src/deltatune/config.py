@@ -701,16 +701,19 @@ class ParsedConfig:
     source: str               # the file, or "command line", for the ConfigError
 
 
-def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ParsedConfig:
+def parse_config(path: str | Path | dict | None = None, overrides: list[str] | None = None) -> ParsedConfig:
     """Read and merge a config file and overrides, collecting (not raising) every problem found
-    without a registry or the file system. Raises ConfigError only for unreadable YAML or overrides."""
+    without a registry or the file system. Raises ConfigError only for unreadable YAML or overrides.
+    ``path`` may also be a config already in memory, as ``to_dict`` gives it: checked as its file would be."""
     extra = parse_overrides(overrides or [])
-    raw = deep_merge(_for_method(read_yaml(path) if path else {}, extra), extra)
+    written = path if isinstance(path, dict) else read_yaml(path) if path else {}
+    raw = deep_merge(_for_method(written, extra), extra)
     problems: list[str] = []
     method_raw = raw.pop("method", {}) or {}
     cfg = build_section(Config, raw, "", problems)
     method = _method_section(method_raw, problems)
-    return ParsedConfig(cfg, method, problems + cfg.problems(), str(path) if path else "command line")
+    source = "config" if isinstance(path, dict) else str(path) if path else "command line"
+    return ParsedConfig(cfg, method, problems + cfg.problems(), source)
 
 
 def _for_method(raw: dict, extra: dict) -> dict:

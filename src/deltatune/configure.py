@@ -19,9 +19,10 @@ from .errors import ConfigError
 from .methods import registry
 from .tasks import registry as tasks
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None,
                 check_paths: bool = True) -> Config:
-    """Read, merge and validate a config. Raises ConfigError listing every problem."""
+    """Read, merge and validate a config (a file, or one in memory as ``config.to_dict`` gives it). Raises
+    ConfigError listing every problem."""
     parsed = parse_config(path, overrides)
     cfg, problems = parsed.cfg, parsed.problems
     cfg.method = _build_method(parsed.method, problems)

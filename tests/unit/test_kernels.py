@@ -153,6 +153,10 @@ def test_shared_lora_dropout_draws_one_mask_per_input():
     assert drop(x) is not out
     model.eval()
     assert drop(x) is x
+    layer = model.base_model.model.model.layers[1].mlp.up_proj  # a layer rebuilt with peft's own dropout ...
+    layer.lora_dropout["default"] = nn.Dropout(0.5)
+    assert fuse(model, ["shared_lora_dropout"]) == {"shared_lora_dropout": 1}  # ... switched again, sharing as before
+    assert layer.lora_dropout["default"]._last is q.lora_dropout["default"]._last
 
 
 class GemmaStyleRMSNorm(nn.Module):

@@ -54,7 +54,8 @@ class SharedDropout(nn.Dropout):
 def share_lora_dropout(model: nn.Module) -> int:
     """Replace every LoRA branch's ``nn.Dropout`` (peft's ``lora_dropout``) by a ``SharedDropout`` that shares
     its mask with the branches reading the same tensor. Returns how many were replaced."""
-    last, count = _LastDrop(), 0
+    shared = [m for m in model.modules() if isinstance(m, SharedDropout)]
+    last, count = (shared[0]._last if shared else _LastDrop()), 0  # again (a rebuilt layer): the same memory
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, nn.ModuleDict):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..fs import atomic_dir
+from ..kernels import fuse
 from ..rundir import RunDir, barrier, is_main_process
 from .loop import Job, first_batches
 from .progress import phase
@@ -43,5 +44,6 @@ def settle_start(job: Job, run: RunDir) -> bool:
                                                           tmp / FILE))
         barrier()
         job.method.set_start(job.model, job.options, load_file(file))
+    fuse(job.model, job.train.kernels)  # layers the start rebuilt (a new rank) come back with peft's own modules
     _SET.add(job.model)
     return True

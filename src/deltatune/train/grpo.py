@@ -60,11 +60,7 @@ class GRPO(online.Algorithm):
     @classmethod
     def build(cls, cfg: Config) -> "GRPO":
         """Check the config, load the rewards, the prompts and the policy. Raises a DeltatuneError."""
-        problems = cfg.grpo.problems(need_rewards=True)  # also when cfg did not come through configure.load_config
-        if problems:
-            raise ConfigError(problems)
-        sources = load_sources(cfg)
-        tokenizer, task, rows = online.load_prompts(cfg)
+        sources, tokenizer, task, rows = online.load_inputs(cfg, cfg.grpo.problems(need_rewards=True), load_sources)
         for source in sources:
             source.check_rows(rows.splits["train"] + rows.splits["eval"])
         policy = Policy(online.load_policy_model(cfg, task), None, tokenizer)

@@ -25,7 +25,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from transformers import set_seed
 from ..assets import resolve_model
 from ..config import Config, to_dict
 from ..data.prepare import PreparedRows
-from ..errors import DeltatuneError, RunError
+from ..errors import ConfigError, DeltatuneError, RunError
 from ..kernels import fuse
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
@@ -51,6 +51,7 @@ from .progress import Progress
 from .session import absolute_refs, finish, refuse_changed_data, tracked, write_inputs, write_metrics
 
 Sample = tuple[str, object, object]  # a held-out prompt, its response (or group of completions) and reward(s)
+R = TypeVar("R")  # an algorithm's reward: PPO's one function, GRPO's weighted sources
 
 
 class Algorithm:
@@ -111,6 +112,17 @@ class Algorithm:
 
 
 # ----------------------------------------------------------------------------- what both algorithms call
+
+def load_inputs(cfg: Config, problems: list[str], load_reward: Callable[[Config], R]) -> tuple[R, object, Task,
+                                                                                             PreparedRows]:
+    """What fails cheaply, before a model loads: the algorithm's section's ``problems`` (checked again here: cfg
+    may not have come through configure.load_config) refused, then its reward(s) (``load_reward``), then the
+    tokenizer, the task and the prompt rows (``load_prompts``)."""
+    if problems:
+        raise ConfigError(problems)
+    reward = load_reward(cfg)
+    return (reward, *load_prompts(cfg))
+
 
 def load_prompts(cfg: Config) -> tuple[object, Task, PreparedRows]:
     """The tokenizer, the task and the prompt rows (through the usual pipeline: templates, cleaning, dedup,

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..config import Config
 from ..data.prepare import PreparedRows
-from ..errors import ConfigError
 from ..fs import atomic_dir
 from ..methods import registry
 from ..rlhf.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_penalty_rewards, ppo_policy_loss,
@@ -62,13 +61,8 @@ class PPO(online.Algorithm):
     @classmethod
     def build(cls, cfg: Config) -> "PPO":
         """Check the config, load the reward, the prompts and the policy. Raises a DeltatuneError."""
-        problems = cfg.ppo.problems(need_source=True)  # also when cfg did not come through configure.load_config
-        if problems:
-            raise ConfigError(problems)
-        reward = load_reward(cfg)
-        tokenizer, task, rows = online.load_prompts(cfg)
-        model = online.load_policy_model(cfg, task)
-        return cls(cfg, task, Policy.wrap(model, tokenizer), rows, reward)
+        reward, tokenizer, task, rows = online.load_inputs(cfg, cfg.ppo.problems(need_source=True), load_reward)
+        return cls(cfg, task, Policy.wrap(online.load_policy_model(cfg, task), tokenizer), rows, reward)
 
     @staticmethod
     def absolute_refs(cfg: Config) -> Config:

@@ -181,3 +181,29 @@ def test_unknown_kernel_is_refused_by_name():
     cfg.train.kernels = ["rms_norm", "flash"]
     problems = cfg.train.problems()
     assert any("train.kernels: unknown fused path 'flash'" in p and "swiglu" in p for p in problems)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def _freed_share(threshold: int) -> float:
+    """The share of 128 MiB of freed tensors that leaves the process's memory while a tensor made after them lives."""
+    from deltatune.kernels.allocator import return_freed_memory
+
+    assert return_freed_memory(threshold)
+    start = _rss_mb()
+    blocks = [torch.ones(2 << 20) for _ in range(16)]  # 16 x 8 MiB, each written
+    later = torch.ones(2 << 20)
+    grown = _rss_mb() - start
+    del blocks
+    freed = grown - (_rss_mb() - start)
+    del later
+    return freed / grown
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's malloc only")
+def test_freed_activations_go_back_to_the_system():
+    assert _freed_share(32 << 20) < 0.2  # what glibc's raised threshold does: the heap keeps them
+    assert _freed_share(1 << 20) > 0.9  # deltatune's: given back

@@ -39,6 +39,7 @@ from ..config import Config, to_dict
 from ..data.prepare import PreparedRows
 from ..errors import ConfigError, DeltatuneError, RunError
 from ..kernels import fuse
+from ..kernels.allocator import return_freed_memory
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording
@@ -144,6 +145,8 @@ def load_policy_model(cfg: Config, task: Task) -> nn.Module:
     model = task.build_model(resolve_model(cfg.model), **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task).to(PartialState().device)
     fuse(model, cfg.train.kernels)
+    if cfg.train.return_freed_memory:
+        return_freed_memory()
     return model.eval()
 
 

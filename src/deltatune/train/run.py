@@ -22,6 +22,7 @@ from ..data import PreparedData
 from ..errors import ConfigError, RunError
 from ..fs import atomic_write_text, fsync_dir
 from ..kernels import fuse
+from ..kernels.allocator import return_freed_memory
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
@@ -59,6 +60,8 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task)
     fuse(model, cfg.train.kernels)
+    if cfg.train.return_freed_memory:
+        return_freed_memory()
     reference = method.untouched(model)  # still the base: the delta is at its initial value
     train_examples, eval_examples = (task.with_reference(reference, method.prepare_examples(model, split.examples))
                                      for split in (data.train, data.eval))

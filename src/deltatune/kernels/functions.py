@@ -21,7 +21,7 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         h = x.float()
-        rstd = torch.rsqrt(torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1]).add_(eps))
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # as the module does: the same bits forward
         ctx.save_for_backward(x, weight, rstd)
         return weight * (h * rstd).to(x.dtype)
 

@@ -141,12 +141,12 @@ def load_policy_model(cfg: Config, task: Task) -> nn.Module:
     """The base model with the method's delta, seeded, on the device, dropout off (the policy that samples and
     the one updated then agree: the first minibatch's ratios are 1)."""
     method = methods.get(cfg.method.name)
+    if cfg.train.return_freed_memory:  # before loading: what loading frees goes back too
+        return_freed_memory()
     set_seed(cfg.train.seed)
     model = task.build_model(resolve_model(cfg.model), **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task).to(PartialState().device)
     fuse(model, cfg.train.kernels)
-    if cfg.train.return_freed_memory:
-        return_freed_memory()
     return model.eval()
 
 

@@ -44,6 +44,8 @@ LOOPS = {"rollouts": PPO, "groups": GRPO}  # tasks that sample their own data (`
 def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, object]:
     """Load and check data, model and method. Raises a DeltatuneError on bad input."""
     torch.set_flush_denormal(True)  # denormals make CPU steps erratic and slow
+    if cfg.train.return_freed_memory:  # before loading: what loading frees goes back too
+        return_freed_memory()
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     method = methods.get(cfg.method.name)
@@ -60,8 +62,6 @@ def build_job(cfg: Config, run: RunDir | None) -> tuple[Job, PreparedData, objec
     model = task.build_model(model_path, **method.load_kwargs(cfg.method.options))
     model = method.apply(model, cfg.method.options, task)
     fuse(model, cfg.train.kernels)
-    if cfg.train.return_freed_memory:
-        return_freed_memory()
     reference = method.untouched(model)  # still the base: the delta is at its initial value
     train_examples, eval_examples = (task.with_reference(reference, method.prepare_examples(model, split.examples))
                                      for split in (data.train, data.eval))

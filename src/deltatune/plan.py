@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from .assets import resolve_model
-from .config import Config, TrainConfig
+from .config import KERNELS, Config, TrainConfig
 from .errors import ArgumentError, ConfigError
 from .methods import registry
 from .models import count_parameters, head_class, load_tokenizer, transformer_layers
@@ -53,6 +53,14 @@ ATTENTION_PROB_FLOATS = 3.0
 # A LoRA branch with dropout keeps its dropped input and the mask: 1.125 floats per input feature
 # (same count: minilm lora minus full, smollm2 lora minus its frozen base).
 ADAPTER_INPUT_FLOATS = 1.125
+# With deltatune's fused paths (train.kernels, all three: deltatune/kernels) a layer keeps less: the share of
+# the saved floats above (attention probabilities apart) that it still keeps, counted the same way with and
+# without them (benchmarks/plan_accuracy.py --saved CONFIG train.kernels=[]): smollm2-135m LoRA on q/k/v/o
+# 22.2 -> 14.0 floats, full 21.1 -> 16.4 (SwiGLU keeps gate and up only; trained RMSNorms keep no normalised
+# copy); minilm LoRA on query/key/value/dense 28.6 -> 19.9 (q/k/v share one dropout; masks kept as booleans),
+# full unchanged (no block of BERT's is fused). A partial set of kernels is planned as none.
+FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.693,
+                     ("decoder", True): 0.78, ("decoder", False): 0.63}
 # Resident memory per saved byte, and per byte of fp32 weights, fitted by hand to the measured peak
 # RSS of minilm full/lora (b32, l128: 1.17 and 1.49, taken as 1.3) and smollm2 lora (b4, l512, with
 # and without checkpointing: 1.125, with the load factor) in benchmarks/plan_accuracy.py. Temporaries
@@ -305,6 +313,8 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
     tokens = batches.size * max(batches.widths)
     width = max(batches.widths)
     per_token = ACTIVATION_FLOATS[(shape.family, shape.trains_base)] * shape.hidden + shape.adapter_floats
+    if set(t.kernels) == set(KERNELS):
+        per_token *= FUSED_SAVED_SHARE[(shape.family, shape.trains_base)]
     if shape.attention_dropout:
         per_token += ATTENTION_PROB_FLOATS * shape.heads * width
     layers = shape.layers * shape.depth

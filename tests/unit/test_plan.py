@@ -11,7 +11,7 @@ from deltatune.eval.evaluate import task_for
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model, load_tokenizer
-from deltatune.plan import (Batches, memory_terms, model_shape, plan, planned_batches, render,
+from deltatune.plan import (FUSED_SAVED_SHARE, Batches, memory_terms, model_shape, plan, planned_batches, render,
                             step_flops)
 from deltatune.train.loop import _epoch_loader
 from deltatune.train.run import build_job
@@ -82,6 +82,15 @@ def test_memory_terms_scale(tiny_llama, qa_jsonl):
     chunked = _terms(shape, train, predicted=(40, 50))
     assert chunked["logits"] == pytest.approx(4.0 * 4 * 50 * shape.vocab)  # only predicted positions, one batch
     assert _terms(shape, train, size=8)["logits"] == chunked["logits"]  # does not grow with the batch
+
+
+def test_fused_kernels_plan_their_measured_share_of_the_saved_activations(tiny_llama, qa_jsonl):
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train
+    shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
+    fused, plain = _terms(shape, train), _terms(shape, dataclasses.replace(train, kernels=[]))
+    assert fused["activations"] == pytest.approx(FUSED_SAVED_SHARE[("decoder", False)] * plain["activations"])
+    partial = _terms(shape, dataclasses.replace(train, kernels=["swiglu"]))  # planned as none (not calibrated)
+    assert partial["activations"] == plain["activations"]
 
 
 def test_flops_count_weight_gradients_only_where_weights_train(tiny_llama, qa_jsonl):

@@ -20,9 +20,26 @@ from tests.e2e.test_ddp import ROOT, _launch, _log, _overrides, train_loop_only
 CPU_FSDP = ROOT / "configs" / "accelerate" / "cpu-fsdp.yaml"
 
 
-@pytest.fixture
-def qa_data(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "qa.jsonl", qa_rows(80))
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", qa_rows(80))
+
+
+LORA = ("method.dropout=0", "train.eval_every=4")
+
+
+def lora_args(model: Path, data: Path, out: Path) -> list[str]:
+    """Two processes of 4 rows each, with a checkpoint every 2 steps."""
+    return ["train", *_overrides(model, data, "lora", out, 4, *LORA, "train.save_every=2")]
+
+
+@pytest.fixture(scope="module")
+def lora_launch(tiny_llama, qa_data, tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted 2-process LoRA launch, compared with one process below and with an interrupted and
+    resumed launch: (its run directory, the trainable tensors it ended with)."""
+    root = tmp_path_factory.mktemp("fsdp-lora")
+    _fsdp(root, root / "final.safetensors", lora_args(tiny_llama, qa_data, root / "two"))
+    return root / "two", root / "final.safetensors"
 
 
 def train_and_gather(final: str, stop_at: int, args: list[str]) -> None:
@@ -71,16 +88,18 @@ def _delta_files(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.e2e  # several processes, each importing torch: slow on a busy machine
-@pytest.mark.parametrize("method, extra", [("lora", ["method.dropout=0", "train.eval_every=4"]),
-                                           ("full", ["train.grad_accum=2", "train.eval_every=2"])])
+@pytest.mark.parametrize("method, extra", [("lora", LORA), ("full", ["train.grad_accum=2", "train.eval_every=2"])])
 def test_fsdp_follows_one_process_and_saves_the_weights_it_ended_with(tiny_llama, qa_data, tmp_path, method,
-                                                                       extra):
+                                                                       extra, request):
     from deltatune.inference import load_run
 
     train_loop_only(_overrides(tiny_llama, qa_data, method, tmp_path / "one", 8, *extra))  # here, alone
-    final = tmp_path / "final.safetensors"
-    _fsdp(tmp_path, final, ["train", *_overrides(tiny_llama, qa_data, method, tmp_path / "two", 4, *extra)])
-    (one, one_evals), (two, two_evals) = _log(tmp_path / "one"), _log(tmp_path / "two")
+    if method == "lora":  # the launch the resume test also compares with (it checkpoints on the way)
+        out, final = request.getfixturevalue("lora_launch")
+    else:
+        out, final = tmp_path / "two", tmp_path / "final.safetensors"
+        _fsdp(tmp_path, final, ["train", *_overrides(tiny_llama, qa_data, method, out, 4, *extra)])
+    (one, one_evals), (two, two_evals) = _log(tmp_path / "one"), _log(out)
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, len(one) + 1))
     assert len(one) == (8 if method == "lora" else 4)
     for a, b in zip(one, two):
@@ -91,7 +110,6 @@ def test_fsdp_follows_one_process_and_saves_the_weights_it_ended_with(tiny_llama
     assert [e["step"] for e in two_evals] == [e["step"] for e in one_evals] == [len(one) // 2, len(one)]
     for a, b in zip(one_evals, two_evals):
         assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], rel=1e-4)
-    out = tmp_path / "two"
     assert json.loads((out / "status.json").read_text())["status"] == "completed"
     # The delta kept is the best evaluation's; here the last one, so it must hold the final weights.
     assert two_evals[-1]["eval"]["perplexity"] < two_evals[0]["eval"]["perplexity"]
@@ -108,14 +126,10 @@ def test_fsdp_follows_one_process_and_saves_the_weights_it_ended_with(tiny_llama
 
 
 @pytest.mark.e2e
-def test_an_interrupted_fsdp_run_resumes_to_the_uninterrupted_delta(tiny_llama, qa_data, tmp_path):
-    def args(out: Path) -> list[str]:
-        return ["train", *_overrides(tiny_llama, qa_data, "lora", out, 4, "method.dropout=0", "train.eval_every=4",
-                                     "train.save_every=2")]
-
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    _fsdp(tmp_path, tmp_path / "a.safetensors", args(straight))
-    proc = _fsdp(tmp_path, tmp_path / "unused.safetensors", args(broken), stop_at=3, check=False)
+def test_an_interrupted_fsdp_run_resumes_to_the_uninterrupted_delta(tiny_llama, qa_data, lora_launch, tmp_path):
+    (straight, final), broken = lora_launch, tmp_path / "broken"
+    proc = _fsdp(tmp_path, tmp_path / "unused.safetensors", lora_args(tiny_llama, qa_data, broken), stop_at=3,
+                 check=False)
     assert proc.returncode != 0
     assert json.loads((broken / "status.json").read_text())["status"] == "interrupted"
     assert not (broken / "delta").exists()
@@ -130,7 +144,7 @@ def test_an_interrupted_fsdp_run_resumes_to_the_uninterrupted_delta(tiny_llama, 
     assert adapters.keys() == resumed.keys()
     for name in adapters:
         assert torch.equal(adapters[name], resumed[name]), name
-    final_a, final_b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    final_a, final_b = load_file(final), load_file(tmp_path / "b.safetensors")
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[n], final_b[n]) for n in final_a)
     assert [(r["step"], r["loss"]) for r in _log(straight)[0]] == [(r["step"], r["loss"]) for r in _log(broken)[0]]
 

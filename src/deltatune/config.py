@@ -252,10 +252,12 @@ class TrainConfig:
                              "SiLU MLPs), shared_lora_dropout (LoRA branches reading the same tensor, e.g. q, k and "
                              "v, share one dropout mask instead of drawing one each). [] trains with the model's own "
                              "modules only.")
-    return_freed_memory: bool = doc(True, "Linux (glibc): tensors of 1 MiB and more get pages of their own, returned to "
-                                          "the system when freed, instead of a heap that keeps freed activation "
-                                          "memory counted in the process (a lower peak: BENCHMARKS.md). Process-wide "
-                                          "from the run's start; other systems: no effect.")
+    return_freed_memory: bool = doc(False, "Linux (glibc): tensors of 1 MiB and more get pages of their own, returned to "
+                                           "the system when freed, instead of a heap that keeps freed activation "
+                                           "memory counted in the process. A lower peak for a slower step (every "
+                                           "large tensor is fresh pages to fault in): SmolLM2 LoRA 0.79x the peak at "
+                                           "0.72x the speed, 0.63x with train.kernels (BENCHMARKS.md). Process-wide "
+                                           "from the run's start; other systems: no effect.")
     group_by_length: bool = doc(True, "Batch examples of similar length together (sorted within windows of 50 "
                                       "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
                                       "stays exact): less padding, faster steps (MiniLM on sentences: 1.7-2.3x, "

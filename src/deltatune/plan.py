@@ -58,7 +58,11 @@ ADAPTER_INPUT_FLOATS = 1.125
 # without them (benchmarks/plan_accuracy.py --saved CONFIG train.kernels=[]): smollm2-135m LoRA on q/k/v/o
 # 22.2 -> 14.0 floats, full 21.1 -> 16.4 (SwiGLU keeps gate and up only; trained RMSNorms keep no normalised
 # copy); minilm LoRA on query/key/value/dense 28.6 -> 19.9 (q/k/v share one dropout; masks kept as booleans),
-# full unchanged (no block of BERT's is fused). A partial set of kernels is planned as none.
+# full unchanged (no block of BERT's is fused). A partial set of kernels is planned as none, and so is the full
+# set unless train.return_freed_memory: glibc's heap keeps the freed transients, and the peak moved by 3-4 %
+# only (benchmarks/kernels.py: SmolLM2 LoRA 4,582 -> 4,404 MB with swiglu, 4,446 with the shared dropout).
+# With return_freed_memory the weights and RSS factors below are not recalibrated: plan over-predicts
+# (plan_accuracy.py measured 1.16-1.84x on its cases with it on, 2026-12-02).
 FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.693,
                      ("decoder", True): 0.78, ("decoder", False): 0.63}
 # Resident memory per saved byte, and per byte of fp32 weights, fitted by hand to the measured peak
@@ -313,7 +317,7 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
     tokens = batches.size * max(batches.widths)
     width = max(batches.widths)
     per_token = ACTIVATION_FLOATS[(shape.family, shape.trains_base)] * shape.hidden + shape.adapter_floats
-    if set(t.kernels) == set(KERNELS):
+    if set(t.kernels) == set(KERNELS) and t.return_freed_memory:
         per_token *= FUSED_SAVED_SHARE[(shape.family, shape.trains_base)]
     if shape.attention_dropout:
         per_token += ATTENTION_PROB_FLOATS * shape.heads * width

@@ -85,9 +85,11 @@ def test_memory_terms_scale(tiny_llama, qa_jsonl):
 
 
 def test_fused_kernels_plan_their_measured_share_of_the_saved_activations(tiny_llama, qa_jsonl):
-    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.return_freed_memory=true").train
     shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
     fused, plain = _terms(shape, train), _terms(shape, dataclasses.replace(train, kernels=[]))
+    heap = _terms(shape, dataclasses.replace(train, return_freed_memory=False))  # the heap keeps the transients
+    assert heap["activations"] == plain["activations"]
     assert fused["activations"] == pytest.approx(FUSED_SAVED_SHARE[("decoder", False)] * plain["activations"])
     partial = _terms(shape, dataclasses.replace(train, kernels=["swiglu"]))  # planned as none (not calibrated)
     assert partial["activations"] == plain["activations"]

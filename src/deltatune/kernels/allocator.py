@@ -5,8 +5,9 @@ threshold to the size of every such block freed (up to 32 MB), so after the firs
 activations (a few MB each) come from the heap, whose freed space stays counted in the process's memory. A
 step then peaks at the activations kept for backward plus every transient tensor of the forward pass ever
 freed into the heap. Fixing the threshold at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``) keeps tensors of 1 MiB and
-more on their own pages: SmolLM2 LoRA's step peaks 0.8-1.6 GB lower (BENCHMARKS.md). Other C libraries
-(musl, macOS, Windows) are left as they are.
+more on their own pages: SmolLM2 LoRA's step peaks 1.0-1.7 GB lower, but every large tensor is then fresh
+pages the kernel must fault in and zero, and the step runs at 0.72x the speed (BENCHMARKS.md), so it is off
+by default (``train.return_freed_memory``). Other C libraries (musl, macOS, Windows) are left as they are.
 """
 
 from __future__ import annotations

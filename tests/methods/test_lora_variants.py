@@ -142,8 +142,9 @@ def test_a_run_with_a_changed_base_loads_back_with_its_metrics(kind, init, reque
     assert again["loss"] == pytest.approx(trained["loss"], abs=1e-5)
 
 
-BAD = [("method.init=loftq", "method.init: loftq is not offered: LoftQ .*CUDA"),
-       ("method.init=pissa_niter_4", "method.init: use default, gaussian, pissa, olora, eva, got 'pissa_niter_4'"),
+BAD = [("method.init=loftq", "method.init: loftq fits B A to the error of a 4-bit quantized base, and lora's base "
+                             "is not quantized: use method.name=qlora"),
+       ("method.init=pissa_niter_4", "method.init: use default, gaussian, pissa, olora, eva, loftq, got 'pissa_niter_4'"),
        ("method.loraplus_lr_ratio=0", "method.loraplus_lr_ratio: must be a positive number"),
        ("method.loraplus_lr_ratio=-16", "method.loraplus_lr_ratio: must be a positive number")]
 

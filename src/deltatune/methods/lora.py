@@ -24,6 +24,8 @@ Variants, all peft's (docs/methods.md, "LoRA variants"):
   ``data_start`` computes it (``peft.get_eva_state_dict``), ``set_start`` puts it in place
   (``peft.initialize_lora_eva_weights``); the run keeps the A's, so a resumed run rebuilds the same ranks
   (train/data_start.py). The saved adapter carries the ranks as peft's ``rank_pattern``/``alpha_pattern``.
+- LoftQ (Li et al., 2023), ``init: loftq``, qlora only: ``s B A`` starts as the truncated SVD of the 4-bit
+  base's quantization error (``qlora.loftq_start``).
 """
 
 from __future__ import annotations
@@ -49,16 +51,14 @@ peft = lazy("peft")
 safetensors_torch = lazy("safetensors.torch")
 
 # method.init -> peft's init_lora_weights.
-INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva",
+         "loftq": True}  # qlora only: peft's default start, then its B A set to the quantization error (qlora.py)
 # Inits that move part of W into B0 A0 and leave the residual as the frozen base.
 CHANGES_BASE = ("pissa", "olora")
 # EVA passes over its batches again until every needed component settles (peft has no limit): a run that has
 # not settled after this many passes stops, saying what to do.
 EVA_PASSES = 50
-NOT_OFFERED = {
-    "loftq": "LoftQ (Li et al. 2023) fits B0 A0 to the error of a 4-bit quantized base; peft 0.21 computes it on "
-             "CUDA or XPU only (peft.utils.loftq_utils), and deltatune trains on the CPU",
-}
+NOT_OFFERED: dict[str, str] = {}
 # `deltatune merge-deltas --how` -> peft's add_weighted_adapter combination: each on the full updates
 # s B A of every layer (the "_svd" variants: weighted sum, TIES, DARE, then the best rank-r factors of the
 # result), or their factors side by side (cat: exact, rank the sum of the ranks). peft's plain linear / ties /
@@ -90,8 +90,10 @@ class LoraOptions:
                                "2024): before the first step, each A from an SVD of its layer's inputs over the first "
                                "eva_batches training batches (padding left out), B = 0, and the ranks moved to the "
                                "layers whose inputs that explains best (the total r x layers kept, at most eva_rho x "
-                               "r each); the run keeps them, so a resume rebuilds them. Not offered: loftq (peft "
-                               "computes it on CUDA only).")
+                               "r each); the run keeps them, so a resume rebuilds them. loftq (Li et al. 2023; qlora "
+                               "only): B A starts as the best rank-r approximation of the base's 4-bit quantization "
+                               "error (original weights - dequantized ones, from the model's safetensors), so the "
+                               "quantized model starts closer to the original.")
     loraplus_lr_ratio: float | None = doc(None, "LoRA+ (Hayou et al. 2024): every B trains at train.lr times this "
                                                 "ratio (the paper suggests about 16), A and the head at train.lr. "
                                                 "Unset: one rate for all.")
@@ -101,12 +103,17 @@ class LoraOptions:
                               "SVD reads; it passes over them again until its components settle. Each needs at "
                               "least eva_rho x r real tokens.")
 
+    quantized_base = False  # qlora's options say True: init loftq needs a quantized base
+
     def problems(self) -> list[str]:
         out = adapter_problems(self)
         if self.init in NOT_OFFERED:
             out.append(f"init: {self.init} is not offered: {NOT_OFFERED[self.init]}; use {', '.join(INITS)}")
         elif self.init not in INITS:
             out.append(f"init: use {', '.join(INITS)}, got {self.init!r}")
+        elif self.init == "loftq" and not self.quantized_base:
+            out.append("init: loftq fits B A to the error of a 4-bit quantized base, and lora's base is not "
+                       "quantized: use method.name=qlora with init loftq, or another init")
         if not (self.eva_rho >= 1 and math.isfinite(self.eva_rho)):
             out.append(f"eva_rho: must be a number of at least 1 (the most rank a layer may get under init: eva, as "
                        f"a multiple of r), got {self.eva_rho}; 1 keeps r for every layer")

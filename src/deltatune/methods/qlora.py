@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import doc
+from ..errors import ConfigError
 from ..lazy import lazy
 from ..models import replace_module
 from .lora import CHANGES_BASE, Lora, LoraOptions
@@ -30,6 +31,7 @@ KEEP_FULL_PRECISION = ["classifier", "score", "lm_head"]
 class QLoraOptions(LoraOptions):
     quant_type: str = doc("nf4", "4-bit data type of the frozen base: nf4 (normal float) or fp4.")
     double_quant: bool = doc(True, "Also quantize the per-block scales (saves ~0.4 bit per weight).")
+    quantized_base = True
 
     def problems(self) -> list[str]:
         bad = [] if self.quant_type in ("nf4", "fp4") else [f"quant_type: use nf4 or fp4, got {self.quant_type!r}"]
@@ -66,7 +68,10 @@ class QLora(Lora):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return super().apply(_exact_cpu_path(model), options, task)
+        model = super().apply(_exact_cpu_path(model), options, task)
+        if options.init == "loftq":
+            loftq_start(model)
+        return model
 
     def load_delta(self, model: nn.Module, path, options, task) -> nn.Module:
         return super().load_delta(_exact_cpu_path(model), path, options, task)
@@ -87,6 +92,38 @@ class QLora(Lora):
                 replace_module(base, name, module.modules_to_save[module.active_adapter])
         dequantize_4bit_layers(base)
         return base
+
+
+def loftq_start(model: nn.Module) -> None:
+    """LoftQ (Li et al. 2023) for a base quantized as it loaded: each LoRA layer's ``s B A`` starts as the best
+    rank-r approximation (truncated SVD) of ``W - dequantize(Q(W))``, with ``W`` read from the model's own
+    safetensors, so that ``Q(W) + s B A`` is as close to ``W`` as rank r allows. peft's
+    ``replace_lora_weights_loftq`` does this on CUDA or XPU only, and sets ``B A`` (not ``s B A``) to the
+    approximation; here the factors carry ``1 / sqrt(s)`` each, so the model starts at the approximation
+    whatever alpha / r is. One pass: the 4-bit base is the one loaded, not re-quantized."""
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _SafetensorLoader
+
+    path = getattr(model.get_base_model().config, "_name_or_path", "")
+    try:
+        loader = _SafetensorLoader(model, str(path))  # model.safetensors or its shards
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError([f"method.init: loftq reads the base's original weights from its safetensors files, and "
+                           f"{path or 'the model'} has none ({exc}); save the model with safetensors, or use "
+                           "another init"]) from exc
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            weight = loader.get_tensor(name[len(prefix):] + ".weight").float()
+            error = weight - _dequantized(module.get_base_layer())
+            u, s, vh = torch.linalg.svd(error, full_matrices=False)
+            for adapter in module.lora_A:
+                r, scale = module.r[adapter], module.scaling[adapter]
+                root = (s[:r] / scale).sqrt()
+                module.lora_B[adapter].weight.copy_(u[:, :r] * root)
+                module.lora_A[adapter].weight.copy_(root[:, None] * vh[:r])
 
 
 def _merged(module: nn.Module, adapter: str, weight: torch.Tensor) -> torch.Tensor:

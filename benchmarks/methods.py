@@ -30,7 +30,7 @@ SUITES = {
                    "train.eval_every=0"],
         "methods": ["full", "freeze", "feature_extraction", "bitfit", "houlsby", "lora", "ia3", "prefix",
                     "prompt", "ptuning", "vera", "loha", "lokr", "oft", "adalora", *["lora-" + v for v in (
-                        "dora", "rslora", "pissa", "olora", "plus", "eva")]],
+                        "dora", "rslora", "pissa", "olora", "plus", "eva")], "qlora", "qlora-loftq"],
     },
     "smollm2": {
         "configs": "smollm2-135m/causal_lm-{}.yaml",
@@ -38,14 +38,21 @@ SUITES = {
         "budget": ["data.train_limit=320", "data.eval_limit=100", "train.epochs=1", "train.batch_size=8",
                    "train.eval_every=0"],
         "methods": ["full", "freeze", "houlsby", "lora", "ia3", "prefix", "prompt", "ptuning", "vera", "loha", "lokr",
-                    "oft", "adalora", *["lora-" + v for v in ("dora", "rslora", "pissa", "olora", "plus", "eva")]],
+                    "oft", "adalora", *["lora-" + v for v in ("dora", "rslora", "pissa", "olora", "plus", "eva")],
+                    "qlora", "qlora-loftq"],
     },
 }
 STARTED = time.strftime("%Y-%m-%d")  # the day this measurement began: every row of one invocation has it
-# LoRA's options, each measured as a row of its own: the lora config with these overrides.
+# LoRA's options, each measured as a row of its own: the lora (qlora-...: qlora) config with these overrides.
 VARIANTS = {"lora-dora": ["method.use_dora=true"], "lora-rslora": ["method.use_rslora=true"],
             "lora-pissa": ["method.init=pissa"], "lora-olora": ["method.init=olora"],
-            "lora-plus": ["method.loraplus_lr_ratio=16"], "lora-eva": ["method.init=eva"]}
+            "lora-plus": ["method.loraplus_lr_ratio=16"], "lora-eva": ["method.init=eva"],
+            "qlora-loftq": ["method.init=loftq"]}
+
+
+def base_method(method: str) -> str:
+    """The method whose config a row trains: a variant's prefix (lora-dora -> lora, qlora-loftq -> qlora)."""
+    return method.split("-")[0] if method in VARIANTS else method
 # docs/methods.md from its top to this heading is generated here; the rest is written by hand.
 HAND_WRITTEN = "## Default learning rates"
 
@@ -55,7 +62,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def run_one(suite: dict, method: str, workdir: Path) -> dict:
-    config = ROOT / "configs" / suite["configs"].format("lora" if method in VARIANTS else method)
+    config = ROOT / "configs" / suite["configs"].format(base_method(method))
     out = workdir / method
     cmd = [sys.executable, "-m", "deltatune.cli", "train", str(config), *suite["budget"], *VARIANTS.get(method, []),
            "train.progress=false", f"output_dir={out}"]

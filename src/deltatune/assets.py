@@ -85,7 +85,7 @@ HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "
 def portable_name(ref: str) -> str:
     """How a delta names its base so that another machine can find it: a packaged model's Hugging Face id,
     or a local folder's own name (never this machine's path; ``model_fingerprint`` tells copies apart)."""
-    return HUB_IDS.get(ref) or Path(ref).expanduser().resolve().name
+    return HUB_IDS.get(ref) or fs.user_path(ref).resolve().name
 
 
 def model_fingerprint(path: Path) -> str:
@@ -120,7 +120,7 @@ def resolve_model(ref: str) -> Path:
     """A model alias or a local folder -> a local HF folder (converting a packaged model once)."""
     if ref in MODELS:
         return MODELS[ref][1]()
-    path = Path(ref).expanduser()
+    path = fs.user_path(ref)
     if not (path / "config.json").is_file():
         raise AssetError(f"model {ref!r}: not a packaged alias ({', '.join(MODELS)}) and not a folder "
                          "with a config.json; give a local Hugging Face model folder")
@@ -137,7 +137,7 @@ def check_model_ref(ref: str, check_paths: bool) -> list[str]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return [f"model: unknown model {ref!r}{hint}; use a packaged alias ({', '.join(MODELS)}) "
                 "or a path to a local Hugging Face model folder"]
-    if check_paths and not (Path(ref).expanduser() / "config.json").is_file():
+    if check_paths and not (fs.user_path(ref) / "config.json").is_file():
         return [f"model: {ref} is not a Hugging Face model folder (no config.json there)"]
     return []
 
@@ -269,13 +269,13 @@ DATASETS: dict[str, DataAsset] = {
 def resolve_data(ref: str) -> Path:
     if ref in DATASETS:
         return DATASETS[ref].locate()
-    return Path(ref).expanduser()
+    return fs.user_path(ref)
 
 
 def check_data_ref(ref: str, key: str, check_paths: bool) -> list[str]:
     if ref in DATASETS:
         return []
-    path = Path(ref).expanduser()
+    path = fs.user_path(ref)
     if path.suffix.lower() not in DATA_SUFFIXES:
         return [f"{key}: {ref!r} is neither a packaged data set ({', '.join(DATASETS)}) nor a "
                 f"{'/'.join(DATA_SUFFIXES)} file"]

@@ -246,12 +246,12 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")
-    kernels: list[str] = doc(list(KERNELS),
-                             "deltatune's fused paths to train with, each where the model has the block (the same "
-                             "maths, less kept for backward; BENCHMARKS.md): rms_norm (RMSNorm layers), swiglu (gated "
-                             "SiLU MLPs), shared_lora_dropout (LoRA branches reading the same tensor, e.g. q, k and "
-                             "v, share one dropout mask instead of drawing one each). [] trains with the model's own "
-                             "modules only.")
+    kernels: list[str] = doc(["rms_norm", "swiglu"],
+                             "deltatune's fused paths to train with, each where the model has the block: rms_norm "
+                             "(RMSNorm layers) and swiglu (gated SiLU MLPs) compute what the modules compute and keep "
+                             "less for backward; shared_lora_dropout (opt-in) gives LoRA branches that read the same "
+                             "tensor (q, k and v) one dropout mask instead of one each, which changes the training "
+                             "noise (BENCHMARKS.md). [] trains with the model's own modules only.")
     return_freed_memory: bool = doc(False, "Linux (glibc): tensors of 1 MiB and more get pages of their own, returned to "
                                            "the system when freed, instead of a heap that keeps freed activation "
                                            "memory counted in the process. A lower peak for a slower step (every "

@@ -16,6 +16,7 @@ from .components import supports, tasks_of
 from .config import LARGE_LR, Config, MethodConfig, build_section, describe, did_you_mean, parse_config
 from .data.multitask import check_tasks
 from .errors import ConfigError
+from .fs import user_path
 from .methods import registry
 from .tasks import registry as tasks
 
@@ -122,8 +123,8 @@ def reference_problems(cfg: Config, check_paths: bool) -> list[str]:
     problems = assets.check_model_ref(cfg.model, check_paths)
     for key in ("train", "eval", "test"):
         ref = getattr(cfg.data, key)
-        if ref and Path(ref).expanduser().is_dir():
-            problems += _check_data_folder(Path(ref).expanduser(), f"data.{key}")
+        if ref and user_path(ref).is_dir():
+            problems += _check_data_folder(user_path(ref), f"data.{key}")
         elif ref:
             problems += assets.check_data_ref(ref, f"data.{key}", check_paths)
     return problems + check_tasks(cfg.data, check_paths)

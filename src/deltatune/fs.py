@@ -31,6 +31,15 @@ PARTIAL, NEW, OLD = ".partial-", ".new", ".old"  # suffixes of a folder being sw
 _commits = 0
 
 
+def user_path(ref: str | Path) -> Path:
+    """``ref`` with ``~`` and ``~user`` expanded; a ``~user`` that names no user stays as written (a path that
+    does not exist, reported as such) instead of raising."""
+    try:
+        return Path(ref).expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        return Path(ref)
+
+
 def cache_dir() -> Path:
     """``$DELTATUNE_CACHE``, default ``~/.cache/deltatune``: prepared models, data, features, registry."""
     return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))

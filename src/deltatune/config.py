@@ -42,7 +42,7 @@ LARGE_LR = 1.0
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ip", "name")
 EDA_OPERATIONS = ("synonym", "insert", "swap", "delete")
 # train.kernels' choices: deltatune.kernels' fused paths.
-KERNELS = ("rms_norm", "swiglu", "shared_lora_dropout")
+KERNELS = ("rms_norm", "swiglu", "lora_dropout", "shared_lora_dropout")
 
 # train.report_to's choices: the module each needs and the pip requirement that provides it (train/tracking.py
 # writes them; `pip install 'deltatune[tracking]'` installs both).
@@ -246,9 +246,10 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")
-    kernels: list[str] = doc(["rms_norm", "swiglu"],
+    kernels: list[str] = doc(["rms_norm", "swiglu", "lora_dropout"],
                              "deltatune's fused paths to train with, each where the model has the block: rms_norm "
-                             "(RMSNorm layers) and swiglu (gated SiLU MLPs) compute what the modules compute and keep "
+                             "(RMSNorm layers), swiglu (gated SiLU MLPs) and lora_dropout (a LoRA branch's dropout "
+                             "with its A, the same random draws) compute what the modules compute and keep "
                              "less for backward; shared_lora_dropout (opt-in) gives LoRA branches that read the same "
                              "tensor (q, k and v) one dropout mask instead of one each, which changes the training "
                              "noise (BENCHMARKS.md). [] trains with the model's own modules only.")

@@ -31,7 +31,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from .assets import resolve_model
-from .config import KERNELS, Config, TrainConfig
+from . import allocator
+from .config import Config, TrainConfig
 from .errors import ArgumentError, ConfigError
 from .methods import registry
 from .models import count_parameters, head_class, load_tokenizer, transformer_layers
@@ -53,25 +54,19 @@ ATTENTION_PROB_FLOATS = 3.0
 # A LoRA branch with dropout keeps its dropped input and the mask: 1.125 floats per input feature
 # (same count: minilm lora minus full, smollm2 lora minus its frozen base).
 ADAPTER_INPUT_FLOATS = 1.125
-# With deltatune's fused paths (train.kernels, all three: deltatune/kernels) a layer keeps less: the share of
-# the saved floats above (attention probabilities apart) that it still keeps, counted the same way with and
-# without them (benchmarks/plan_accuracy.py --saved CONFIG train.kernels=[]): smollm2-135m LoRA on q/k/v/o
-# 22.2 -> 14.0 floats, full 21.1 -> 16.4 (SwiGLU keeps gate and up only; trained RMSNorms keep no normalised
-# copy); minilm LoRA on query/key/value/dense 28.6 -> 19.9 (q/k/v share one dropout; masks kept as booleans),
-# full unchanged (no block of BERT's is fused). A partial set of kernels is planned as none, and so is the full
-# set unless train.return_freed_memory: glibc's heap keeps the freed transients, and the peak moved by 3-4 %
-# only (benchmarks/kernels.py: SmolLM2 LoRA 4,582 -> 4,404 MB with swiglu, 4,446 with the shared dropout).
-# With return_freed_memory the weights and RSS factors below are not recalibrated: plan over-predicts
-# (plan_accuracy.py measured 1.16-1.84x on its cases with it on, 2026-12-02).
-FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.693,
-                     ("decoder", True): 0.78, ("decoder", False): 0.63}
-# Resident memory per saved byte, and per byte of fp32 weights, fitted by hand to the measured peak
-# RSS of minilm full/lora (b32, l128: 1.17 and 1.49, taken as 1.3) and smollm2 lora (b4, l512, with
-# and without checkpointing: 1.125, with the load factor) in benchmarks/plan_accuracy.py. Temporaries
-# of the forward (attention scores, dropout outputs) come on top of what backward keeps; the
-# allocator reuses the memory freed after loading (read, converted, copied: about 3x the weights).
-RSS_PER_SAVED_BYTE = {"encoder": 1.3, "decoder": 1.125}
-LOAD_FACTOR = 3.0
+# With deltatune's fused paths (train.kernels at its default, rms_norm, swiglu and lora_dropout: deltatune/kernels)
+# a layer keeps less: the share of the saved floats above (attention probabilities apart) that it still keeps,
+# counted the same way with and without them (benchmarks/plan_accuracy.py --saved CONFIG train.kernels=[],
+# width 64): smollm2-135m LoRA on q/k/v/o 22.2 -> 13.6 floats (q/v only: 18.3 -> 13.2), full 27.4 -> 22.7
+# (SwiGLU keeps gate and up only; trained RMSNorms keep no normalised copy; LoRA branches keep their input once
+# and boolean masks); minilm LoRA on query/key/value/dense 28.6 -> 20.6, full unchanged (no block of BERT's is
+# fused). shared_lora_dropout instead of lora_dropout keeps about as much (smollm2 LoRA 14.1). Other sets are
+# planned as none, and so is every set on glibc's malloc without train.return_freed_memory: its heap keeps the
+# freed transients, and the peak moved by 3-4 % only (benchmarks/kernels.py).
+FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.718,
+                     ("decoder", True): 0.829, ("decoder", False): 0.614}
+RSS_PER_SAVED_BYTE = {"system": {"encoder": 1.3, "decoder": 1.125}, "tcmalloc": {"encoder": 1.3, "decoder": 1.125}}
+LOAD_FACTOR = {"system": 3.0, "tcmalloc": 3.0}
 # What loading frees stays resident, in blocks the size of the parameters: gradients and AdamW states
 # (the same sizes) fill them again before they need new memory; activations (other sizes) do not.
 # Without this, full fine-tuning was over-predicted by 14 % (minilm) and 39 % (smollm2; LoRA cases,
@@ -125,6 +120,7 @@ class Plan:
     seconds_per_step: float
     steps: int
     suggestions: list[Suggestion] = field(default_factory=list)
+    malloc: str = "system"  # what train will run on (allocator.planned)
 
     @property
     def fits(self) -> bool:
@@ -201,7 +197,8 @@ def check_positive(name: str, value: float | None, unit: str) -> None:
 
 def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
     task = tasks.get(cfg.task)
-    memory = memory_terms(shape, batches, cfg.train, task)
+    malloc = allocator.planned()
+    memory = memory_terms(shape, batches, cfg.train, task, malloc)
     train_part = memory["activations"] + memory["logits"]
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
@@ -213,7 +210,7 @@ def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, availab
                 mean_width=sum(batches.widths) / len(batches.widths), max_width=max(batches.widths),
                 memory_mb={k: round(v / MB, 1) for k, v in memory.items()}, peak_mb=round(peak / MB, 1),
                 available_mb=round(available, 1), flops_per_step=flops, matmul_gflops=round(speed, 1),
-                seconds_per_step=round(seconds, 3), steps=_steps(cfg.train, len(batches.widths)))
+                seconds_per_step=round(seconds, 3), steps=_steps(cfg.train, len(batches.widths)), malloc=malloc)
 
 
 # ----------------------------------------------------------------------------- the model's shape
@@ -312,12 +309,19 @@ def _steps(t: TrainConfig, micro_batches: int) -> int:
 
 # ----------------------------------------------------------------------------- memory and FLOPs
 
-def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task]) -> dict[str, float]:
-    """Bytes of each term; ``activations``, ``logits`` and ``evaluation`` are transient."""
+def fused(kernels) -> bool:
+    """The kernel sets FUSED_SAVED_SHARE was counted for: rms_norm, swiglu and one of the LoRA dropouts."""
+    return {"rms_norm", "swiglu"} <= set(kernels) and bool({"lora_dropout", "shared_lora_dropout"} & set(kernels))
+
+
+def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task],
+                 malloc: str = "system") -> dict[str, float]:
+    """Bytes of each term on ``malloc`` (allocator.planned()); ``activations``, ``logits`` and ``evaluation``
+    are transient."""
     tokens = batches.size * max(batches.widths)
     width = max(batches.widths)
     per_token = ACTIVATION_FLOATS[(shape.family, shape.trains_base)] * shape.hidden + shape.adapter_floats
-    if set(t.kernels) == set(KERNELS) and t.return_freed_memory:
+    if fused(t.kernels) and (malloc == "tcmalloc" or t.return_freed_memory):
         per_token *= FUSED_SAVED_SHARE[(shape.family, shape.trains_base)]
     if shape.attention_dropout:
         per_token += ATTENTION_PROB_FLOATS * shape.heads * width
@@ -328,16 +332,16 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
         saved = 4.0 * tokens * (shape.hidden * layers + per_token)
     else:
         saved = 4.0 * tokens * per_token * layers
-    activations = saved * RSS_PER_SAVED_BYTE[shape.family]
+    activations = saved * RSS_PER_SAVED_BYTE[malloc][shape.family]
     causal = task.head == "causal"  # a loss over the vocabulary
     positions = (min(max(batches.predicted), 256) if t.chunked_loss else tokens) if causal else 0
     logits = 4.0 * LOGIT_COPIES * positions * shape.vocab
     eval_rows = t.eval_batch_size * width
     evaluation = 4.0 * eval_rows * (4 * shape.hidden + (2 * shape.vocab if causal and not t.chunked_loss else 0))
     return {"framework": framework_mb() * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
-            "weights": shape.weight_bytes * LOAD_FACTOR, "gradients": 4.0 * shape.trainable_params,
+            "weights": shape.weight_bytes * LOAD_FACTOR[malloc], "gradients": 4.0 * shape.trainable_params,
             "optimizer": 8.0 * shape.trainable_params,
-            "reused": -min(12.0 * shape.trainable_params, shape.weight_bytes * (LOAD_FACTOR - 1)),
+            "reused": -min(12.0 * shape.trainable_params, shape.weight_bytes * (LOAD_FACTOR[malloc] - 1)),
             "activations": activations, "logits": logits, "evaluation": evaluation}
 
 
@@ -477,7 +481,7 @@ def render(p: Plan) -> str:
              f"batch {p.batch_size}, padded length mean {p.mean_width:.0f}, max {p.max_width} "
              f"({p.steps} steps planned)", "", "memory (MB)"]
     lines += [f"  {k:12} {v:>10,.0f}" for k, v in p.memory_mb.items()]
-    lines += [f"  {'peak':12} {p.peak_mb:>10,.0f}   (available {p.available_mb:,.0f})",
+    lines += [f"  {'peak':12} {p.peak_mb:>10,.0f}   (available {p.available_mb:,.0f}; on {p.malloc}'s malloc)",
               f"time: {p.seconds_per_step:.2f} s per step ({p.flops_per_step / 1e9:,.1f} GFLOP at "
               f"{p.matmul_gflops:.0f} GFLOP/s measured), about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
     if p.fits:

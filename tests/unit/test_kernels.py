@@ -159,6 +159,60 @@ def test_shared_lora_dropout_draws_one_mask_per_input():
     assert layer.lora_dropout["default"]._last is q.lora_dropout["default"]._last
 
 
+def test_lora_dropout_trains_as_peft_does_with_the_same_draws_and_keeps_less():
+    """The fused branch (dropout and lora_A in one) draws what peft's nn.Dropout draws: under one seed the losses
+    are equal to the bit and the gradients to rounding; backward keeps the input once and boolean masks."""
+    plain, fused = _tiny_llama_with_lora(dropout=0.1), _tiny_llama_with_lora(dropout=0.1)
+    assert fuse(fused, ["lora_dropout"]) == {"lora_dropout": 6}  # q, v, up in 2 layers
+    q = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.lora_dropout["default"], nn.Identity) and isinstance(q.lora_A["default"], nn.Linear)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    for model in (plain, fused):
+        model.train()
+    for seed in (7, 8):  # two steps' draws
+        torch.manual_seed(seed)
+        loss_a, grads_a = _step(plain, ids)
+        torch.manual_seed(seed)
+        loss_b, grads_b = _step(fused, ids)
+        assert torch.equal(loss_a, loss_b)
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) == 12
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+    torch.manual_seed(9)
+    _step(plain, ids)
+    torch.manual_seed(1)  # another draw: another loss (dropout still happens)
+    assert not torch.equal(_step(fused, ids)[0], _step(plain, ids)[0])
+    with torch.no_grad():  # still in training mode without gradients: the same dropout
+        torch.manual_seed(3)
+        a = plain(input_ids=ids).logits
+        torch.manual_seed(3)
+        assert torch.equal(fused(input_ids=ids).logits, a)
+    for model in (plain, fused):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    plain.train(), fused.train()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    tokens, hidden = 4 * 16, 32
+    # bytes per (token x hidden) element: layer 1, q and v: two float masks and two dropped copies (16) become the
+    # input once and two boolean masks (6); layer 0, q and v: its input needs no gradient, so peft keeps no mask,
+    # two dropped copies (8) become the input and two masks (6); up_proj in each layer: mask and copy (8) become
+    # the input and a mask (5). (The norms' outputs, these inputs, are not kept by the norms themselves.)
+    saved = _saved_bytes(plain, ids) - _saved_bytes(fused, ids)
+    assert saved == tokens * hidden * ((16 - 6) + (8 - 6) + 2 * (8 - 5)), saved / (tokens * hidden)
+    assert fuse(fused, ["lora_dropout"]) == {"lora_dropout": 0}  # again: nothing left to switch
+
+
+def test_dora_branches_keep_their_own_dropout():
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_dropout=0.1, use_dora=True,
+                                                             target_modules=["q_proj"]))
+    assert fuse(model, ["lora_dropout"]) == {"lora_dropout": 0}
+
+
 class GemmaStyleRMSNorm(nn.Module):
     """Scales by 1 + weight: not Llama's maths, so the probe must leave it alone."""
 
@@ -185,7 +239,7 @@ def test_unknown_kernel_is_refused_by_name():
 
 FREED_SHARE = """
 import sys, torch
-from deltatune.kernels.allocator import return_freed_memory
+from deltatune.allocator import return_freed_memory
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))

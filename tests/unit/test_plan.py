@@ -11,8 +11,8 @@ from deltatune.eval.evaluate import task_for
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model, load_tokenizer
-from deltatune.plan import (FUSED_SAVED_SHARE, Batches, memory_terms, model_shape, plan, planned_batches, render,
-                            step_flops)
+from deltatune.plan import (FUSED_SAVED_SHARE, RSS_PER_SAVED_BYTE, Batches, memory_terms, model_shape, plan,
+                            planned_batches, render, step_flops)
 from deltatune.train.loop import _epoch_loader
 from deltatune.train.run import build_job
 from tests.helpers import config
@@ -85,15 +85,33 @@ def test_memory_terms_scale(tiny_llama, qa_jsonl):
 
 
 def test_fused_kernels_plan_their_measured_share_of_the_saved_activations(tiny_llama, qa_jsonl):
-    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.return_freed_memory=true",
-                   "train.kernels=[rms_norm,swiglu,shared_lora_dropout]").train
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train  # the default kernels
     shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
-    fused, plain = _terms(shape, train), _terms(shape, dataclasses.replace(train, kernels=[]))
-    heap = _terms(shape, dataclasses.replace(train, return_freed_memory=False))  # the heap keeps the transients
-    assert heap["activations"] == plain["activations"]
-    assert fused["activations"] == pytest.approx(FUSED_SAVED_SHARE[("decoder", False)] * plain["activations"])
-    partial = _terms(shape, dataclasses.replace(train, kernels=["swiglu"]))  # planned as none (not calibrated)
-    assert partial["activations"] == plain["activations"]
+    batches = Batches(4, [20, 30], [40, 50], 1000)
+
+    def activations(t, malloc):
+        return memory_terms(shape, batches, t, tasks.get("causal_lm"), malloc)["activations"]
+
+    plain = activations(dataclasses.replace(train, kernels=[]), "system")
+    assert activations(train, "system") == plain  # glibc's heap keeps the freed transients
+    fused = activations(train, "tcmalloc") / RSS_PER_SAVED_BYTE["tcmalloc"]["decoder"]
+    assert fused == pytest.approx(FUSED_SAVED_SHARE[("decoder", False)] * plain / RSS_PER_SAVED_BYTE["system"]["decoder"])
+    freed = dataclasses.replace(train, return_freed_memory=True)
+    assert activations(freed, "system") == pytest.approx(FUSED_SAVED_SHARE[("decoder", False)] * plain)
+    partial = dataclasses.replace(train, kernels=["swiglu"])  # planned as none (not counted)
+    assert activations(partial, "tcmalloc") / RSS_PER_SAVED_BYTE["tcmalloc"]["decoder"] == pytest.approx(
+        plain / RSS_PER_SAVED_BYTE["system"]["decoder"])
+
+
+def test_plan_is_for_the_malloc_train_will_run_on(tmp_path, monkeypatch):
+    from deltatune import allocator
+
+    monkeypatch.setattr(allocator, "LIBRARY_DIRS", (tmp_path,))
+    assert allocator.planned({}) == "system"  # no tcmalloc on the machine
+    assert allocator.planned({"LD_PRELOAD": "/opt/libtcmalloc.so"}) == "tcmalloc"  # preloaded by the user
+    (tmp_path / allocator.TCMALLOC).write_bytes(b"")
+    assert allocator.planned({}) == "tcmalloc"
+    assert allocator.planned({allocator.ENV: "system"}) == "system"
 
 
 def test_flops_count_weight_gradients_only_where_weights_train(tiny_llama, qa_jsonl):
@@ -111,7 +129,8 @@ def test_flops_count_weight_gradients_only_where_weights_train(tiny_llama, qa_js
         == pytest.approx(forward)
 
 
-def test_suggestions_when_memory_is_short(tiny_llama, qa_jsonl):
+def test_suggestions_when_memory_is_short(tiny_llama, qa_jsonl, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_ALLOCATOR", "system")  # planned as unfused: the tiny batch's logits set the peak
     cfg = config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.batch_size=8", "train.chunked_loss=false")
     roomy = plan(cfg, memory_gb=1000, gflops=10.0)
     assert roomy.fits and roomy.suggestions == []

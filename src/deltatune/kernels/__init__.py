@@ -1,10 +1,12 @@
 """deltatune's fused paths: the same maths as a model's own modules with less kept for backward.
 
 ``fuse(model, kinds)`` switches a model's modules to them in place, each kind where it applies
-(``train.kernels``: rms_norm and swiglu by default, shared_lora_dropout on request):
+(``train.kernels``: rms_norm, swiglu and lora_dropout by default, shared_lora_dropout on request):
 
 - ``rms_norm``: RMSNorm layers (Llama, Qwen2, Mistral, SmolLM2 ...) through ``functions.RMSNorm``;
 - ``swiglu``: gated MLPs ``down(silu(gate(x)) * up(x))`` through ``functions.SwiGLU``;
+- ``lora_dropout``: a LoRA branch's dropout and ``lora_A`` in one, the same draws as peft's, keeping a boolean
+  mask and the branch's input (shared by the branches that read it) instead of a float mask and a dropped copy;
 - ``shared_lora_dropout``: LoRA branches reading the same tensor share one dropout mask (``dropout.py``).
 
 A module is switched only after a probe shows that it computes what the fused path computes (a Gemma-style
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import KERNELS as KINDS
-from .dropout import share_lora_dropout
+from .dropout import fuse_lora_dropout, share_lora_dropout
 from .functions import RMSNorm, SwiGLU
 
 
@@ -105,6 +107,8 @@ def fuse(model: nn.Module, kinds: list[str] | tuple[str, ...] = KINDS) -> dict[s
             counts["rms_norm"] += 1
         elif "swiglu" in kinds and _swiglu(module):
             counts["swiglu"] += 1
-    if "shared_lora_dropout" in kinds:
+    if "shared_lora_dropout" in kinds:  # before lora_dropout, which leaves shared dropouts alone
         counts["shared_lora_dropout"] = share_lora_dropout(model)
+    if "lora_dropout" in kinds:
+        counts["lora_dropout"] = fuse_lora_dropout(model, _switch)
     return counts

@@ -6,6 +6,13 @@ draws one: the first branch to see a tensor drops it out, the next branches give
 object, unchanged) get the same dropped tensor. Each branch still sees its input with each element kept with
 probability 1 - p and scaled by 1 / (1 - p), as before; what changes is that the branches' masks are no
 longer independent of each other. The mask is kept for backward as booleans (``functions.Dropout``).
+
+``lora_dropout`` keeps peft's maths and its random draws: each branch its own mask, drawn as ``F.dropout``
+draws it on the CPU, so a run's losses are those of the plain modules. What changes is what backward keeps:
+peft's branch keeps its float mask and its dropped copy of the input (8 bytes per element); the fused branch
+(``functions.DroppedLinear``, the dropout and ``lora_A`` in one) keeps a boolean mask and the input itself,
+one tensor for every branch that reads it (q, k and v read the same hidden states), and recomputes the
+dropped copy in backward.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .functions import Dropout
+from .functions import DroppedLinear, Dropout
 
 
 class _LastDrop:
@@ -66,4 +73,40 @@ def share_lora_dropout(model: nn.Module) -> int:
                 shared.train(drop.training)
                 drops[name] = shared
                 count += 1
+    return count
+
+
+class _DroppedLoraA:
+    """A LoRA branch's ``lora_A`` with the branch's dropout inside (its ``lora_dropout`` is then an Identity)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self._fused_dropout
+        if not self.training or p == 0:
+            return super().forward(x)
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # F.dropout's draws and values on the CPU
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return DroppedLinear.apply(x, self.weight, noise, p)
+        return torch.nn.functional.linear(x * noise, self.weight, self.bias)
+
+
+def fuse_lora_dropout(model: nn.Module, switch) -> int:
+    """Give every plain LoRA branch with dropout (peft's ``lora_dropout`` an ``nn.Dropout``, ``lora_A`` an
+    ``nn.Linear`` without bias, no variant such as DoRA, which reads the dropped input itself) the fused
+    ``lora_A``; ``switch(module, cls)`` swaps a module's class. Returns how many branches were switched."""
+    count = 0
+    for module in model.modules():
+        drops, downs = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(downs, nn.ModuleDict):
+            continue
+        variants = set(getattr(module, "lora_variant", {}) or {}) | \
+            {k for k, v in (getattr(module, "use_dora", {}) or {}).items() if v}
+        for name, drop in drops.items():
+            down = downs[name] if name in downs else None
+            if (type(drop) is not nn.Dropout or not 0 < drop.p < 1 or name in variants or not isinstance(down, nn.Linear)
+                    or down.bias is not None):
+                continue
+            down._fused_dropout = drop.p
+            switch(down, _DroppedLoraA)
+            drops[name] = nn.Identity()
+            count += 1
     return count

@@ -73,3 +73,26 @@ class Dropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (mask,) = ctx.saved_tensors
         return grad.mul(mask).mul_(ctx.scale), None
+
+
+class DroppedLinear(torch.autograd.Function):
+    """``F.linear(x * noise, weight)``: a LoRA branch's dropout (``noise``: 0 or 1 / (1 - p) per element, as
+    ``F.dropout`` makes it) and its ``lora_A`` in one. Keeps ``x`` and the mask as booleans, and recomputes
+    ``x * noise`` in backward; the plain modules keep the float ``noise`` and the dropped copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, noise: Tensor, p: float) -> Tensor:
+        ctx.p = p
+        ctx.save_for_backward(x, weight, noise.bool())
+        return F.linear(x * noise, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mask = ctx.saved_tensors
+        noise = mask.to(x.dtype).div_(1 - ctx.p)  # the forward's values, to the bit
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).mul_(noise)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.flatten(0, -2).t() @ (x * noise).flatten(0, -2)
+        return grad_x, grad_weight, None, None

@@ -39,7 +39,7 @@ from ..config import Config, to_dict
 from ..data.prepare import PreparedRows
 from ..errors import ConfigError, DeltatuneError, RunError
 from ..kernels import fuse
-from ..kernels.allocator import return_freed_memory
+from ..allocator import return_freed_memory
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer
 from ..registry_db import Recording

@@ -22,7 +22,7 @@ from ..data import PreparedData
 from ..errors import ConfigError, RunError
 from ..fs import atomic_write_text, fsync_dir
 from ..kernels import fuse
-from ..kernels.allocator import return_freed_memory
+from ..allocator import return_freed_memory
 from ..eval.extras import Extras, build_extras, prompting_baselines
 from ..methods import registry as methods
 from ..models import count_parameters, load_tokenizer

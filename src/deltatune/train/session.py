@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .. import __version__
+from .. import __version__, allocator
 from ..assets import model_fingerprint, portable_name, resolve_model
 from ..config import Config, dump_yaml
 from ..data.report import render_html
@@ -145,4 +145,4 @@ def environment() -> dict:
     return {"deltatune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "accelerate": accelerate.__version__, "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "allocator": allocator.active()}

@@ -43,6 +43,9 @@ CASES = {
                                        "train.chunked_loss=false"],
     "smollm2-full-b2-l256": [str(CONFIGS / "smollm2-135m/causal_lm-full.yaml"), *SMOL, "train.batch_size=2",
                              "train.max_length=256", "train.eval_batch_size=2"],
+    # held out of the 2026-12-02 calibration (tcmalloc's memory factors, the AMD CPU's efficiencies)
+    "minilm-full-b64-l128": [str(CONFIGS / "minilm/classification-full.yaml"), *MINILM, "train.batch_size=64"],
+    "smollm2-full-b4-l128": [str(CONFIGS / "smollm2-135m/causal_lm-full.yaml"), *SMOL, "train.max_length=128"],
 }
 
 

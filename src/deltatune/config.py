@@ -253,12 +253,14 @@ class TrainConfig:
                              "less for backward; shared_lora_dropout (opt-in) gives LoRA branches that read the same "
                              "tensor (q, k and v) one dropout mask instead of one each, which changes the training "
                              "noise (BENCHMARKS.md). [] trains with the model's own modules only.")
-    return_freed_memory: bool = doc(False, "Linux (glibc): tensors of 1 MiB and more get pages of their own, returned to "
+    return_freed_memory: bool = doc(False, "Linux, on glibc's malloc (DELTATUNE_ALLOCATOR=system, or no tcmalloc on the "
+                                           "machine): tensors of 1 MiB and more get pages of their own, returned to "
                                            "the system when freed, instead of a heap that keeps freed activation "
                                            "memory counted in the process. A lower peak for a slower step (every "
-                                           "large tensor is fresh pages to fault in): SmolLM2 LoRA 0.79x the peak at "
-                                           "0.72x the speed, 0.63x with train.kernels (BENCHMARKS.md). Process-wide "
-                                           "from the run's start; other systems: no effect.")
+                                           "large tensor is fresh pages to fault in): SmolLM2 LoRA 0.78x the peak at "
+                                           "0.79x the speed (BENCHMARKS.md); tcmalloc, the default where present, "
+                                           "keeps the peak lower at full speed. Process-wide from the run's start; "
+                                           "other systems: no effect.")
     group_by_length: bool = doc(True, "Batch examples of similar length together (sorted within windows of 50 "
                                       "batches, then the batches shuffled; seeded by seed and epoch, so resuming "
                                       "stays exact): less padding, faster steps (MiniLM on sentences: 1.7-2.3x, "

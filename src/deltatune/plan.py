@@ -65,8 +65,16 @@ ADAPTER_INPUT_FLOATS = 1.125
 # freed transients, and the peak moved by 3-4 % only (benchmarks/kernels.py).
 FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.718,
                      ("decoder", True): 0.829, ("decoder", False): 0.614}
-RSS_PER_SAVED_BYTE = {"system": {"encoder": 1.3, "decoder": 1.125}, "tcmalloc": {"encoder": 1.3, "decoder": 1.125}}
-LOAD_FACTOR = {"system": 3.0, "tcmalloc": 3.0}
+# Resident memory per saved byte, and per byte of fp32 weights, by malloc. glibc's ("system"), fitted by hand to
+# the measured peak RSS of minilm full/lora (b32, l128: 1.17 and 1.49, taken as 1.3) and smollm2 lora (b4, l512,
+# with and without checkpointing: 1.125, with the load factor) in benchmarks/plan_accuracy.py: temporaries of the
+# forward (attention scores, dropout outputs) come on top of what backward keeps, and the heap keeps what loading
+# freed (read, converted, copied: about 3x the weights). tcmalloc's (the default where present: allocator.py),
+# fitted to the same four calibration runs on 2026-12-02 (the smallest largest error over a grid: 5 %): loading's
+# memory is reused (factor 1.0), a decoder's saved bytes are resident one for one, an encoder's at 0.75 (its
+# count includes BERT's dropout outputs, which the next operation often consumes before the peak).
+RSS_PER_SAVED_BYTE = {"system": {"encoder": 1.3, "decoder": 1.125}, "tcmalloc": {"encoder": 0.75, "decoder": 1.0}}
+LOAD_FACTOR = {"system": 3.0, "tcmalloc": 1.0}
 # What loading frees stays resident, in blocks the size of the parameters: gradients and AdamW states
 # (the same sizes) fill them again before they need new memory; activations (other sizes) do not.
 # Without this, full fine-tuning was over-predicted by 14 % (minilm) and 39 % (smollm2; LoRA cases,
@@ -77,16 +85,26 @@ LOGIT_COPIES = 4.0
 # Python lists of token ids (input_ids, labels) and the rows they came from: about 120 bytes a token
 # (a boxed int is 28 bytes plus an 8-byte pointer, two lists, plus the text).
 DATA_BYTES_PER_TOKEN = 120.0
-# Share of the micro-benchmark's matmul speed a whole training step reaches (small matrices,
-# attention, norms, dropout, Python overhead), by family and whether the base weights train:
-# step FLOPs / (GFLOP/s measured just before x step seconds), benchmarks/plan_accuracy.py
-# --efficiency on an idle machine, steps after the first: minilm full b32 l128 0.51-0.55, minilm lora
-# 0.25-0.31 (its LoRA branches' dropout and small products cost time that FLOPs do not count),
-# smollm2 lora b4 l512 packed 0.53-0.57; then the LoRA figures raised to 0.33 and 0.62, the middle of
-# what the calibration runs of benchmarks/plan_accuracy.py needed (minilm lora 0.36, smollm2 lora
-# 0.69 and with checkpointing 0.53). Decoder full fine-tuning was not calibrated: 0.55, the first
-# LoRA figure (the held-out smollm2 full case checks it).
-EFFICIENCY = {("encoder", True): 0.53, ("encoder", False): 0.33, ("decoder", True): 0.55, ("decoder", False): 0.62}
+# Share of the micro-benchmark's matmul speed a whole training step reaches (small matrices, attention, norms,
+# dropout, Python overhead), by CPU, family and whether the base weights train: step FLOPs / (GFLOP/s measured
+# just before x step seconds), benchmarks/plan_accuracy.py. The project's machines come with two CPUs whose
+# balance differs: the Intel Xeon's matrix products run at 1.8x the AMD EPYC's (318 against 180 GFLOP/s on 2
+# threads) while its memory-bound rest does not, so a step reaches a smaller share of its probe there.
+# Intel (--efficiency on an idle machine, steps after the first): minilm full b32 l128 0.51-0.55, minilm lora
+# 0.25-0.31 (its LoRA branches' dropout and small products cost time that FLOPs do not count), smollm2 lora b4
+# l512 packed 0.53-0.57; then the LoRA figures raised to 0.33 and 0.62, the middle of what the calibration runs
+# of benchmarks/plan_accuracy.py needed (minilm lora 0.36, smollm2 lora 0.69 and with checkpointing 0.53).
+# Decoder full fine-tuning was not calibrated: 0.55, the first LoRA figure (the held-out smollm2 full case
+# checks it). AMD (plan_accuracy.py's runs of 2026-12-02, on tcmalloc with the default kernels, at the probe's
+# 180 GFLOP/s): minilm full 0.81, minilm lora 0.56, smollm2 lora 0.72 and with checkpointing 0.76, taken as
+# 0.81, 0.54 and 0.74; decoder full 0.85 from smollm2-full-b2-l256's 0.89 (the decoder LoRA figure planned it
+# 1.26x too slow), so the cases held out of this calibration are minilm-full-b64-l128 and smollm2-full-b4-l128.
+# Other CPUs: the mean of the two.
+EFFICIENCY_BY_CPU = {
+    "intel": {("encoder", True): 0.53, ("encoder", False): 0.33, ("decoder", True): 0.55, ("decoder", False): 0.62},
+    "amd": {("encoder", True): 0.81, ("encoder", False): 0.54, ("decoder", True): 0.85, ("decoder", False): 0.74},
+}
+EFFICIENCY_BY_CPU["other"] = {k: (v + EFFICIENCY_BY_CPU["amd"][k]) / 2 for k, v in EFFICIENCY_BY_CPU["intel"].items()}
 # Fused AdamW (train.loop.adamw) and gradient clipping: the fused step measured 15 ms for MiniLM's
 # 22.7M parameters (0.66 ns each, 2 threads), the clipping norm one more pass: 1 ns per parameter.
 OPTIMIZER_NS_PER_PARAM = 1.0
@@ -203,7 +221,7 @@ def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, availab
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
     flops = step_flops(shape, batches, cfg.train, task)
-    seconds = flops / (speed * 1e9 * EFFICIENCY[(shape.family, shape.trains_base)])
+    seconds = flops / (speed * 1e9 * EFFICIENCY_BY_CPU[cpu_vendor()][(shape.family, shape.trains_base)])
     seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
     return Plan(model=cfg.model, method=cfg.method.name, task=cfg.task, total_params=shape.total_params,
                 trainable_params=shape.trainable_params, batch_size=cfg.train.batch_size,
@@ -369,6 +387,16 @@ def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task])
 
 
 # ----------------------------------------------------------------------------- this machine
+
+def cpu_vendor() -> str:
+    """intel, amd or other: which calibration of EFFICIENCY_BY_CPU this machine gets."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return "other"
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "other")
+
 
 def matmul_gflops(hidden: int, rows: int, seconds: float = 1.0) -> float:
     """fp32 matrix-product speed at the model's width, on torch's threads (about ``seconds``)."""

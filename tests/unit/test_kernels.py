@@ -203,6 +203,21 @@ def test_lora_dropout_trains_as_peft_does_with_the_same_draws_and_keeps_less():
     assert fuse(fused, ["lora_dropout"]) == {"lora_dropout": 0}  # again: nothing left to switch
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_dropped_linear_gives_autograd_s_gradients(bf16):
+    from deltatune.kernels.functions import DroppedLinear
+
+    x = torch.randn(3, 5, 16, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(4, 16, requires_grad=True, generator=torch.Generator().manual_seed(1))
+    noise = torch.empty_like(x).bernoulli_(0.9, generator=torch.Generator().manual_seed(2)).div_(0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ours, plain = DroppedLinear.apply(x, w, noise, 0.1), torch.nn.functional.linear(x * noise, w)
+    assert ours.dtype == plain.dtype and torch.equal(ours, plain)
+    for a, b in zip(torch.autograd.grad(ours.float().sum(), [x, w]), torch.autograd.grad(plain.float().sum(), [x, w])):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_dora_branches_keep_their_own_dropout():
     from peft import LoraConfig, get_peft_model
 

@@ -91,8 +91,10 @@ class DroppedLinear(torch.autograd.Function):
         x, weight, mask = ctx.saved_tensors
         noise = mask.to(x.dtype).div_(1 - ctx.p)  # the forward's values, to the bit
         grad_x = grad_weight = None
+        # under autocast the product ran in a lower precision: so do its gradients, each returned in its input's
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).mul_(noise)
+            grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype).mul_(noise)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.flatten(0, -2).t() @ (x * noise).flatten(0, -2)
+            dropped = (x * noise).to(grad.dtype)
+            grad_weight = (grad.flatten(0, -2).t() @ dropped.flatten(0, -2)).to(weight.dtype)
         return grad_x, grad_weight, None, None

@@ -46,6 +46,6 @@ def test_a_call_from_python_keeps_its_process(tiny_bert, cls_csv, tmp_path):
     from deltatune.cli import main
 
     args = [f"model={tiny_bert}", "task=classification", "method.name=lora", f"data.train={cls_csv}", *QUICK,
-            "train.max_steps=1", f"output_dir={tmp_path / 'run'}", "--quiet"]
+            "train.max_steps=1", f"output_dir={tmp_path / 'run'}"]  # no --quiet: it would stay set in os.environ
     assert main(["train", *args]) == 0
     assert json.loads((tmp_path / "run" / "env.json").read_text())["allocator"] == allocator.active()

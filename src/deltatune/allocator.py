@@ -10,7 +10,8 @@ tcmalloc (gperftools' ``libtcmalloc_minimal``, Debian's ``libtcmalloc-minimal4``
 fit and keeps the peak at what is live, at glibc's speed. It must be loaded before anything allocates, so
 the commands that train or run a model re-execute themselves once with it in ``LD_PRELOAD``
 (:func:`reexec_with_tcmalloc`), as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) does.
-``DELTATUNE_ALLOCATOR=system`` keeps the C library's malloc; without tcmalloc on the machine nothing changes.
+``DELTATUNE_ALLOCATOR=system`` keeps the C library's malloc, a malloc already in ``LD_PRELOAD`` (jemalloc,
+mimalloc) is kept, and without tcmalloc on the machine nothing changes.
 
 ``train.return_freed_memory`` is the switch for glibc (when tcmalloc is absent or refused): the mmap threshold
 fixed at 1 MiB (:func:`return_freed_memory`). Other C libraries (musl, macOS, Windows) are left as they are.
@@ -29,6 +30,7 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 THRESHOLD = 1 << 20
 ENV = "DELTATUNE_ALLOCATOR"  # "system": keep the C library's malloc
 TCMALLOC = "libtcmalloc_minimal.so.4"
+MALLOCS = ("tcmalloc", "jemalloc", "mimalloc")
 LIBRARY_DIRS = (Path(sys.prefix) / "lib", Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"),
                 Path("/usr/lib64"), Path("/usr/local/lib"), Path("/usr/lib"))
 # tcmalloc prints a stack for every allocation above 1 GiB (a model's weights being read): not a problem here
@@ -56,8 +58,8 @@ def tcmalloc_environment(env: dict | None = None) -> dict | None:
     (``DELTATUNE_ALLOCATOR=system``), already there, or not on this machine."""
     env = dict(os.environ if env is None else env)
     preload = env.get("LD_PRELOAD", "")
-    if env.get(ENV) == "system" or "tcmalloc" in preload:  # refused, or preloaded already (by us or the user)
-        return None
+    if env.get(ENV) == "system" or any(name in preload for name in MALLOCS):  # refused, or a malloc preloaded
+        return None  # already (by us, or by the user, whose choice stands)
     lib = find_tcmalloc()
     if lib is None:
         return None
@@ -79,12 +81,12 @@ def reexec_with_tcmalloc() -> None:
 
 
 def active() -> str:
-    """The malloc this process runs on: tcmalloc, jemalloc or the C library's (env.json records it)."""
+    """The malloc this process runs on: tcmalloc, jemalloc, mimalloc or the C library's (env.json records it)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "system")
+    return next((name for name in MALLOCS if f"lib{name}" in maps), "system")
 
 
 def planned(env: dict | None = None) -> str:

@@ -23,6 +23,7 @@ def test_preload_is_added_once_and_refused_on_request(tmp_path, monkeypatch):
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # no stack printed for a model's weights
     assert allocator.tcmalloc_environment(env) is None  # started again once, never in a loop
     assert allocator.tcmalloc_environment({allocator.ENV: "system"}) is None
+    assert allocator.tcmalloc_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None  # the user's malloc
 
 
 @linux

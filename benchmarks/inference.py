@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -99,9 +98,8 @@ def main() -> None:
         runs = {side: [] for side in SIDES}
         for r in range(args.rounds):
             for side in SIDES:
-                env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
-                if side == "deltatune":
-                    env = allocator.tcmalloc_environment(env) or env
+                env = allocator.child_environment("tcmalloc" if side == "deltatune" else "system") or \
+                    allocator.child_environment("system")
                 out = subprocess.run([sys.executable, __file__, "--worker", job, side], capture_output=True,
                                      text=True, env=env, cwd=Path(__file__).parent)
                 if out.returncode != 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -84,9 +83,7 @@ def main() -> None:
         runs = {name: [] for name in SETTINGS}
         for r in range(args.rounds):
             for name, (overrides, malloc) in SETTINGS.items():
-                env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
-                if malloc == "tcmalloc":
-                    env = allocator.tcmalloc_environment(env) or sys.exit("tcmalloc is not on this machine")
+                env = allocator.child_environment(malloc) or sys.exit("tcmalloc is not on this machine")
                 out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", workload,
                                       *overrides], capture_output=True, text=True, check=True,
                                      cwd=Path(__file__).parent, env=env)

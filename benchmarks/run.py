@@ -92,10 +92,9 @@ def run_side(args: argparse.Namespace, workload: str, side: str, workdir: Path) 
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--train", args.train] if args.train else []
     cmd += ["--ours-override", *args.ours_override] if args.ours_override else []
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if (args.allocator or ("tcmalloc" if side == "ours" else "system")) == "tcmalloc":
-        env = allocator.tcmalloc_environment(env) or env  # as `deltatune train` starts itself
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    malloc = args.allocator or ("tcmalloc" if side == "ours" else "system")  # ours as `deltatune train` starts
+    env = allocator.child_environment(malloc, env) or allocator.child_environment("system", env)
     started, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result.is_file():

@@ -4,7 +4,7 @@ On Linux a CPU tensor's memory comes from the C library's malloc. glibc serves a
 pages (mmap) and unmaps them on free, but it raises that threshold to the size of every such block freed (up to
 32 MB), so after the first step a training loop's activations (a few MB each) come from the heap, where freed
 transients are kept and fragment it: SmolLM2 LoRA's step peaks 1.2-1.7 GB above what backward keeps. Below the
-threshold, every tensor would be fresh pages the kernel faults in and zeroes (0.72x the speed, BENCHMARKS.md).
+threshold, every tensor would be fresh pages the kernel faults in and zeroes (0.79x the speed, BENCHMARKS.md).
 
 tcmalloc (gperftools' ``libtcmalloc_minimal``, Debian's ``libtcmalloc-minimal4``) reuses freed spans by best
 fit and keeps the peak at what is live, at glibc's speed. It must be loaded before anything allocates, so
@@ -64,6 +64,13 @@ def tcmalloc_environment(env: dict | None = None) -> dict | None:
     if lib is None:
         return None
     return {**QUIET, **env, "LD_PRELOAD": f"{lib}:{preload}" if preload else str(lib)}
+
+
+def child_environment(malloc: str, env: dict | None = None) -> dict | None:
+    """``env`` (default: this process's) for a child process on ``malloc``: "system" with no malloc preloaded,
+    "tcmalloc" with it preloaded (None where this machine has none). For benchmarks that compare the two."""
+    base = {k: v for k, v in (os.environ if env is None else env).items() if k not in ("LD_PRELOAD", ENV)}
+    return base if malloc == "system" else tcmalloc_environment(base)
 
 
 def reexec_with_tcmalloc() -> None:

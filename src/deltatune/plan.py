@@ -17,6 +17,7 @@ benchmarks/plan_accuracy.py (figures in docs/scale.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import subprocess
@@ -62,7 +63,7 @@ ADAPTER_INPUT_FLOATS = 1.125
 # and boolean masks); minilm LoRA on query/key/value/dense 28.6 -> 20.6, full unchanged (no block of BERT's is
 # fused). shared_lora_dropout instead of lora_dropout keeps about as much (smollm2 LoRA 14.1). Other sets are
 # planned as none, and so is every set on glibc's malloc without train.return_freed_memory: its heap keeps the
-# freed transients, and the peak moved by 3-4 % only (benchmarks/kernels.py).
+# freed transients, and the peak moved by 4-6 % only (benchmarks/kernels.py).
 FUSED_SAVED_SHARE = {("encoder", True): 1.0, ("encoder", False): 0.718,
                      ("decoder", True): 0.829, ("decoder", False): 0.614}
 # Resident memory per saved byte, and per byte of fp32 weights, by malloc. glibc's ("system"), fitted by hand to
@@ -388,6 +389,7 @@ def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task])
 
 # ----------------------------------------------------------------------------- this machine
 
+@functools.cache
 def cpu_vendor() -> str:
     """intel, amd or other: which calibration of EFFICIENCY_BY_CPU this machine gets."""
     try:

@@ -24,6 +24,9 @@ def test_preload_is_added_once_and_refused_on_request(tmp_path, monkeypatch):
     assert allocator.tcmalloc_environment(env) is None  # started again once, never in a loop
     assert allocator.tcmalloc_environment({allocator.ENV: "system"}) is None
     assert allocator.tcmalloc_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None  # the user's malloc
+    other = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", allocator.ENV: "system", "KEEP": "1"}
+    assert allocator.child_environment("system", other) == {"KEEP": "1"}  # benchmarks' sides: nothing preloaded
+    assert allocator.child_environment("tcmalloc", other)["LD_PRELOAD"] == lib
 
 
 @linux

@@ -80,8 +80,8 @@ class _DroppedLoraA:
     """A LoRA branch's ``lora_A`` with the branch's dropout inside (its ``lora_dropout`` is then an Identity)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self._fused_dropout
-        if not self.training or p == 0:
+        p = self._fused_dropout  # 0 < p < 1 (fuse_lora_dropout)
+        if not self.training:
             return super().forward(x)
         noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # F.dropout's draws and values on the CPU
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):

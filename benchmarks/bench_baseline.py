@@ -74,7 +74,7 @@ def load(cfg, path: Path, labels: list[str] | None, tokenizer):
                                             target_modules=o.target_modules))
 
 
-def measure(cfg, warmup: int, workdir: Path) -> dict:
+def measure(cfg, warmup: int, workdir: Path, bf16: bool = False) -> dict:
     t = cfg.train
     path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -92,7 +92,7 @@ def measure(cfg, warmup: int, workdir: Path) -> dict:
         output_dir=str(workdir / "baseline-run"), per_device_train_batch_size=t.batch_size, max_steps=t.max_steps,
         learning_rate=t.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, seed=t.seed, train_sampling_strategy="sequential", save_strategy="no",
-        eval_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, use_cpu=True)
+        eval_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, use_cpu=True, bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=[examples[i] for i in order[:t.max_steps * t.batch_size]],
                       data_collator=collator, processing_class=tokenizer, callbacks=[timer])
     start = checksum(model)
@@ -104,4 +104,4 @@ def measure(cfg, warmup: int, workdir: Path) -> dict:
                          f"{len(collator.tokens)} batches and {len(losses)} losses")
     return {**summarize(steps, warmup, examples, order, t.batch_size),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "init_checksum": start, "bf16": False, "optimizer": str(args.optim.value)}
+            "init_checksum": start, "bf16": bf16, "optimizer": str(args.optim.value)}

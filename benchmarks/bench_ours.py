@@ -14,7 +14,8 @@ import torch
 
 from bench_common import Step, check_budget, checksum, now, summarize, train_order
 from deltatune.rundir import RunDir
-from deltatune.train.loop import adamw, bf16_enabled, run_loop
+from deltatune.train.loop import adamw, run_loop
+from deltatune.train.precision import bf16_enabled
 from deltatune.train.run import build_job
 
 

@@ -14,8 +14,11 @@ each side's medians and raw per-round values, and the medians of the per-round r
 ``--ours-override`` changes our side only (e.g. data.pack=true, train.bf16=true,
 train.gradient_checkpointing=true), so each optimisation can be measured alone. Our side runs on the malloc
 ``deltatune train`` runs on (tcmalloc when the machine has it: deltatune/allocator.py), the Trainer on the C
-library's; ``--allocator`` puts both sides on one of them, to tell the allocator's share from the rest. ``--model`` and
-``--train`` replace the model and data of every selected workload (the smoke test's tiny models).
+library's; ``--allocator`` puts both sides on one of them, to tell the allocator's share from the rest. Our side
+trains in bf16 where ``train.bf16=auto`` measures bf16 products at least twice as fast as fp32 (``machine``'s
+``bf16_product_speedup``; deltatune/train/precision.py); ``--baseline-bf16`` gives the Trainer ``bf16=True``
+too, for the same-precision ratio. ``--model`` and ``--train`` replace the model and data of every selected
+workload (the smoke test's tiny models).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON lines to this file")
     p.add_argument("--allocator", choices=("tcmalloc", "system"),
                    help="both sides on this malloc (default: ours on deltatune's, the Trainer on the system's)")
+    p.add_argument("--baseline-bf16", action="store_true",
+                   help="the Trainer with bf16=True (autocast), as ours runs where train.bf16=auto turns it on")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)    # worker mode: one measurement
     p.add_argument("--result", help=argparse.SUPPRESS)                # worker mode: where it goes
     args = p.parse_args(argv)
@@ -77,9 +82,10 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.side == "ours":
             from bench_ours import measure
+            result = measure(cfg, args.warmup, Path(tmp))
         else:
             from bench_baseline import measure
-        result = measure(cfg, args.warmup, Path(tmp))
+            result = measure(cfg, args.warmup, Path(tmp), bf16=args.baseline_bf16)
     result["allocator"] = allocator.active()
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
@@ -92,6 +98,7 @@ def run_side(args: argparse.Namespace, workload: str, side: str, workdir: Path) 
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--train", args.train] if args.train else []
     cmd += ["--ours-override", *args.ours_override] if args.ours_override else []
+    cmd += ["--baseline-bf16"] if args.baseline_bf16 else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     malloc = args.allocator or ("tcmalloc" if side == "ours" else "system")  # ours as `deltatune train` starts
     env = allocator.child_environment(malloc, env) or allocator.child_environment("system", env)
@@ -128,7 +135,7 @@ def compare(name: str, runs: dict[str, list[dict]], args: argparse.Namespace, ma
         "workload": name, "description": WORKLOADS[name].description,
         "steps": ours[0]["timed_steps"], "warmup_steps": args.warmup, "rounds": args.rounds,
         "order": [side for _ in range(args.rounds) for side in SIDES],
-        "ours_overrides": args.ours_override, "allocator_option": args.allocator, "model": args.model, "train": args.train,
+        "ours_overrides": args.ours_override, "allocator_option": args.allocator, "baseline_bf16": args.baseline_bf16, "model": args.model, "train": args.train,
         "speedup": median_ratio(ours, base, "tokens_per_s"),
         "memory_ratio": median_ratio(ours, base, "peak_rss_mb"),
         "loss_rel_diff": abs(statistics.median(r["final_loss"] for r in ours) - base_loss) / abs(base_loss),
@@ -144,12 +151,15 @@ def compare(name: str, runs: dict[str, list[dict]], args: argparse.Namespace, ma
 
 
 def machine_facts() -> dict:
+    from deltatune.train import precision
+
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     lines = cpuinfo.splitlines()
     field = lambda name: next((line.split(":", 1)[1] for line in lines if line.startswith(name)), "")  # noqa: E731
     model, flags = field("model name").strip() or platform.processor(), set(field("flags").split())
     return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "python": platform.python_version(),
+            "amx_bf16": "amx_bf16" in flags, "bf16_product_speedup": round(precision.cpu_bf16_speedup(), 2),
+            "python": platform.python_version(),
             **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "accelerate")},
             "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1min_start": round(os.getloadavg()[0], 2)}
 

@@ -15,6 +15,9 @@ pytest_plugins = ("tests.studio_browser",)  # the studio's browser tests' fixtur
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# train.bf16=auto measures this machine's bf16 products (deltatune/train/precision.py); the suite's numeric
+# checks against fp32 references run in fp32 on every machine. Tests of the bf16 paths set train.bf16=true.
+os.environ.setdefault("DELTATUNE_AUTO_BF16", "0")
 
 POSITIVE = "good great excellent wonderful superb lovely fine brilliant".split()
 NEGATIVE = "bad awful terrible poor dreadful boring dull weak".split()

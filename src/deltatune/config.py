@@ -241,8 +241,10 @@ class TrainConfig:
                                    "other tasks use the plain loss.")
     bf16: bool | str = doc("auto", "Mixed precision: run forward and loss under bfloat16 autocast (weights and "
                                    "optimizer stay fp32, the loss is taken in fp32; evaluation stays fp32). auto: on "
-                                   "where bf16 is faster than fp32 (CPUs with AMX, CUDA devices that support bf16; "
-                                   "not CPUs with only AVX512-BF16, where it is slower); true; false.")
+                                   "where bf16 matrix products are faster: CUDA devices that support bf16, CPUs whose "
+                                   "bf16 products measure at least twice fp32's speed when training starts (a 50 ms "
+                                   "check: Zen 4 EPYCs 4x, AMX Xeons; not AVX512-BF16 Xeons, where they run at half "
+                                   "speed); DELTATUNE_AUTO_BF16=1/0 answers instead; true; false.")
     gradient_checkpointing: bool = doc(False, "Recompute each transformer layer's activations in backward instead of "
                                               "keeping them: much less activation memory for up to a third more "
                                               "compute per step. Same results.")

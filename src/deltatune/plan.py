@@ -367,7 +367,7 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
 def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task]) -> float:
     """Mean FLOPs of an optimizer step: forward 2 N T; backward 2 N T for input gradients (down to
     the lowest trainable layer) plus 2 N T for trained weights; recomputation when checkpointing."""
-    from .train.loop import bf16_enabled
+    from .train.precision import bf16_enabled
 
     # losses.chunked_causal_lm_loss: checkpointed chunks (a projection more) unless the head is a plain
     # linear outside autocast, whose fused cross-entropy makes the gradients in forward.

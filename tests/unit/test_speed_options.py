@@ -23,8 +23,9 @@ from deltatune.methods import registry
 from deltatune.methods.lora import LoraOptions
 from deltatune.models import load_model
 from deltatune.tasks import registry as tasks
-from deltatune.train import loop
-from deltatune.train.loop import bf16_enabled, enable_gradient_checkpointing
+from deltatune.train import loop, precision
+from deltatune.train.loop import enable_gradient_checkpointing
+from deltatune.train.precision import bf16_enabled
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -280,16 +281,32 @@ def test_bf16_autocast_is_close_to_fp32(llama_lora, path):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_bf16_auto_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(loop, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    assert bf16_enabled("auto", torch.device("cpu"))
-    monkeypatch.setattr(loop, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # slower than fp32 without AMX
-    assert not bf16_enabled("auto", torch.device("cpu"))
-    monkeypatch.setattr(loop, "_cpu_flags", lambda: {"avx2"})
-    assert not bf16_enabled("auto", torch.device("cpu"))
+def test_bf16_auto_follows_the_measured_products(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 4.1)  # a Zen 4 EPYC
+    assert bf16_enabled("auto", cpu)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.5)  # an AVX512-BF16 Xeon without AMX
+    assert not bf16_enabled("auto", cpu)
+    monkeypatch.setenv(precision.ENV, "1")  # declared: no measurement
+    assert bf16_enabled("auto", cpu)
+    monkeypatch.setenv(precision.ENV, "0")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 4.1)
+    assert not bf16_enabled("auto", cpu)
     assert not bf16_enabled("auto", torch.device("mps"))
-    assert bf16_enabled(True, torch.device("cpu")) and not bf16_enabled(False, torch.device("cpu"))
-    assert isinstance(loop._cpu_flags(), set)
+    assert bf16_enabled(True, cpu) and not bf16_enabled(False, cpu)
+
+
+def test_bf16_speedup_is_measured_only_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+    precision.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert precision.cpu_bf16_speedup() == 0.0
+    precision.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    measured = precision.cpu_bf16_speedup()  # a real measurement, whatever this machine gives
+    assert 0 < measured < 100
+    precision.cpu_bf16_speedup.cache_clear()
+    assert isinstance(precision._cpu_flags(), set)
 
 
 def test_defaults_validate_and_values_are_checked(tiny_llama, qa_jsonl):

@@ -42,6 +42,7 @@ from ..tasks.base import Task
 from . import sharding
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .machine_load import Watch
+from .precision import bf16_enabled
 from .progress import Progress, phase
 
 Callback = Callable[[LoopState], None]
@@ -74,25 +75,6 @@ def schedule(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return factor
-
-
-def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
-    """``train.bf16`` for this device: ``auto`` turns autocast on only where bf16 matrix products are
-    faster than fp32. On CPUs that means AMX: with AVX512-BF16 alone, bf16 products measured half
-    the speed of fp32 ones (Xeon, torch 2.13, oneDNN 3.12), so autocast would only slow training down."""
-    if setting != "auto":
-        return bool(setting)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and "amx_bf16" in _cpu_flags()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
-    except OSError:  # not Linux
-        return set()
 
 
 def adamw(param_groups, **kwargs) -> torch.optim.AdamW:

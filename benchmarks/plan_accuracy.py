@@ -76,19 +76,25 @@ def predict(args: list[str], steps: int) -> dict:
 def saved_floats(config: str, overrides: list[str]) -> None:
     """Floats saved for backward per token per layer / hidden size, counted exactly with
     saved_tensors_hooks (unique storages, parameters excluded) at two lengths: the part that grows
-    with the length is attention probabilities (ATTENTION_PROB_FLOATS), the rest ACTIVATION_FLOATS."""
+    with the length is attention probabilities (ATTENTION_PROB_FLOATS), the rest ACTIVATION_FLOATS.
+    Under bf16 autocast (where train.bf16 turns it on) bytes are counted as 4-byte floats."""
+    from contextlib import nullcontext
+
     import torch
 
     from deltatune.configure import load_config
     from deltatune.eval.evaluate import forward_loss
     from deltatune.models import transformer_layers
+    from deltatune.train.precision import bf16_enabled
     from deltatune.train.run import build_job
 
     cfg = load_config(config, overrides)
     job, _, _ = build_job(cfg, None)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_enabled(cfg.train.bf16, torch.device("cpu")) \
+        else nullcontext()
     model, layers = job.model.train(), len(transformer_layers(job.model))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    for width in (64, 128):
+    for width in (64, 128, 256):
         seen = {}
 
         def keep(t):
@@ -99,7 +105,7 @@ def saved_floats(config: str, overrides: list[str]) -> None:
         mask = torch.ones_like(ids)
         mask[0, -5:] = 0  # padding, as real batches have
         targets = ids if job.task.head == "causal" else torch.zeros(2, dtype=torch.long)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast:
             forward_loss(model, {"input_ids": ids, "attention_mask": mask}, targets, job.task)
         saved = sum(v for k, v in seen.items() if k not in params)
         print(f"width {width}: {saved / 4 / (2 * width) / layers / model.config.hidden_size:.2f} floats per token "
@@ -107,7 +113,10 @@ def saved_floats(config: str, overrides: list[str]) -> None:
 
 
 def efficiency(config: str, overrides: list[str], steps: int = 4) -> None:
-    """Step FLOPs (plan.step_flops) / (matmul GFLOP/s measured just before x the step's seconds)."""
+    """Step FLOPs (plan.step_flops) / (matmul GFLOP/s measured just before x the step's seconds), in the
+    precision train.bf16 gives the run (bf16 products and autocast where it turns on)."""
+    from contextlib import nullcontext
+
     import torch
     from accelerate import Accelerator
 
@@ -115,17 +124,20 @@ def efficiency(config: str, overrides: list[str], steps: int = 4) -> None:
     from deltatune.configure import load_config
     from deltatune.plan import Batches, matmul_gflops, model_shape, step_flops
     from deltatune.train.loop import _epoch_loader, adamw
+    from deltatune.train.precision import bf16_enabled
     from deltatune.train.run import build_job
 
     cfg = load_config(config, overrides)
+    bf16 = bf16_enabled(cfg.train.bf16, torch.device("cpu"))
     job, data, _ = build_job(cfg, None)
     shape = model_shape(resolve_model(cfg.model), job.task, cfg.method.name, cfg.method.options)
     optimizer = adamw([p for p in job.model.parameters() if p.requires_grad], lr=1e-5)  # the loop's
     job.model.train()
     for _, batch in zip(range(steps), _epoch_loader(job, 0, Accelerator())):
-        speed = matmul_gflops(shape.hidden, cfg.train.batch_size * 128, 0.5)
+        speed = matmul_gflops(shape.hidden, cfg.train.batch_size * 128, 0.5, torch.bfloat16 if bf16 else torch.float32)
         start = time.perf_counter()
-        loss, count = job.task.loss(job.model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            loss, count = job.task.loss(job.model, batch)
         (loss / max(count, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -54,10 +54,10 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
 
     ``hidden`` are the final (normed) hidden states and ``head`` the output projection to the
     vocabulary. Only positions whose next-token label counts go through ``head`` (prompt and
-    padding never do), ``chunk_tokens`` at a time. A plain ``nn.Linear`` head outside autocast
-    takes ``linear_cross_entropy``: each chunk's gradients are computed as soon as its logits are,
-    so backward neither keeps nor recomputes them. Any other head (a LoRA-wrapped one, bf16
-    autocast) has each chunk checkpointed: its logits are recomputed in backward instead of kept.
+    padding never do), ``chunk_tokens`` at a time. A plain ``nn.Linear`` head (in fp32 or under
+    autocast) takes ``linear_cross_entropy``: each chunk's gradients are computed as soon as its
+    logits are, so backward neither keeps nor recomputes them. Any other head (a LoRA-wrapped one)
+    has each chunk checkpointed: its logits are recomputed in backward instead of kept.
     Either way peak memory is a few copies of one chunk's logits rather than of the whole
     (batch x length x vocabulary) tensor.
     """
@@ -69,7 +69,7 @@ def chunked_causal_lm_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], lab
     if count == 0:  # keep the graph, as the plain loss does
         return hidden[:, :0].float().sum(), 0
     grad = torch.is_grad_enabled()
-    if grad and type(head) is torch.nn.Linear and not torch.is_autocast_enabled(rows.device.type):
+    if grad and type(head) is torch.nn.Linear:
         return linear_cross_entropy(rows, head.weight, head.bias, targets, chunk_tokens), count
     chunk_loss = partial(_summed_cross_entropy, head)
     total = None

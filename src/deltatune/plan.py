@@ -39,6 +39,7 @@ from .methods import registry
 from .models import count_parameters, head_class, load_tokenizer, transformer_layers
 from .tasks import registry as tasks
 from .tasks.base import Task
+from .train.precision import bf16_enabled
 
 MB = 2**20
 # Floats saved for backward per token per transformer layer, in units of the hidden size, by
@@ -106,6 +107,25 @@ EFFICIENCY_BY_CPU = {
     "amd": {("encoder", True): 0.81, ("encoder", False): 0.54, ("decoder", True): 0.85, ("decoder", False): 0.74},
 }
 EFFICIENCY_BY_CPU["other"] = {k: (v + EFFICIENCY_BY_CPU["amd"][k]) / 2 for k, v in EFFICIENCY_BY_CPU["intel"].items()}
+# Under bf16 autocast (train.bf16, where train/precision.py turns it on) the probe runs its product in bf16 and a
+# step reaches this share of it: the casts around each product and the fp32 element-wise rest weigh more against
+# products 4x as fast. Fitted on the AMD EPYC (bf16 products 4.1x fp32; plan_accuracy.py's runs of 2026-12-02,
+# the probe warmed up): minilm full 0.55, smollm2 lora 0.31 and with checkpointing 0.29, decoder full 0.52 from
+# smollm2-full-b2-l256; encoder LoRA needed 0.24, its checkpointed case 0.16 (BERT's recomputed forward, dropout
+# and the unfused attention, costs more than its FLOPs): 0.20 keeps both within 25 % (so that case is not held
+# out here). No other bf16-fast CPU was measured (an AMX Xeon would need its own figures).
+BF16_EFFICIENCY = {("encoder", True): 0.55, ("encoder", False): 0.20, ("decoder", True): 0.52, ("decoder", False): 0.30}
+# Saved for backward under autocast: a share of the fp32 count above per token (products keep bf16 copies of
+# their inputs; norms, softmax and residuals stay fp32), counted as ACTIVATION_FLOATS were at widths 64/128/256
+# (plan_accuracy.py --saved CONFIG train.bf16=true; minilm full 18.5 -> 12.9, lora 20.6 -> 17.5, smollm2 LoRA
+# q/v 13.1 -> 8.3, full 16.1 -> 10.6 floats), plus the bf16 copy of every layer weight a product keeps (the
+# width-independent part of the same counts: 2 bytes per layer weight, to 1 % on both models).
+BF16_SAVED_SHARE = {("encoder", True): 0.69, ("encoder", False): 0.85, ("decoder", True): 0.66, ("decoder", False): 0.64}
+# Resident on top under autocast: oneDNN's primitive cache (a bf16 kernel and its buffers per product shape
+# seen; ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 measured 120 MB less on minilm lora, at 0.74x the speed) and cast
+# transients. The calibration cases needed +39 (smollm2 lora, checkpointed) to +484 MB (smollm2 lora); 150 MB
+# keeps all nine cases within 11 %.
+BF16_RESIDENT_MB = 150.0
 # Fused AdamW (train.loop.adamw) and gradient clipping: the fused step measured 15 ms for MiniLM's
 # 22.7M parameters (0.66 ns each, 2 threads), the clipping norm one more pass: 1 ns per parameter.
 OPTIMIZER_NS_PER_PARAM = 1.0
@@ -140,6 +160,7 @@ class Plan:
     steps: int
     suggestions: list[Suggestion] = field(default_factory=list)
     malloc: str = "system"  # what train will run on (allocator.planned)
+    precision: str = "fp32"  # bf16 where train.bf16 turns autocast on (train/precision.py)
 
     @property
     def fits(self) -> bool:
@@ -197,7 +218,9 @@ def plan(cfg: Config, memory_gb: float | None = None, gflops: float | None = Non
                            "and train_seconds in metrics.json"])
     shape = model_shape(path, task, cfg.method.name, cfg.method.options)
     batches = planned_batches(data.train.examples, data.eval.examples, cfg.train)
-    speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128)
+    bf16 = bf16_enabled(cfg.train.bf16, torch.device("cpu"))
+    speed = gflops or matmul_gflops(shape.hidden, cfg.train.batch_size * 128,
+                                    dtype=torch.bfloat16 if bf16 else torch.float32)
     available = memory_gb * 1024 if memory_gb is not None else available_mb()
     result = _estimate(cfg, shape, batches, speed, available)
     if not result.fits:
@@ -217,19 +240,22 @@ def check_positive(name: str, value: float | None, unit: str) -> None:
 def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
     task = tasks.get(cfg.task)
     malloc = allocator.planned()
-    memory = memory_terms(shape, batches, cfg.train, task, malloc)
+    memory = memory_terms(shape, batches, cfg.train, task, malloc, bf16_enabled(cfg.train.bf16, torch.device("cpu")))
     train_part = memory["activations"] + memory["logits"]
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
     flops = step_flops(shape, batches, cfg.train, task)
-    seconds = flops / (speed * 1e9 * EFFICIENCY_BY_CPU[cpu_vendor()][(shape.family, shape.trains_base)])
+    bf16 = bf16_enabled(cfg.train.bf16, torch.device("cpu"))
+    efficiency = (BF16_EFFICIENCY if bf16 else EFFICIENCY_BY_CPU[cpu_vendor()])[(shape.family, shape.trains_base)]
+    seconds = flops / (speed * 1e9 * efficiency)
     seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
     return Plan(model=cfg.model, method=cfg.method.name, task=cfg.task, total_params=shape.total_params,
                 trainable_params=shape.trainable_params, batch_size=cfg.train.batch_size,
                 mean_width=sum(batches.widths) / len(batches.widths), max_width=max(batches.widths),
                 memory_mb={k: round(v / MB, 1) for k, v in memory.items()}, peak_mb=round(peak / MB, 1),
                 available_mb=round(available, 1), flops_per_step=flops, matmul_gflops=round(speed, 1),
-                seconds_per_step=round(seconds, 3), steps=_steps(cfg.train, len(batches.widths)), malloc=malloc)
+                seconds_per_step=round(seconds, 3), steps=_steps(cfg.train, len(batches.widths)), malloc=malloc,
+                precision="bf16" if bf16 else "fp32")
 
 
 # ----------------------------------------------------------------------------- the model's shape
@@ -334,9 +360,9 @@ def fused(kernels) -> bool:
 
 
 def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task],
-                 malloc: str = "system") -> dict[str, float]:
-    """Bytes of each term on ``malloc`` (allocator.planned()); ``activations``, ``logits`` and ``evaluation``
-    are transient."""
+                 malloc: str = "system", bf16: bool = False) -> dict[str, float]:
+    """Bytes of each term on ``malloc`` (allocator.planned()), under bf16 autocast or not; ``activations``,
+    ``logits`` and ``evaluation`` are transient."""
     tokens = batches.size * max(batches.widths)
     width = max(batches.widths)
     per_token = ACTIVATION_FLOATS[(shape.family, shape.trains_base)] * shape.hidden + shape.adapter_floats
@@ -351,13 +377,15 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
         saved = 4.0 * tokens * (shape.hidden * layers + per_token)
     else:
         saved = 4.0 * tokens * per_token * layers
+    if bf16:  # less per token, plus the bf16 copies of the layers' weights that the products keep
+        saved = saved * BF16_SAVED_SHARE[(shape.family, shape.trains_base)] + 2.0 * shape.layer_linear
     activations = saved * RSS_PER_SAVED_BYTE[malloc][shape.family]
     causal = task.head == "causal"  # a loss over the vocabulary
     positions = (min(max(batches.predicted), 256) if t.chunked_loss else tokens) if causal else 0
     logits = 4.0 * LOGIT_COPIES * positions * shape.vocab
     eval_rows = t.eval_batch_size * width
     evaluation = 4.0 * eval_rows * (4 * shape.hidden + (2 * shape.vocab if causal and not t.chunked_loss else 0))
-    return {"framework": framework_mb() * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
+    return {"framework": (framework_mb() + (BF16_RESIDENT_MB if bf16 else 0.0)) * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
             "weights": shape.weight_bytes * LOAD_FACTOR[malloc], "gradients": 4.0 * shape.trainable_params,
             "optimizer": 8.0 * shape.trainable_params,
             "reused": -min(12.0 * shape.trainable_params, shape.weight_bytes * (LOAD_FACTOR[malloc] - 1)),
@@ -367,11 +395,9 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
 def step_flops(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task]) -> float:
     """Mean FLOPs of an optimizer step: forward 2 N T; backward 2 N T for input gradients (down to
     the lowest trainable layer) plus 2 N T for trained weights; recomputation when checkpointing."""
-    from .train.precision import bf16_enabled
-
     # losses.chunked_causal_lm_loss: checkpointed chunks (a projection more) unless the head is a plain
-    # linear outside autocast, whose fused cross-entropy makes the gradients in forward.
-    recomputes_head = t.chunked_loss and not (shape.head_linear and not bf16_enabled(t.bf16, torch.device("cpu")))
+    # linear, whose fused cross-entropy makes the gradients in forward.
+    recomputes_head = t.chunked_loss and not shape.head_linear
     total = 0.0
     for width, predicted in zip(batches.widths, batches.predicted):
         tokens = batches.size * width
@@ -400,10 +426,12 @@ def cpu_vendor() -> str:
     return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "other")
 
 
-def matmul_gflops(hidden: int, rows: int, seconds: float = 1.0) -> float:
-    """fp32 matrix-product speed at the model's width, on torch's threads (about ``seconds``)."""
-    a, b = torch.randn(min(rows, 4096), hidden), torch.randn(hidden, 4 * hidden)
-    torch.mm(a, b)  # warm-up
+def matmul_gflops(hidden: int, rows: int, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-product speed in ``dtype`` at the model's width, on torch's threads (about ``seconds``)."""
+    a, b = torch.randn(min(rows, 4096), hidden, dtype=dtype), torch.randn(hidden, 4 * hidden, dtype=dtype)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds / 4:  # warm-up: a process's first bf16 products ran 20 % slower
+        torch.mm(a, b)
     start, runs = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
@@ -513,7 +541,7 @@ def render(p: Plan) -> str:
     lines += [f"  {k:12} {v:>10,.0f}" for k, v in p.memory_mb.items()]
     lines += [f"  {'peak':12} {p.peak_mb:>10,.0f}   (available {p.available_mb:,.0f}; on {p.malloc}'s malloc)",
               f"time: {p.seconds_per_step:.2f} s per step ({p.flops_per_step / 1e9:,.1f} GFLOP at "
-              f"{p.matmul_gflops:.0f} GFLOP/s measured), about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
+              f"{p.matmul_gflops:.0f} {p.precision} GFLOP/s measured), about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
     if p.fits:
         lines.append("fits")
     else:

@@ -49,3 +49,29 @@ def test_linear_cross_entropy_gives_the_plain_loss_and_gradients(chunk, trainabl
         if plain is not None:
             torch.testing.assert_close(fused.double(), plain, rtol=1e-5, atol=1e-5)
     assert (grads["fused"][2] is None) == (trainable == "rows")
+
+
+@pytest.mark.parametrize("trainable", ["rows", "rows+head"])
+def test_linear_cross_entropy_under_autocast_computes_what_autocast_computes(trainable):
+    """Under bf16 autocast the fused loss rounds what autocast's plain path rounds (inputs and the gradient of the
+    logits to bf16, softmax in fp32): the same loss and gradients up to bf16's summation order, and fp32 masters."""
+    torch.manual_seed(0)
+    rows, weight, bias = torch.randn(300, 16), torch.randn(70, 16), torch.randn(70)
+    targets = torch.randint(0, 70, (300,))
+    grads = {}
+    for side in ("fused", "plain"):
+        x, w, b = (t.detach().clone().requires_grad_(name == "rows" or trainable == "rows+head")
+                   for name, t in (("rows", rows), ("weight", weight), ("bias", bias)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if side == "fused":
+                loss = linear_cross_entropy(x, w, b, targets, 64)
+            else:
+                loss = F.cross_entropy(F.linear(x, w, b).float(), targets, reduction="sum")
+        loss.backward()
+        grads[side] = [loss.detach()] + [t.grad for t in (x, w, b)]
+    torch.testing.assert_close(grads["fused"][0], grads["plain"][0], rtol=1e-5, atol=0)  # same bf16 logits
+    for fused, plain in zip(grads["fused"][1:], grads["plain"][1:]):
+        assert (fused is None) == (plain is None)
+        if plain is not None:
+            assert fused.dtype == torch.float32
+            torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)

@@ -11,8 +11,8 @@ from deltatune.eval.evaluate import task_for
 from deltatune.methods import registry
 from deltatune.tasks import registry as tasks
 from deltatune.models import count_parameters, load_model, load_tokenizer
-from deltatune.plan import (FUSED_SAVED_SHARE, RSS_PER_SAVED_BYTE, Batches, memory_terms, model_shape, plan,
-                            planned_batches, render, step_flops)
+from deltatune.plan import (BF16_RESIDENT_MB, BF16_SAVED_SHARE, FUSED_SAVED_SHARE, MB, RSS_PER_SAVED_BYTE, Batches,
+                            memory_terms, model_shape, plan, planned_batches, render, step_flops)
 from deltatune.train.loop import _epoch_loader
 from deltatune.train.run import build_job
 from tests.helpers import config
@@ -101,6 +101,25 @@ def test_fused_kernels_plan_their_measured_share_of_the_saved_activations(tiny_l
     partial = dataclasses.replace(train, kernels=["swiglu"])  # planned as none (not counted)
     assert activations(partial, "tcmalloc") / RSS_PER_SAVED_BYTE["tcmalloc"]["decoder"] == pytest.approx(
         plain / RSS_PER_SAVED_BYTE["system"]["decoder"])
+
+
+def test_bf16_autocast_is_planned_with_its_saved_share_weight_copies_and_bf16_products(tiny_llama, qa_jsonl):
+    train = config(tiny_llama, "causal_lm", "lora", qa_jsonl).train
+    shape = model_shape(tiny_llama, task_for("causal_lm"), "lora", registry.get("lora").Options())
+    batches = Batches(4, [20, 30], [40, 50], 1000)
+    fp32, bf16 = (memory_terms(shape, batches, train, tasks.get("causal_lm"), "tcmalloc", bf16=on) for on in (False, True))
+    per_byte = RSS_PER_SAVED_BYTE["tcmalloc"]["decoder"]
+    assert bf16["activations"] == pytest.approx(
+        fp32["activations"] * BF16_SAVED_SHARE[("decoder", False)] + 2.0 * shape.layer_linear * per_byte)
+    assert bf16["framework"] - fp32["framework"] == pytest.approx(BF16_RESIDENT_MB * MB)
+    assert {k: v for k, v in bf16.items() if k not in ("activations", "framework")} == \
+        {k: v for k, v in fp32.items() if k not in ("activations", "framework")}
+    on = plan(config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.bf16=true"), gflops=1e-3)
+    off = plan(config(tiny_llama, "causal_lm", "lora", qa_jsonl, None, "train.bf16=false"), gflops=1e-3)
+    assert (on.precision, off.precision) == ("bf16", "fp32")
+    assert on.flops_per_step == off.flops_per_step  # the same products, at bf16's speed and efficiency
+    assert on.seconds_per_step != off.seconds_per_step
+    assert "0 bf16 GFLOP/s measured" in render(on) and "fp32 GFLOP/s" in render(off)
 
 
 def test_plan_is_for_the_malloc_train_will_run_on(tmp_path, monkeypatch):

@@ -115,8 +115,8 @@ def test_chunked_loss_with_a_lora_head_and_with_tied_full_fine_tuning(tiny_llama
 
 
 def test_which_heads_take_the_fused_cross_entropy(tiny_llama, llama_lora, monkeypatch):
-    """A plain linear head outside autocast: fused (the tests above then check its loss and gradients);
-    a LoRA-wrapped head or bf16 autocast: checkpointed chunks."""
+    """A plain linear head, in fp32 or under bf16 autocast: fused (the tests above and test_losses check its loss
+    and gradients); a LoRA-wrapped head: checkpointed chunks."""
     from deltatune import losses
 
     calls = []
@@ -127,11 +127,12 @@ def test_which_heads_take_the_fused_cross_entropy(tiny_llama, llama_lora, monkey
     assert len(calls) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked(llama_lora, batch)()
+    assert len(calls) == 2
     with_head = lora(load_model(tiny_llama, "causal"), target_modules=["q_proj", "v_proj", "lm_head"])
     chunked(with_head, batch)()
     with torch.no_grad():
         chunked(llama_lora, batch)()
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_chunked_loss_without_targets_keeps_the_graph(llama_lora):

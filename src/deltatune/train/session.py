@@ -29,6 +29,7 @@ from ..registry_db import Recording, ending
 from ..rundir import RunDir
 from ..tasks.base import Task
 from . import machine_load, tracking
+from .precision import bf16_enabled
 
 
 def absolute_refs(cfg: Config) -> Config:
@@ -59,7 +60,8 @@ def write_inputs(run: RunDir, cfg: Config, tokenizer, report: dict, rejects: lis
     if rejects:
         run.write_jsonl("rejects.jsonl", rejects)
     base = {"ref": cfg.model, "name": portable_name(cfg.model), "sha256": model_fingerprint(resolve_model(cfg.model))}
-    run.write_json("env.json", {**environment(), "base_model": base})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the loop's Accelerator trains
+    run.write_json("env.json", {**environment(), "bf16": bf16_enabled(cfg.train.bf16, device), "base_model": base})
 
 
 def recover(run: RunDir) -> None:

@@ -335,17 +335,19 @@ def test_training_runs_with_every_option_on(tiny_llama, qa_jsonl, tmp_path):
 
 
 @pytest.mark.parametrize("answer", ["1", "0"])
-def test_env_json_records_what_auto_decided(answer, tiny_llama, qa_jsonl, tmp_path, monkeypatch):
+def test_env_json_and_the_output_say_what_auto_decided(answer, tiny_llama, qa_jsonl, tmp_path, monkeypatch, capsys):
     import json
 
     from deltatune.train.run import train
     from tests.helpers import config
 
     monkeypatch.setenv(precision.ENV, answer)
-    cfg = config(tiny_llama, "causal_lm", "lora", qa_jsonl, tmp_path / "run", "train.max_steps=1", "eval.forgetting=false")
+    cfg = config(tiny_llama, "causal_lm", "lora", qa_jsonl, tmp_path / "run", "train.max_steps=1", "eval.forgetting=false",
+                 "train.progress=true")
     assert cfg.train.bf16 == "auto"
     run = train(cfg)
     assert json.loads((run.path / "env.json").read_text())["bf16"] is (answer == "1")
+    assert ("bf16 autocast" in capsys.readouterr().err) is (answer == "1")
 
 
 def test_fused_adamw_where_the_device_has_it_and_it_steps_like_the_default():

@@ -341,7 +341,10 @@ def test_env_json_and_the_output_say_what_auto_decided(answer, tiny_llama, qa_js
     from deltatune.train.run import train
     from tests.helpers import config
 
+    from deltatune.train import progress
+
     monkeypatch.setenv(precision.ENV, answer)
+    monkeypatch.setenv(progress.ENV, "plain")  # an earlier test's --quiet may have left it off
     cfg = config(tiny_llama, "causal_lm", "lora", qa_jsonl, tmp_path / "run", "train.max_steps=1", "eval.forgetting=false",
                  "train.progress=true")
     assert cfg.train.bf16 == "auto"

@@ -19,32 +19,27 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
         device = rows.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
-        with torch.autocast(device, enabled=False):
-            return LinearCrossEntropy._forward(ctx, rows, weight, bias, targets, chunk_tokens, compute,
-                                               need_rows, need_weight, need_bias)
-
-    @staticmethod
-    def _forward(ctx, rows, weight, bias, targets, chunk_tokens, compute, need_rows, need_weight, need_bias):
-        w = weight.to(compute)
+        w = weight.to(compute)  # once for all chunks (autocast would cast it at every product)
         b = None if bias is None else bias.to(compute)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if need_rows else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in range(0, rows.shape[0], chunk_tokens):
-            x, y = rows[start:start + chunk_tokens].to(compute), targets[start:start + chunk_tokens]
-            logits = F.linear(x, w, b).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(y.numel(), device=y.device), y] -= 1.0  # minus one_hot: d loss / d logits
-            g = probs.to(compute)
-            if need_rows:
-                grad_rows[start:start + chunk_tokens] = g @ w
-            if need_weight:
-                grad_weight += g.t() @ x
-            if need_bias:
-                grad_bias += probs.sum(0)
+        with torch.autocast(device, enabled=False):  # the products below are already in `compute`
+            for start in range(0, rows.shape[0], chunk_tokens):
+                x, y = rows[start:start + chunk_tokens].to(compute), targets[start:start + chunk_tokens]
+                logits = F.linear(x, w, b).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0  # minus one_hot: d loss / d logits
+                g = probs.to(compute)
+                if need_rows:
+                    grad_rows[start:start + chunk_tokens] = g @ w
+                if need_weight:
+                    grad_weight += g.t() @ x
+                if need_bias:
+                    grad_bias += probs.sum(0)
         ctx.save_for_backward(grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype),
                               None if grad_bias is None else grad_bias.to(bias.dtype))
         return total

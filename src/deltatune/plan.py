@@ -240,12 +240,12 @@ def check_positive(name: str, value: float | None, unit: str) -> None:
 def _estimate(cfg: Config, shape: Shape, batches: Batches, speed: float, available: float) -> Plan:
     task = tasks.get(cfg.task)
     malloc = allocator.planned()
-    memory = memory_terms(shape, batches, cfg.train, task, malloc, bf16_enabled(cfg.train.bf16, torch.device("cpu")))
+    bf16 = bf16_enabled(cfg.train.bf16, torch.device("cpu"))
+    memory = memory_terms(shape, batches, cfg.train, task, malloc, bf16)
     train_part = memory["activations"] + memory["logits"]
     peak = sum(v for k, v in memory.items() if k not in ("activations", "logits", "evaluation"))
     peak += max(train_part, memory["evaluation"])
     flops = step_flops(shape, batches, cfg.train, task)
-    bf16 = bf16_enabled(cfg.train.bf16, torch.device("cpu"))
     efficiency = (BF16_EFFICIENCY if bf16 else EFFICIENCY_BY_CPU[cpu_vendor()])[(shape.family, shape.trains_base)]
     seconds = flops / (speed * 1e9 * efficiency)
     seconds += shape.trainable_params * OPTIMIZER_NS_PER_PARAM * 1e-9
@@ -385,7 +385,8 @@ def memory_terms(shape: Shape, batches: Batches, t: TrainConfig, task: type[Task
     logits = 4.0 * LOGIT_COPIES * positions * shape.vocab
     eval_rows = t.eval_batch_size * width
     evaluation = 4.0 * eval_rows * (4 * shape.hidden + (2 * shape.vocab if causal and not t.chunked_loss else 0))
-    return {"framework": (framework_mb() + (BF16_RESIDENT_MB if bf16 else 0.0)) * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
+    framework = framework_mb() + (BF16_RESIDENT_MB if bf16 else 0.0)
+    return {"framework": framework * MB, "data": DATA_BYTES_PER_TOKEN * batches.data_tokens,
             "weights": shape.weight_bytes * LOAD_FACTOR[malloc], "gradients": 4.0 * shape.trainable_params,
             "optimizer": 8.0 * shape.trainable_params,
             "reused": -min(12.0 * shape.trainable_params, shape.weight_bytes * (LOAD_FACTOR[malloc] - 1)),
@@ -541,7 +542,8 @@ def render(p: Plan) -> str:
     lines += [f"  {k:12} {v:>10,.0f}" for k, v in p.memory_mb.items()]
     lines += [f"  {'peak':12} {p.peak_mb:>10,.0f}   (available {p.available_mb:,.0f}; on {p.malloc}'s malloc)",
               f"time: {p.seconds_per_step:.2f} s per step ({p.flops_per_step / 1e9:,.1f} GFLOP at "
-              f"{p.matmul_gflops:.0f} {p.precision} GFLOP/s measured), about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
+              f"{p.matmul_gflops:.0f} {p.precision} GFLOP/s measured), "
+              f"about {p.seconds_per_step * p.steps / 60:.1f} min in all"]
     if p.fits:
         lines.append("fits")
     else:

@@ -3,7 +3,7 @@
 CPUs differ too much for a flag test: an AVX512-BF16 Xeon (Cooper Lake class, oneDNN 3.12) ran bf16
 products at half its fp32 speed, while a Zen 4 EPYC with the same flag runs them at 4x. So on a CPU
 ``auto`` measures: one fp32 and one bf16 product of a transformer-sized shape, a few times each
-(~40 ms, once per process), and turns autocast on when bf16 is at least ``FASTER`` times the fp32
+(~50 ms, once per process), and turns autocast on when bf16 is at least ``FASTER`` times the fp32
 speed: below that the casts around every product eat the gain (a whole step gains about half of what
 its products gain). ``DELTATUNE_AUTO_BF16=1`` or ``0`` answers instead of the measurement (the test
 suite sets 0 so that its numeric checks run in fp32 on every machine).
